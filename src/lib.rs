@@ -1,1 +1,3 @@
-
+//! Switchboard: a real-time WebSocket hub.
+pub mod auth;
+pub mod config;
