@@ -1,3 +1,30 @@
 //! Switchboard: a real-time WebSocket hub.
+//!
+//! ```text
+//! browser ──ws──▶ Session actor ──▶ Hub actor (one per worker thread)
+//!                                      ▲
+//!                      Broker ─────────┘  (memory: one actor; redis: cluster)
+//! POST /api/publish ──▶ Broker
+//! ```
+//!
+//! - [`session`]: one actor per WebSocket; auth is checked before it starts
+//!   ([`http`]), it answers client frames and owns a bounded outbound queue.
+//! - [`hub`]: one actor per actix-web worker thread; routes by room, user and
+//!   to everyone; owns the join replay/live seam.
+//! - [`broker`]: ids, history, presence, the connection registry and
+//!   fan-out to every hub; [`broker::memory`] for one instance.
+//! - [`protocol`]: every frame, error code and close code of the contract.
+//! - [`auth`]: JWT verification and minting, room globs.
+//! - [`config`]: the TOML file and `SWITCHBOARD__…` overrides.
+//! - [`http`]: `/ws`, the admin API, health and metrics; [`metrics`].
+//! - [`server`]: start, one hub per worker, shutdown.
 pub mod auth;
+pub mod broker;
 pub mod config;
+pub mod http;
+pub mod hub;
+pub mod metrics;
+pub mod protocol;
+pub mod ratelimit;
+pub mod server;
+pub mod session;

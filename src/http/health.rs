@@ -1,0 +1,31 @@
+//! `/health/live`, `/health/ready` (and `/health`), `/metrics`.
+
+use actix_web::{web, HttpResponse};
+use serde_json::json;
+
+use crate::server::Shared;
+
+/// 200 while the process serves HTTP.
+pub async fn live() -> HttpResponse {
+    HttpResponse::Ok().json(json!({"status": "ok"}))
+}
+
+/// 200 when the instance can do its job, else 503 with the reason.
+pub async fn ready(shared: web::Data<Shared>) -> HttpResponse {
+    if shared.shutting_down() {
+        return HttpResponse::ServiceUnavailable()
+            .json(json!({"status": "unavailable", "reason": "shutting down"}));
+    }
+    match shared.broker.ready().await {
+        Ok(()) => HttpResponse::Ok().json(json!({"status": "ready"})),
+        Err(reason) => HttpResponse::ServiceUnavailable()
+            .json(json!({"status": "unavailable", "reason": reason})),
+    }
+}
+
+/// Prometheus text format, no auth.
+pub async fn metrics() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(crate::metrics::metrics().render())
+}

@@ -1,0 +1,42 @@
+//! HTTP: the WebSocket upgrade (`/ws`), the admin API (`/api/...`), health
+//! and metrics. Routes only; each concern has its own file.
+
+mod api;
+mod health;
+mod ws;
+
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpResponse};
+use serde_json::json;
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/ws", web::get().to(ws::upgrade))
+        .route("/health", web::get().to(health::ready))
+        .route("/health/live", web::get().to(health::live))
+        .route("/health/ready", web::get().to(health::ready))
+        .route("/metrics", web::get().to(health::metrics))
+        .service(
+            web::scope("/api")
+                .route("/publish", web::post().to(api::publish))
+                .route("/rooms/{room}/presence", web::get().to(api::presence))
+                .route("/rooms/{room}/history", web::get().to(api::history))
+                .route(
+                    "/users/{user}/connections",
+                    web::get().to(api::user_connections),
+                )
+                .route(
+                    "/users/{user}/disconnect",
+                    web::post().to(api::disconnect_user),
+                )
+                .route("/tasks/{id}", web::get().to(api::task))
+                .route("/stats", web::get().to(api::stats)),
+        )
+        .default_service(web::to(|| async {
+            json_error(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+        }));
+}
+
+/// `{"error": code, "message": message}` with the given status.
+pub fn json_error(status: StatusCode, code: &str, message: impl Into<String>) -> HttpResponse {
+    HttpResponse::build(status).json(json!({"error": code, "message": message.into()}))
+}

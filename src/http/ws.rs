@@ -1,0 +1,166 @@
+//! `GET /ws`: the checks of contract section 2, in order — origin, token,
+//! instance full, per-user limit — then a `Session` actor. A refused client
+//! is accepted and closed at once with the contract's code and reason.
+
+use actix::Addr;
+use actix_web::{web, HttpRequest, HttpResponse};
+
+use crate::auth::AuthError;
+use crate::broker::{BrokerError, ConnectionInfo};
+use crate::hub::Hub;
+use crate::metrics::metrics;
+use crate::protocol::{now_ms, CloseReason};
+use crate::server::Shared;
+use crate::session::Session;
+
+pub async fn upgrade(
+    req: HttpRequest,
+    body: web::Payload,
+    shared: web::Data<Shared>,
+    hub: web::Data<Addr<Hub>>,
+) -> actix_web::Result<HttpResponse> {
+    let (response, ws, stream) = actix_ws::handle(&req, body)?;
+    let shared = shared.into_inner();
+    let refuse = |reason: CloseReason| {
+        metrics()
+            .connections_rejected
+            .with_label_values(&[reason.label()])
+            .inc();
+        tracing::debug!(reason = reason.label(), "connection refused");
+        actix_web::rt::spawn(async move {
+            let _ = ws.close(Some(reason.to_ws())).await;
+        });
+        Ok(response)
+    };
+
+    if shared.shutting_down() {
+        return refuse(CloseReason::GoingAway);
+    }
+    if let Some(origin) = req.headers().get("origin") {
+        let allowed = &shared.config.server.allowed_origins;
+        let ok = origin
+            .to_str()
+            .is_ok_and(|origin| origin_allowed(allowed, origin));
+        if !ok {
+            return refuse(CloseReason::ForbiddenOrigin);
+        }
+    }
+    let Some(token) = bearer_token(&req).or_else(|| query_token(&req)) else {
+        return refuse(CloseReason::Unauthorized);
+    };
+    let claims = match shared.verifier.verify(&token) {
+        Ok(claims) => claims,
+        Err(AuthError::Expired) => return refuse(CloseReason::TokenExpired),
+        Err(_) => return refuse(CloseReason::Unauthorized),
+    };
+    let Some(slot) = shared.try_acquire_slot() else {
+        return refuse(CloseReason::Overloaded);
+    };
+    let connection_id = uuid::Uuid::new_v4().simple().to_string();
+    let info = ConnectionInfo {
+        connection_id: connection_id.clone(),
+        user: claims.sub.clone(),
+        connected_at_ms: now_ms(),
+    };
+    let max_per_user = shared.config.limits.max_connections_per_user;
+    match shared.broker.register_connection(&info, max_per_user).await {
+        Ok(()) => {}
+        Err(BrokerError::ConnectionLimit) => return refuse(CloseReason::ConnectionLimit),
+        Err(BrokerError::Unavailable(e)) => {
+            tracing::warn!(error = %e, "refusing connection: broker unavailable");
+            return refuse(CloseReason::Unavailable);
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "refusing connection: registry failed");
+            return refuse(CloseReason::InternalError);
+        }
+    }
+    tracing::debug!(connection_id = %connection_id, user = %claims.sub, "session accepted");
+    Session::start(
+        shared,
+        hub.get_ref().clone(),
+        claims,
+        connection_id,
+        slot,
+        ws,
+        stream,
+    );
+    Ok(response)
+}
+
+fn bearer_token(req: &HttpRequest) -> Option<String> {
+    let value = req.headers().get("authorization")?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim().to_owned())
+        .filter(|t| !t.is_empty())
+}
+
+fn query_token(req: &HttpRequest) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Query {
+        token: Option<String>,
+    }
+    web::Query::<Query>::from_query(req.query_string())
+        .ok()?
+        .into_inner()
+        .token
+        .filter(|t| !t.is_empty())
+}
+
+/// `allowed` empty or listing `*`: any origin. Otherwise an exact match of
+/// scheme, host and port (default ports made explicit, case-insensitive).
+pub fn origin_allowed(allowed: &[String], origin: &str) -> bool {
+    if allowed.is_empty() || allowed.iter().any(|a| a == "*") {
+        return true;
+    }
+    let Some(origin) = normalize_origin(origin) else {
+        return false;
+    };
+    allowed
+        .iter()
+        .filter_map(|a| normalize_origin(a))
+        .any(|a| a == origin)
+}
+
+fn normalize_origin(origin: &str) -> Option<(String, String, u16)> {
+    let (scheme, rest) = origin.trim().split_once("://")?;
+    let scheme = scheme.to_ascii_lowercase();
+    let hostport = rest.trim_end_matches('/');
+    if hostport.is_empty() || hostport.contains('/') {
+        return None;
+    }
+    let default_port = match scheme.as_str() {
+        "http" | "ws" => 80,
+        "https" | "wss" => 443,
+        _ => 0,
+    };
+    // IPv6 literals keep their brackets: `[::1]:8080`.
+    let (host, port) = match hostport.rsplit_once(':') {
+        Some((host, port)) if !port.contains(']') => (host, port.parse().ok()?),
+        _ => (hostport, default_port),
+    };
+    Some((scheme, host.to_ascii_lowercase(), port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::origin_allowed;
+
+    #[test]
+    fn origins() {
+        let allowed = vec![
+            "https://app.example.com".to_owned(),
+            "http://localhost:3000".to_owned(),
+        ];
+        assert!(origin_allowed(&allowed, "https://app.example.com"));
+        assert!(origin_allowed(&allowed, "https://APP.example.com:443"));
+        assert!(origin_allowed(&allowed, "http://localhost:3000"));
+        assert!(!origin_allowed(&allowed, "http://localhost:3001"));
+        assert!(!origin_allowed(&allowed, "http://app.example.com"));
+        assert!(!origin_allowed(&allowed, "null"));
+        assert!(origin_allowed(&[], "null"));
+        assert!(origin_allowed(&["*".to_owned()], "https://evil.example"));
+    }
+}

@@ -1,0 +1,171 @@
+//! Prometheus metrics, served as text on `GET /metrics`.
+//!
+//! Counters touched once per connection or per frame use the shared
+//! registry directly. The two that move once per *recipient* — messages
+//! delivered and delivery latency — are accumulated in thread-local
+//! buffers on each worker and flushed by that worker's hub once a second,
+//! so the fan-out path shares no cache line across worker threads.
+
+use std::cell::RefCell;
+use std::sync::LazyLock;
+
+use prometheus::local::{LocalHistogram, LocalIntCounter};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+pub struct Metrics {
+    registry: Registry,
+    pub connections_open: IntGauge,
+    pub connections_accepted: IntCounter,
+    pub connections_rejected: IntCounterVec,
+    pub connections_closed: IntCounterVec,
+    pub frames_received: IntCounterVec,
+    pub messages_delivered: IntCounter,
+    pub delivery_latency: Histogram,
+    pub errors: IntCounterVec,
+    pub slow_consumer_closes: IntCounter,
+    pub published: IntCounterVec,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("valid metric");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("unique metric");
+    c
+}
+
+fn counter_vec(registry: &Registry, name: &str, help: &str, label: &str) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("unique metric");
+    c
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let registry = Registry::new();
+        let connections_open =
+            IntGauge::new("switchboard_connections_open", "Open WebSocket sessions.")
+                .expect("valid metric");
+        registry
+            .register(Box::new(connections_open.clone()))
+            .expect("unique metric");
+        let delivery_latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "switchboard_delivery_latency_seconds",
+                "From a message's publish to the moment its frame is handed to the socket.",
+            )
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                1.0, 2.5, 5.0,
+            ]),
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(delivery_latency.clone()))
+            .expect("unique metric");
+        Metrics {
+            connections_open,
+            connections_accepted: counter(
+                &registry,
+                "switchboard_connections_accepted_total",
+                "WebSocket sessions accepted (authenticated and within limits).",
+            ),
+            connections_rejected: counter_vec(
+                &registry,
+                "switchboard_connections_rejected_total",
+                "WebSocket upgrades refused, by close reason.",
+                "reason",
+            ),
+            connections_closed: counter_vec(
+                &registry,
+                "switchboard_connections_closed_total",
+                "Sessions closed by the server, by close reason.",
+                "reason",
+            ),
+            frames_received: counter_vec(
+                &registry,
+                "switchboard_frames_received_total",
+                "Client frames received, by type (`invalid` for frames that did not parse).",
+                "type",
+            ),
+            messages_delivered: counter(
+                &registry,
+                "switchboard_messages_delivered_total",
+                "Frames of published messages handed to recipients' sockets.",
+            ),
+            delivery_latency,
+            errors: counter_vec(
+                &registry,
+                "switchboard_errors_total",
+                "Error frames sent to clients, by code.",
+                "code",
+            ),
+            slow_consumer_closes: counter(
+                &registry,
+                "switchboard_slow_consumer_closes_total",
+                "Sessions closed 1013 because their outbound queue was full.",
+            ),
+            published: counter_vec(
+                &registry,
+                "switchboard_published_total",
+                "Publishes accepted, by target (room, user, broadcast).",
+                "target",
+            ),
+            registry,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+pub fn metrics() -> &'static Metrics {
+    &METRICS
+}
+
+struct LocalMetrics {
+    delivered: LocalIntCounter,
+    latency: LocalHistogram,
+}
+
+thread_local! {
+    static LOCAL: RefCell<Option<LocalMetrics>> = const { RefCell::new(None) };
+}
+
+fn with_local(f: impl FnOnce(&mut LocalMetrics)) {
+    LOCAL.with(|l| {
+        let mut l = l.borrow_mut();
+        let local = l.get_or_insert_with(|| LocalMetrics {
+            delivered: metrics().messages_delivered.local(),
+            latency: metrics().delivery_latency.local(),
+        });
+        f(local);
+    });
+}
+
+/// One message frame was handed to a socket, `latency_s` after its publish.
+pub fn record_delivery(latency_s: f64) {
+    with_local(|l| {
+        l.delivered.inc();
+        l.latency.observe(latency_s);
+    });
+}
+
+/// Publishes this thread's buffered counts to the shared registry.
+pub fn flush_local() {
+    with_local(|l| {
+        l.delivered.flush();
+        l.latency.flush();
+    });
+}
