@@ -370,13 +370,13 @@ impl Handler<Join> for Hub {
         }
         self.next_join_seq += 1;
         let join_seq = self.next_join_seq;
-        members.insert(
-            msg.key,
-            Membership::Pending {
-                join_seq,
-                buffered: Vec::new(),
-            },
-        );
+        // A join while an earlier one is pending takes over its buffer, so
+        // frames that arrived in between are not dropped.
+        let buffered = match members.remove(&msg.key) {
+            Some(Membership::Pending { buffered, .. }) => buffered,
+            _ => Vec::new(),
+        };
+        members.insert(msg.key, Membership::Pending { join_seq, buffered });
         if !first_here && msg.since.is_none() {
             self.complete_join(
                 msg.key,
