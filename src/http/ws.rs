@@ -2,15 +2,17 @@
 //! instance full, per-user limit — then a `Session` actor. A refused client
 //! is accepted and closed at once with the contract's code and reason.
 
+use std::sync::Arc;
+
 use actix::Addr;
 use actix_web::{web, HttpRequest, HttpResponse};
 
-use crate::auth::AuthError;
+use crate::auth::{AuthError, Claims};
 use crate::broker::{BrokerError, ConnectionInfo};
 use crate::hub::Hub;
 use crate::metrics::metrics;
 use crate::protocol::{now_ms, CloseReason};
-use crate::server::Shared;
+use crate::server::{ConnectionSlot, Shared};
 use crate::session::Session;
 
 pub async fn upgrade(
@@ -21,20 +23,41 @@ pub async fn upgrade(
 ) -> actix_web::Result<HttpResponse> {
     let (response, ws, stream) = actix_ws::handle(&req, body)?;
     let shared = shared.into_inner();
-    let refuse = |reason: CloseReason| {
-        metrics()
-            .connections_rejected
-            .with_label_values(&[reason.label()])
-            .inc();
-        tracing::debug!(reason = reason.label(), "connection refused");
-        actix_web::rt::spawn(async move {
-            let _ = ws.close(Some(reason.to_ws())).await;
-        });
-        Ok(response)
-    };
+    match admit(&req, &shared).await {
+        Ok((claims, connection_id, slot)) => {
+            tracing::debug!(connection_id = %connection_id, user = %claims.sub, "session accepted");
+            Session::start(
+                shared,
+                hub.get_ref().clone(),
+                claims,
+                connection_id,
+                slot,
+                ws,
+                stream,
+            );
+        }
+        Err(reason) => {
+            metrics()
+                .connections_rejected
+                .with_label_values(&[reason.label()])
+                .inc();
+            tracing::debug!(reason = reason.label(), "connection refused");
+            actix_web::rt::spawn(async move {
+                let _ = ws.close(Some(reason.to_ws())).await;
+            });
+        }
+    }
+    Ok(response)
+}
 
+/// The checks of contract section 2, in order; on success the connection
+/// holds an instance slot and is in the broker's registry.
+async fn admit(
+    req: &HttpRequest,
+    shared: &Arc<Shared>,
+) -> Result<(Claims, String, ConnectionSlot), CloseReason> {
     if shared.shutting_down() {
-        return refuse(CloseReason::GoingAway);
+        return Err(CloseReason::GoingAway);
     }
     if let Some(origin) = req.headers().get("origin") {
         let allowed = &shared.config.server.allowed_origins;
@@ -42,20 +65,17 @@ pub async fn upgrade(
             .to_str()
             .is_ok_and(|origin| origin_allowed(allowed, origin));
         if !ok {
-            return refuse(CloseReason::ForbiddenOrigin);
+            return Err(CloseReason::ForbiddenOrigin);
         }
     }
-    let Some(token) = bearer_token(&req).or_else(|| query_token(&req)) else {
-        return refuse(CloseReason::Unauthorized);
-    };
-    let claims = match shared.verifier.verify(&token) {
-        Ok(claims) => claims,
-        Err(AuthError::Expired) => return refuse(CloseReason::TokenExpired),
-        Err(_) => return refuse(CloseReason::Unauthorized),
-    };
-    let Some(slot) = shared.try_acquire_slot() else {
-        return refuse(CloseReason::Overloaded);
-    };
+    let token = bearer_token(req)
+        .or_else(|| query_token(req))
+        .ok_or(CloseReason::Unauthorized)?;
+    let claims = shared.verifier.verify(&token).map_err(|e| match e {
+        AuthError::Expired => CloseReason::TokenExpired,
+        _ => CloseReason::Unauthorized,
+    })?;
+    let slot = shared.try_acquire_slot().ok_or(CloseReason::Overloaded)?;
     let connection_id = uuid::Uuid::new_v4().simple().to_string();
     let info = ConnectionInfo {
         connection_id: connection_id.clone(),
@@ -64,28 +84,17 @@ pub async fn upgrade(
     };
     let max_per_user = shared.config.limits.max_connections_per_user;
     match shared.broker.register_connection(&info, max_per_user).await {
-        Ok(()) => {}
-        Err(BrokerError::ConnectionLimit) => return refuse(CloseReason::ConnectionLimit),
+        Ok(()) => Ok((claims, connection_id, slot)),
+        Err(BrokerError::ConnectionLimit) => Err(CloseReason::ConnectionLimit),
         Err(BrokerError::Unavailable(e)) => {
             tracing::warn!(error = %e, "refusing connection: broker unavailable");
-            return refuse(CloseReason::Unavailable);
+            Err(CloseReason::Unavailable)
         }
         Err(e) => {
             tracing::error!(error = %e, "refusing connection: registry failed");
-            return refuse(CloseReason::InternalError);
+            Err(CloseReason::InternalError)
         }
     }
-    tracing::debug!(connection_id = %connection_id, user = %claims.sub, "session accepted");
-    Session::start(
-        shared,
-        hub.get_ref().clone(),
-        claims,
-        connection_id,
-        slot,
-        ws,
-        stream,
-    );
-    Ok(response)
 }
 
 fn bearer_token(req: &HttpRequest) -> Option<String> {
