@@ -27,6 +27,8 @@ pub struct Metrics {
     pub errors: IntCounterVec,
     pub slow_consumer_closes: IntCounter,
     pub published: IntCounterVec,
+    pub redis_reconnects: IntCounterVec,
+    pub redis_malformed: IntCounter,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
@@ -115,6 +117,17 @@ impl Metrics {
                 "switchboard_published_total",
                 "Publishes accepted, by target (room, user, broadcast).",
                 "target",
+            ),
+            redis_reconnects: counter_vec(
+                &registry,
+                "switchboard_redis_reconnects_total",
+                "Times a Redis connection came back after an outage, by connection (subscriber, commands).",
+                "connection",
+            ),
+            redis_malformed: counter(
+                &registry,
+                "switchboard_redis_malformed_total",
+                "Malformed payloads received on a hub channel and ignored.",
             ),
             registry,
         }

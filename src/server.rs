@@ -14,6 +14,7 @@ use actix_web::{web, App, HttpServer};
 
 use crate::auth::Verifier;
 use crate::broker::memory::MemoryBroker;
+use crate::broker::redis::RedisBroker;
 use crate::broker::Broker;
 use crate::config::{BrokerKind, Config};
 use crate::hub::{Hub, Shutdown};
@@ -82,11 +83,7 @@ async fn serve(config: Config) -> io::Result<()> {
     let verifier = Verifier::new(&config.auth).map_err(io::Error::other)?;
     let broker: Arc<dyn Broker> = match config.broker.kind {
         BrokerKind::Memory => MemoryBroker::start(&config.history),
-        BrokerKind::Redis => {
-            return Err(io::Error::other(
-                "broker.kind = \"redis\" is not available in this build yet; use \"memory\"",
-            ))
-        }
+        BrokerKind::Redis => RedisBroker::start(&config, &instance_id).map_err(io::Error::other)?,
     };
     let workers = match config.server.workers {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),

@@ -9,6 +9,7 @@
 //! publish per hub, never one per recipient.
 
 pub mod memory;
+pub mod redis;
 
 use std::sync::Arc;
 

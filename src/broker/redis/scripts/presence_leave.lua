@@ -1,0 +1,12 @@
+-- The reverse of presence_join: announces `left` when it was the user's last
+-- connection in the room.
+-- KEYS[1] presence hash, KEYS[2] the connection's room set, KEYS[3] room channel
+-- ARGV[1] user, ARGV[2] room, ARGV[3] left frame
+if redis.call('SREM', KEYS[2], ARGV[2]) == 0 then
+  return 0
+end
+if redis.call('HINCRBY', KEYS[1], ARGV[1], -1) <= 0 then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  redis.call('PUBLISH', KEYS[3], ARGV[3])
+end
+return 1
