@@ -1,0 +1,22 @@
+# Multi-stage build: compile with the Rust toolchain, run on a slim Debian
+# with a non-root user.
+FROM rust:1-slim-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY src ./src
+RUN cargo build --release --locked --bin switchboard
+
+FROM debian:bookworm-slim
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates curl \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --uid 10001 --no-create-home switchboard
+COPY --from=build /src/target/release/switchboard /usr/local/bin/switchboard
+COPY config/default.toml /etc/switchboard/default.toml
+ENV SWITCHBOARD_CONFIG=/etc/switchboard/default.toml
+USER switchboard
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=2s --start-period=5s --retries=3 \
+  CMD curl -fsS http://127.0.0.1:8000/health/live || exit 1
+ENTRYPOINT ["switchboard"]
+CMD ["serve"]
