@@ -12,7 +12,8 @@
 //! | `sb:connections` | hash | connection id → `{"user","instance","connected_at"}` |
 //! | `sb:user_connections` * | hash | user → connections, cluster-wide (the per-user limit) |
 //! | `sb:conn_rooms:{id}` * | set | rooms a connection is a member of (for cleanup) |
-//! | `sb:instance:{id}` | string, TTL `redis.instance_ttl_s` | heartbeat |
+//! | `sb:instance:{id}` | string, expires after ⅔ of `redis.instance_ttl_s` | heartbeat |
+//! | `sb:instances` * | set | ids of instances that have heartbeated (for the reaper) |
 //! | `sb:presence:{room}` | hash | user → connections in the room |
 //!
 //! Every multi-key change is one Lua script (`scripts/*.lua`), so the
@@ -302,7 +303,7 @@ impl RedisBroker {
     /// Heartbeat, reaping of dead instances, restore after an outage; forever.
     async fn maintain(self: Arc<Self>) {
         let ttl = Duration::from_secs(self.instance_ttl_s.max(1));
-        let tick = (ttl / 3).clamp(Duration::from_millis(200), Duration::from_secs(5));
+        let tick = (ttl / 6).clamp(Duration::from_millis(200), Duration::from_secs(5));
         let mut registered_once = false;
         loop {
             let was_ok = self.available();
@@ -335,21 +336,30 @@ impl RedisBroker {
         }
     }
 
+    /// Refreshes `{prefix}:instance:{id}` (expiring after two thirds of
+    /// `redis.instance_ttl_s`, so survivors reap a dead instance within the
+    /// TTL) and lists the instance in `{prefix}:instances`.
     async fn heartbeat(&self) -> BrokerResult<()> {
         let key = self.key(&["instance", &self.instance_id]);
-        let ttl = self.instance_ttl_s.max(1);
-        let mut conn = match tokio::time::timeout(COMMAND_TIMEOUT, self.pool.get()).await {
-            Ok(Ok(conn)) => conn,
-            Ok(Err(e)) => return Err(self.failed(&e)),
-            Err(_) => return Err(self.failed(&"redis connection timed out")),
-        };
-        let result: redis::RedisResult<()> =
-            tokio::time::timeout(COMMAND_TIMEOUT, conn.set_ex(&key, now_ms(), ttl))
+        let instances = self.key(&["instances"]);
+        let expiry_ms = (self.instance_ttl_s.max(1) * 2000 / 3).max(500);
+        let id = self.instance_id.clone();
+        let mut redis_conn = self.conn().await?;
+        let c = &mut redis_conn;
+        self.timed(async move {
+            redis::pipe()
+                .cmd("SET")
+                .arg(&key)
+                .arg(now_ms())
+                .arg("PX")
+                .arg(expiry_ms)
+                .ignore()
+                .sadd(&instances, &id)
+                .ignore()
+                .query_async::<()>(c)
                 .await
-                .unwrap_or_else(|_| {
-                    Err(redis::RedisError::from(std::io::Error::other("timed out")))
-                });
-        result.map_err(|e| self.failed(&e))
+        })
+        .await
     }
 
     /// Re-registers this instance's connections and their rooms (idempotent).
@@ -368,24 +378,19 @@ impl RedisBroker {
     }
 
     /// Removes the connections of instances whose heartbeat has expired.
+    /// Cheap while every instance lives: one SMEMBERS and one EXISTS each.
     async fn reap(&self) -> BrokerResult<()> {
-        let key = self.key(&["connections"]);
-        let entries: HashMap<String, String> = {
+        let instances_key = self.key(&["instances"]);
+        let instances: Vec<String> = {
+            let key = instances_key.clone();
             let mut redis_conn = self.conn().await?;
             let c = &mut redis_conn;
-            self.timed(async move { c.hgetall(&key).await }).await
+            self.timed(async move { c.smembers(&key).await }).await
         }?;
-        let mut by_instance: HashMap<String, Vec<String>> = HashMap::new();
-        for (id, entry) in entries {
-            let instance = serde_json::from_str::<Value>(&entry)
-                .ok()
-                .and_then(|v| v.get("instance").and_then(Value::as_str).map(str::to_owned))
-                .unwrap_or_default();
-            if instance != self.instance_id {
-                by_instance.entry(instance).or_default().push(id);
+        for instance in instances {
+            if instance == self.instance_id {
+                continue;
             }
-        }
-        for (instance, ids) in by_instance {
             let key = self.key(&["instance", &instance]);
             let alive: bool = {
                 let mut redis_conn = self.conn().await?;
@@ -395,10 +400,38 @@ impl RedisBroker {
             if alive {
                 continue;
             }
-            tracing::info!(instance = %instance, connections = ids.len(), "reaping the connections of a dead instance");
-            for id in ids {
+            let key = self.key(&["connections"]);
+            let entries: HashMap<String, String> = {
+                let mut redis_conn = self.conn().await?;
+                let c = &mut redis_conn;
+                self.timed(async move { c.hgetall(&key).await }).await
+            }?;
+            let dead: Vec<String> = entries
+                .into_iter()
+                .filter(|(_, entry)| {
+                    serde_json::from_str::<Value>(entry)
+                        .ok()
+                        .and_then(|v| {
+                            v.get("instance")
+                                .and_then(Value::as_str)
+                                .map(|i| i == instance)
+                        })
+                        .unwrap_or(false)
+                })
+                .map(|(id, _)| id)
+                .collect();
+            if !dead.is_empty() {
+                tracing::info!(instance = %instance, connections = dead.len(), "reaping the connections of a dead instance");
+            }
+            for id in dead {
                 self.drop_connection(&id).await?;
             }
+            let (key, member) = (instances_key.clone(), instance.clone());
+            let mut redis_conn = self.conn().await?;
+            let c = &mut redis_conn;
+            let _: i64 = self
+                .timed(async move { c.srem(&key, &member).await })
+                .await?;
         }
         Ok(())
     }
