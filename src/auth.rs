@@ -1,1 +1,322 @@
+//! JWT authentication (contract section 2): verifying client tokens,
+//! minting development tokens, and the `rooms` / `publish` glob claims.
+//!
+//! The accepted algorithm is pinned by `auth.jwt_algorithm`: a token whose
+//! header names any other (`none` included) is rejected. `exp` is required;
+//! `nbf` and `iat` are checked when present; `aud` and `iss` are required
+//! and must match when configured. There is no leeway: a token is expired
+//! the second its `exp` passes, as the session's expiry timer assumes.
 
+use std::path::Path;
+use std::time::Duration;
+
+use jsonwebtoken::{
+    decode, decode_header, encode, Algorithm, DecodingKey, EncodingKey, Header, Validation,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{AuthConfig, JwtAlgorithm};
+use crate::protocol::valid_user_id;
+
+/// Why a token was refused; decides the close reason.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AuthError {
+    /// `token expired`
+    #[error("token expired")]
+    Expired,
+    /// `unauthorized`: malformed, bad signature, wrong algorithm, audience,
+    /// issuer, not yet valid, bad `sub`.
+    #[error("invalid token: {0}")]
+    Invalid(String),
+}
+
+/// What a verified token grants.
+#[derive(Debug, Clone)]
+pub struct Claims {
+    pub sub: String,
+    pub exp: u64,
+    /// Glob patterns of rooms the user may join.
+    pub rooms: Vec<String>,
+    /// Glob patterns of rooms the user may publish to.
+    pub publish: Vec<String>,
+}
+
+impl Claims {
+    pub fn may_join(&self, room: &str) -> bool {
+        self.rooms.iter().any(|p| glob_match(p, room))
+    }
+
+    pub fn may_publish(&self, room: &str) -> bool {
+        self.publish.iter().any(|p| glob_match(p, room))
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct RawClaims {
+    sub: String,
+    exp: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    nbf: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    iat: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    aud: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    iss: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rooms: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    publish: Option<Vec<String>>,
+}
+
+fn algorithm(alg: JwtAlgorithm) -> Algorithm {
+    match alg {
+        JwtAlgorithm::HS256 => Algorithm::HS256,
+        JwtAlgorithm::HS384 => Algorithm::HS384,
+        JwtAlgorithm::HS512 => Algorithm::HS512,
+        JwtAlgorithm::RS256 => Algorithm::RS256,
+        JwtAlgorithm::ES256 => Algorithm::ES256,
+    }
+}
+
+fn is_hmac(alg: JwtAlgorithm) -> bool {
+    matches!(
+        alg,
+        JwtAlgorithm::HS256 | JwtAlgorithm::HS384 | JwtAlgorithm::HS512
+    )
+}
+
+/// Verifies client tokens with the configured key and rules. Built once.
+pub struct Verifier {
+    key: DecodingKey,
+    validation: Validation,
+    default_rooms: Vec<String>,
+}
+
+impl Verifier {
+    pub fn new(cfg: &AuthConfig) -> Result<Verifier, String> {
+        let alg = algorithm(cfg.jwt_algorithm);
+        let key = if is_hmac(cfg.jwt_algorithm) {
+            DecodingKey::from_secret(cfg.jwt_secret.as_bytes())
+        } else {
+            let pem = std::fs::read(&cfg.jwt_public_key_file).map_err(|e| {
+                format!(
+                    "auth.jwt_public_key_file = {:?}: cannot read: {e}",
+                    cfg.jwt_public_key_file
+                )
+            })?;
+            let parsed = if cfg.jwt_algorithm == JwtAlgorithm::RS256 {
+                DecodingKey::from_rsa_pem(&pem)
+            } else {
+                DecodingKey::from_ec_pem(&pem)
+            };
+            parsed.map_err(|e| {
+                format!(
+                    "auth.jwt_public_key_file = {:?}: not a {:?} public key in PEM: {e}",
+                    cfg.jwt_public_key_file, cfg.jwt_algorithm
+                )
+            })?
+        };
+        let mut validation = Validation::new(alg);
+        validation.leeway = 0;
+        validation.validate_exp = true;
+        validation.validate_nbf = true;
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        if cfg.audience.is_empty() {
+            validation.validate_aud = false;
+        } else {
+            validation.set_audience(&[cfg.audience.as_str()]);
+            validation.required_spec_claims.insert("aud".into());
+        }
+        if !cfg.issuer.is_empty() {
+            validation.set_issuer(&[cfg.issuer.as_str()]);
+            validation.required_spec_claims.insert("iss".into());
+        }
+        Ok(Verifier {
+            key,
+            validation,
+            default_rooms: cfg.default_rooms.clone(),
+        })
+    }
+
+    pub fn verify(&self, token: &str) -> Result<Claims, AuthError> {
+        let header = decode_header(token).map_err(|e| AuthError::Invalid(e.to_string()))?;
+        if header.alg != self.validation.algorithms[0] {
+            return Err(AuthError::Invalid(format!(
+                "algorithm {:?} not accepted",
+                header.alg
+            )));
+        }
+        let data = decode::<RawClaims>(token, &self.key, &self.validation).map_err(|e| match e
+            .kind()
+        {
+            jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
+            _ => AuthError::Invalid(e.to_string()),
+        })?;
+        let claims = data.claims;
+        let now = crate::protocol::now_ms() / 1000;
+        if claims.exp <= now {
+            return Err(AuthError::Expired);
+        }
+        if claims.iat.is_some_and(|iat| iat > now + 60) {
+            return Err(AuthError::Invalid("iat is in the future".into()));
+        }
+        if !valid_user_id(&claims.sub) {
+            return Err(AuthError::Invalid("sub must be 1-256 bytes".into()));
+        }
+        let rooms = claims.rooms.unwrap_or_else(|| self.default_rooms.clone());
+        let publish = claims.publish.unwrap_or_else(|| rooms.clone());
+        Ok(Claims {
+            sub: claims.sub,
+            exp: claims.exp,
+            rooms,
+            publish,
+        })
+    }
+}
+
+/// Signs a token for `user` with the configured algorithm (for development
+/// and tests). HS* use `auth.jwt_secret`; RS256/ES256 need the private key,
+/// which the config does not hold, as a PEM file.
+pub fn mint(
+    cfg: &AuthConfig,
+    user: &str,
+    rooms: Option<Vec<String>>,
+    publish: Option<Vec<String>>,
+    ttl: Duration,
+    private_key_pem: Option<&Path>,
+) -> Result<String, String> {
+    if !valid_user_id(user) {
+        return Err("the user id must be 1-256 bytes".into());
+    }
+    let key = if is_hmac(cfg.jwt_algorithm) {
+        EncodingKey::from_secret(cfg.jwt_secret.as_bytes())
+    } else {
+        let path = private_key_pem.ok_or_else(|| {
+            format!(
+                "auth.jwt_algorithm = {:?} signs with a private key: pass --private-key FILE",
+                cfg.jwt_algorithm
+            )
+        })?;
+        let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let parsed = if cfg.jwt_algorithm == JwtAlgorithm::RS256 {
+            EncodingKey::from_rsa_pem(&pem)
+        } else {
+            EncodingKey::from_ec_pem(&pem)
+        };
+        parsed.map_err(|e| format!("{}: not a private key in PEM: {e}", path.display()))?
+    };
+    let now = crate::protocol::now_ms() / 1000;
+    let claims = RawClaims {
+        sub: user.to_owned(),
+        exp: now + ttl.as_secs().max(1),
+        nbf: None,
+        iat: Some(now),
+        aud: (!cfg.audience.is_empty()).then(|| serde_json::Value::from(cfg.audience.clone())),
+        iss: (!cfg.issuer.is_empty()).then(|| cfg.issuer.clone()),
+        rooms,
+        publish,
+    };
+    encode(&Header::new(algorithm(cfg.jwt_algorithm)), &claims, &key).map_err(|e| e.to_string())
+}
+
+/// `*` matches any run of characters (`.` included, possibly none); every
+/// other character matches itself. Linear in practice: backtracks only to
+/// the last star.
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    let (p, t) = (pattern.as_bytes(), text.as_bytes());
+    let (mut pi, mut ti) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        if pi < p.len() && p[pi] == b'*' {
+            star = Some((pi, ti));
+            pi += 1;
+        } else if pi < p.len() && p[pi] == t[ti] {
+            pi += 1;
+            ti += 1;
+        } else if let Some((sp, st)) = star {
+            pi = sp + 1;
+            ti = st + 1;
+            star = Some((sp, st + 1));
+        } else {
+            return false;
+        }
+    }
+    while pi < p.len() && p[pi] == b'*' {
+        pi += 1;
+    }
+    pi == p.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> AuthConfig {
+        AuthConfig {
+            jwt_secret: "s3cret".into(),
+            ..AuthConfig::default()
+        }
+    }
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("*", ""));
+        assert!(glob_match("*", "a.b.c"));
+        assert!(glob_match("chat.*", "chat.general"));
+        assert!(glob_match("chat.*", "chat."));
+        assert!(!glob_match("chat.*", "chat"));
+        assert!(glob_match("a*b*c", "aXXbYYc"));
+        assert!(!glob_match("a*b*c", "aXXbYY"));
+        assert!(glob_match("lobby", "lobby"));
+        assert!(!glob_match("lobby", "lobby2"));
+        assert!(!glob_match("a?c", "abc"));
+        assert!(!glob_match(&"*a".repeat(50), &"a".repeat(49)));
+    }
+
+    #[test]
+    fn roundtrip_and_defaults() {
+        let c = cfg();
+        let token = mint(&c, "alice", None, None, Duration::from_secs(60), None).unwrap();
+        let claims = Verifier::new(&c).unwrap().verify(&token).unwrap();
+        assert_eq!(claims.sub, "alice");
+        assert_eq!(claims.rooms, vec!["*".to_owned()]);
+        assert!(claims.may_publish("anything"));
+        let token = mint(
+            &c,
+            "bob",
+            Some(vec!["chat.*".into()]),
+            None,
+            Duration::from_secs(60),
+            None,
+        )
+        .unwrap();
+        let claims = Verifier::new(&c).unwrap().verify(&token).unwrap();
+        assert!(
+            claims.may_join("chat.x") && claims.may_publish("chat.x") && !claims.may_join("news")
+        );
+    }
+
+    #[test]
+    fn wrong_secret_and_algorithm_are_invalid() {
+        let c = cfg();
+        let token = mint(&c, "alice", None, None, Duration::from_secs(60), None).unwrap();
+        let other = AuthConfig {
+            jwt_secret: "other".into(),
+            ..cfg()
+        };
+        assert!(matches!(
+            Verifier::new(&other).unwrap().verify(&token),
+            Err(AuthError::Invalid(_))
+        ));
+        let hs384 = AuthConfig {
+            jwt_algorithm: JwtAlgorithm::HS384,
+            ..cfg()
+        };
+        let token = mint(&hs384, "alice", None, None, Duration::from_secs(60), None).unwrap();
+        assert!(matches!(
+            Verifier::new(&c).unwrap().verify(&token),
+            Err(AuthError::Invalid(_))
+        ));
+    }
+}

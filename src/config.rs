@@ -6,6 +6,7 @@
 //! and what was expected.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -209,5 +210,339 @@ impl Default for TasksConfig {
             idempotency_ttl_s: 86_400,
             handlers: BTreeMap::new(),
         }
+    }
+}
+
+/// A configuration that cannot be used: one line naming the key, the value
+/// and what was expected.
+#[derive(Debug, thiserror::Error)]
+#[error("config error: {0}")]
+pub struct ConfigError(pub String);
+
+const ENV_PREFIX: &str = "SWITCHBOARD__";
+
+impl Config {
+    /// Loads `path`, else `$SWITCHBOARD_CONFIG`, else `config/default.toml`
+    /// (pure defaults when that file does not exist), applies the
+    /// `SWITCHBOARD__SECTION__KEY` overrides and validates the result.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let explicit = path
+            .map(Path::to_path_buf)
+            .or_else(|| std::env::var_os("SWITCHBOARD_CONFIG").map(PathBuf::from));
+        let text = match &explicit {
+            Some(path) => std::fs::read_to_string(path)
+                .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?,
+            None => std::fs::read_to_string("config/default.toml").unwrap_or_default(),
+        };
+        let env: Vec<(String, String)> = std::env::vars()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+            .collect();
+        Self::from_toml_and_env(&text, &env)
+    }
+
+    /// Parses TOML text, applies overrides given as (`SWITCHBOARD__…`, value)
+    /// pairs, deserializes and validates.
+    pub fn from_toml_and_env(text: &str, env: &[(String, String)]) -> Result<Config, ConfigError> {
+        let mut value: toml::Table = toml::from_str(text)
+            .map_err(|e| ConfigError(format!("invalid TOML: {}", e.message().trim())))?;
+        let defaults = toml::Table::try_from(Config::default())
+            .map_err(|e| ConfigError(format!("internal: {e}")))?;
+        for (name, raw) in env {
+            apply_env(&mut value, &defaults, name, raw)?;
+        }
+        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(value.clone()))
+            .map_err(|e| describe(&value, e))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Semantic checks the types cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn bad(
+            key: &str,
+            value: impl std::fmt::Display,
+            expected: &str,
+        ) -> Result<(), ConfigError> {
+            Err(ConfigError(format!("{key} = {value}: expected {expected}")))
+        }
+        let s = &self.server;
+        if s.heartbeat_s == 0 {
+            return bad("server.heartbeat_s", s.heartbeat_s, "at least 1");
+        }
+        if s.client_timeout_s <= s.heartbeat_s {
+            return bad(
+                "server.client_timeout_s",
+                s.client_timeout_s,
+                "more than server.heartbeat_s",
+            );
+        }
+        for origin in &s.allowed_origins {
+            let ok = origin == "*"
+                || origin.split_once("://").is_some_and(|(scheme, host)| {
+                    !scheme.is_empty() && !host.is_empty() && !host.contains('/')
+                });
+            if !ok {
+                return bad(
+                    "server.allowed_origins",
+                    format!("{origin:?}"),
+                    "\"*\" or scheme://host[:port] entries",
+                );
+            }
+        }
+        if self.redis.prefix.is_empty() || self.redis.prefix.contains(char::is_whitespace) {
+            return bad(
+                "redis.prefix",
+                format!("{:?}", self.redis.prefix),
+                "a non-empty prefix without spaces",
+            );
+        }
+        if self.redis.pool_size == 0 {
+            return bad("redis.pool_size", 0, "at least 1");
+        }
+        if self.redis.instance_ttl_s == 0 {
+            return bad("redis.instance_ttl_s", 0, "at least 1");
+        }
+        let a = &self.auth;
+        match a.jwt_algorithm {
+            JwtAlgorithm::HS256 | JwtAlgorithm::HS384 | JwtAlgorithm::HS512 => {
+                if a.jwt_secret.is_empty() {
+                    return bad("auth.jwt_secret", "\"\"", "a secret for HS* algorithms");
+                }
+            }
+            JwtAlgorithm::RS256 | JwtAlgorithm::ES256 => {
+                if a.jwt_public_key_file.is_empty() {
+                    return bad(
+                        "auth.jwt_public_key_file",
+                        "\"\"",
+                        "a PEM public key file for RS256/ES256",
+                    );
+                }
+                if let Err(e) = std::fs::metadata(&a.jwt_public_key_file) {
+                    return bad(
+                        "auth.jwt_public_key_file",
+                        format!("{:?}", a.jwt_public_key_file),
+                        &format!("a readable file ({e})"),
+                    );
+                }
+            }
+        }
+        let l = &self.limits;
+        for (key, value) in [
+            ("limits.max_connections", l.max_connections),
+            (
+                "limits.max_connections_per_user",
+                l.max_connections_per_user,
+            ),
+            (
+                "limits.max_rooms_per_connection",
+                l.max_rooms_per_connection,
+            ),
+            ("limits.max_outbound_queue", l.max_outbound_queue),
+            ("limits.messages_per_second", l.messages_per_second as usize),
+            ("limits.burst", l.burst as usize),
+            ("limits.rate_limit_strikes", l.rate_limit_strikes as usize),
+            ("history.size", self.history.size),
+            ("history.ttl_s", self.history.ttl_s as usize),
+        ] {
+            if value == 0 {
+                return bad(key, 0, "at least 1");
+            }
+        }
+        if l.max_message_bytes < 64 {
+            return bad(
+                "limits.max_message_bytes",
+                l.max_message_bytes,
+                "at least 64",
+            );
+        }
+        Ok(())
+    }
+
+    /// `server.instance_id`, or the hostname plus a random suffix.
+    pub fn instance_id(&self) -> String {
+        if !self.server.instance_id.is_empty() {
+            return self.server.instance_id.clone();
+        }
+        let host = gethostname::gethostname().to_string_lossy().into_owned();
+        let suffix: String = (0..6)
+            .map(|_| char::from(b"0123456789abcdefghijklmnopqrstuvwxyz"[rand::random_range(0..36)]))
+            .collect();
+        format!("{host}-{suffix}")
+    }
+
+    pub fn uses_dev_secret(&self) -> bool {
+        matches!(
+            self.auth.jwt_algorithm,
+            JwtAlgorithm::HS256 | JwtAlgorithm::HS384 | JwtAlgorithm::HS512
+        ) && self.auth.jwt_secret == DEV_JWT_SECRET
+    }
+
+    /// A copy with the JWT secret and API keys replaced by `***`.
+    pub fn masked(&self) -> Config {
+        let mut c = self.clone();
+        if !c.auth.jwt_secret.is_empty() {
+            c.auth.jwt_secret = "***".into();
+        }
+        for key in &mut c.auth.api_keys {
+            *key = "***".into();
+        }
+        c
+    }
+
+    pub fn to_toml_string(&self) -> String {
+        toml::to_string(self).unwrap_or_default()
+    }
+}
+
+/// Applies one `SWITCHBOARD__SECTION__KEY=value`, typed after the default.
+fn apply_env(
+    table: &mut toml::Table,
+    defaults: &toml::Table,
+    name: &str,
+    raw: &str,
+) -> Result<(), ConfigError> {
+    let path = name[ENV_PREFIX.len()..].to_ascii_lowercase();
+    let (section, key) = path
+        .split_once("__")
+        .ok_or_else(|| ConfigError(format!("{name}: expected SWITCHBOARD__SECTION__KEY")))?;
+    let unknown = || ConfigError(format!("{name}: unknown config key {section}.{key}"));
+    let default = defaults
+        .get(section)
+        .and_then(toml::Value::as_table)
+        .ok_or_else(unknown)?
+        .get(key)
+        .ok_or_else(unknown)?;
+    let bad = |expected: &str| {
+        ConfigError(format!(
+            "{section}.{key} = {raw:?} (from {name}): expected {expected}"
+        ))
+    };
+    let value = match default {
+        toml::Value::Integer(_) => {
+            toml::Value::Integer(raw.trim().parse::<i64>().map_err(|_| bad("an integer"))?)
+        }
+        toml::Value::Boolean(_) => toml::Value::Boolean(
+            raw.trim()
+                .parse::<bool>()
+                .map_err(|_| bad("true or false"))?,
+        ),
+        toml::Value::Array(_) => toml::Value::Array(
+            raw.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| toml::Value::String(s.to_owned()))
+                .collect(),
+        ),
+        _ => toml::Value::String(raw.to_owned()),
+    };
+    table
+        .entry(section.to_owned())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+        .as_table_mut()
+        .ok_or_else(|| ConfigError(format!("{section}: expected a table")))?
+        .insert(key.to_owned(), value);
+    Ok(())
+}
+
+/// One line for a deserialization error: key, value given, expectation.
+fn describe(root: &toml::Table, e: serde_path_to_error::Error<toml::de::Error>) -> ConfigError {
+    let key = e.path().to_string();
+    let inner = e.inner().message().trim().to_owned();
+    let given = key
+        .split('.')
+        .try_fold(None::<&toml::Value>, |at, part| {
+            let table = match at {
+                None => Some(root),
+                Some(v) => v.as_table(),
+            }?;
+            table.get(part).map(Some)
+        })
+        .flatten()
+        .map(|v| v.to_string());
+    // serde names an unknown field inside its message; the path stops at its table.
+    if let Some(field) = inner
+        .strip_prefix("unknown field `")
+        .and_then(|rest| rest.split('`').next())
+    {
+        let full = if key == "." || key.is_empty() {
+            field.to_owned()
+        } else {
+            format!("{key}.{field}")
+        };
+        return ConfigError(format!("unknown key {full}: {inner}"));
+    }
+    match given {
+        Some(v) => ConfigError(format!("{key} = {v}: {inner}")),
+        None => ConfigError(format!("{key}: {inner}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_toml_and_env(text, &env)
+    }
+
+    #[test]
+    fn default_file_is_the_defaults() {
+        assert_eq!(
+            load(include_str!("../config/default.toml"), &[]).unwrap(),
+            Config::default()
+        );
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = load("[limits]\nburts = 5\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("limits.burts"), "{e}");
+    }
+
+    #[test]
+    fn bad_value_is_named_with_value() {
+        let e = load("[limits]\nburst = \"lots\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("limits.burst") && e.contains("lots"), "{e}");
+        let e = load("[server]\nheartbeat_s = 0\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("server.heartbeat_s"), "{e}");
+    }
+
+    #[test]
+    fn env_overrides() {
+        let c = load(
+            "",
+            &[
+                ("SWITCHBOARD__REDIS__URL", "redis://10.0.0.5:6379"),
+                ("SWITCHBOARD__AUTH__API_KEYS", "k1, k2"),
+                ("SWITCHBOARD__LIMITS__BURST", "7"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.redis.url, "redis://10.0.0.5:6379");
+        assert_eq!(c.auth.api_keys, vec!["k1", "k2"]);
+        assert_eq!(c.limits.burst, 7);
+        let e = load("", &[("SWITCHBOARD__LIMITS__BURST", "x")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("limits.burst") && e.contains("\"x\""), "{e}");
+        let e = load("", &[("SWITCHBOARD__LIMITS__NOPE", "1")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("limits.nope"), "{e}");
+    }
+
+    #[test]
+    fn masking() {
+        let c = load("[auth]\napi_keys = [\"k\"]\n", &[]).unwrap().masked();
+        assert_eq!(c.auth.jwt_secret, "***");
+        assert_eq!(c.auth.api_keys, vec!["***"]);
     }
 }

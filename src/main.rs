@@ -1,1 +1,129 @@
-fn main() {}
+//! The `switchboard` command line (contract section 8): `serve` (the
+//! default), `token`, `check-config`, `worker`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use switchboard::config::Config;
+
+#[derive(Parser)]
+#[command(name = "switchboard", version, about = "A real-time WebSocket hub")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Config file (default: $SWITCHBOARD_CONFIG, else config/default.toml).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the hub (the default).
+    Serve,
+    /// Print a JWT signed with the configured key (development and tests).
+    Token {
+        /// The user id (`sub`).
+        #[arg(long)]
+        user: String,
+        /// Glob patterns of rooms the token may join.
+        #[arg(long, num_args = 1..)]
+        rooms: Option<Vec<String>>,
+        /// Glob patterns of rooms the token may publish to (default: --rooms).
+        #[arg(long, num_args = 1..)]
+        publish: Option<Vec<String>>,
+        /// Lifetime: 30s, 15m, 2h, 7d.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// PEM private key, for RS256 / ES256 (the config holds only the public key).
+        #[arg(long)]
+        private_key: Option<PathBuf>,
+    },
+    /// Validate the config and print the effective values (secrets masked).
+    CheckConfig,
+    /// Run task workers only (cluster mode).
+    Worker,
+}
+
+fn load(path: Option<&std::path::Path>) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("{e}");
+        ExitCode::from(2)
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let path = cli.config.as_deref();
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => {
+            let config = match load(path) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            init_tracing();
+            match switchboard::server::run(config) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %e, "switchboard stopped");
+                    eprintln!("switchboard: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Token {
+            user,
+            rooms,
+            publish,
+            ttl,
+            private_key,
+        } => {
+            let config = match load(path) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match switchboard::auth::mint(
+                &config.auth,
+                &user,
+                rooms,
+                publish,
+                ttl,
+                private_key.as_deref(),
+            ) {
+                Ok(token) => {
+                    println!("{token}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("switchboard token: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Command::CheckConfig => match load(path) {
+            Ok(config) => {
+                print!("{}", config.masked().to_toml_string());
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Command::Worker => {
+            eprintln!("switchboard worker: async tasks are not implemented yet in this build");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::env::var("SWITCHBOARD_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
