@@ -466,6 +466,8 @@ fn describe(root: &toml::Table, e: serde_path_to_error::Error<toml::de::Error>) 
     {
         let full = if key == "." || key.is_empty() {
             field.to_owned()
+        } else if key.ends_with(field) {
+            key.clone()
         } else {
             format!("{key}.{field}")
         };
@@ -500,7 +502,9 @@ mod tests {
     #[test]
     fn unknown_key_is_named() {
         let e = load("[limits]\nburts = 5\n", &[]).unwrap_err().to_string();
-        assert!(e.contains("limits.burts"), "{e}");
+        assert!(e.contains("limits.burts:"), "{e}");
+        let e = load("[nope]\nx = 1\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("unknown key nope:"), "{e}");
     }
 
     #[test]
