@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 /// logs a loud warning at start.
 pub const DEV_JWT_SECRET: &str = "switchboard-development-secret-change-me";
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub server: ServerConfig,
@@ -113,20 +113,6 @@ pub struct TasksConfig {
     pub max_attempts: u32,
     pub idempotency_ttl_s: u64,
     pub handlers: BTreeMap<String, toml::Value>,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            server: ServerConfig::default(),
-            broker: BrokerConfig::default(),
-            redis: RedisConfig::default(),
-            auth: AuthConfig::default(),
-            limits: LimitsConfig::default(),
-            history: HistoryConfig::default(),
-            tasks: TasksConfig::default(),
-        }
-    }
 }
 
 impl Default for ServerConfig {

@@ -14,17 +14,44 @@ use crate::metrics::metrics;
 use crate::protocol::{valid_user_id, MessageId, RoomName};
 use crate::server::Shared;
 
-type ApiResult = Result<HttpResponse, HttpResponse>;
-
-fn bad_request(message: impl Into<String>) -> HttpResponse {
-    json_error(StatusCode::BAD_REQUEST, "bad_request", message)
+/// An API error: its status and the JSON body `{"error": code, "message": …}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
 }
 
-fn broker_error(e: BrokerError) -> HttpResponse {
-    match e {
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+impl actix_web::ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        self.status
+    }
+    fn error_response(&self) -> HttpResponse {
+        json_error(self.status, self.code, self.message.clone())
+    }
+}
+
+type ApiResult = Result<HttpResponse, ApiError>;
+
+fn bad_request(message: impl Into<String>) -> ApiError {
+    ApiError {
+        status: StatusCode::BAD_REQUEST,
+        code: "bad_request",
+        message: message.into(),
+    }
+}
+
+fn broker_error(e: BrokerError) -> ApiError {
+    let (status, code, message) = match e {
         BrokerError::Unavailable(reason) => {
             tracing::warn!(error = %reason, "api call failed: broker unavailable");
-            json_error(
+            (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
                 "broker unavailable",
@@ -32,17 +59,22 @@ fn broker_error(e: BrokerError) -> HttpResponse {
         }
         e => {
             tracing::error!(error = %e, "api call failed");
-            json_error(
+            (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal",
                 "processing failed",
             )
         }
+    };
+    ApiError {
+        status,
+        code,
+        message: message.into(),
     }
 }
 
 /// Checks the API key (constant time in the key's length).
-fn authorize(req: &HttpRequest, shared: &Shared) -> Result<(), HttpResponse> {
+fn authorize(req: &HttpRequest, shared: &Shared) -> Result<(), ApiError> {
     let presented = req
         .headers()
         .get("authorization")
@@ -61,11 +93,11 @@ fn authorize(req: &HttpRequest, shared: &Shared) -> Result<(), HttpResponse> {
     if ok {
         Ok(())
     } else {
-        Err(json_error(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "a valid API key is required: Authorization: Bearer <key>",
-        ))
+        Err(ApiError {
+            status: StatusCode::UNAUTHORIZED,
+            code: "unauthorized",
+            message: "a valid API key is required: Authorization: Bearer <key>".into(),
+        })
     }
 }
 
@@ -73,11 +105,11 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn room_param(room: &str) -> Result<RoomName, HttpResponse> {
+fn room_param(room: &str) -> Result<RoomName, ApiError> {
     RoomName::parse(room).map_err(bad_request)
 }
 
-fn user_param(user: &str) -> Result<&str, HttpResponse> {
+fn user_param(user: &str) -> Result<&str, ApiError> {
     if valid_user_id(user) {
         Ok(user)
     } else {
@@ -85,17 +117,9 @@ fn user_param(user: &str) -> Result<&str, HttpResponse> {
     }
 }
 
-fn respond(result: ApiResult) -> HttpResponse {
-    result.unwrap_or_else(|e| e)
-}
-
 /// `POST /api/publish` with exactly one of `room`, `user`, `broadcast: true`.
-pub async fn publish(
-    req: HttpRequest,
-    shared: web::Data<Shared>,
-    body: web::Bytes,
-) -> HttpResponse {
-    respond(publish_inner(&req, &shared, &body).await)
+pub async fn publish(req: HttpRequest, shared: web::Data<Shared>, body: web::Bytes) -> ApiResult {
+    publish_inner(&req, &shared, &body).await
 }
 
 async fn publish_inner(req: &HttpRequest, shared: &Shared, body: &[u8]) -> ApiResult {
@@ -147,16 +171,14 @@ pub async fn presence(
     req: HttpRequest,
     shared: web::Data<Shared>,
     room: web::Path<String>,
-) -> HttpResponse {
-    respond(
-        async {
-            authorize(&req, &shared)?;
-            let room = room_param(&room)?;
-            let users = shared.broker.presence(&room).await.map_err(broker_error)?;
-            Ok(HttpResponse::Ok().json(json!({"room": room.as_str(), "users": users})))
-        }
-        .await,
-    )
+) -> ApiResult {
+    async {
+        authorize(&req, &shared)?;
+        let room = room_param(&room)?;
+        let users = shared.broker.presence(&room).await.map_err(broker_error)?;
+        Ok(HttpResponse::Ok().json(json!({"room": room.as_str(), "users": users})))
+    }
+    .await
 }
 
 /// `GET /api/rooms/{room}/history?since=&limit=`: the retained messages
@@ -167,59 +189,57 @@ pub async fn history(
     req: HttpRequest,
     shared: web::Data<Shared>,
     room: web::Path<String>,
-) -> HttpResponse {
-    respond(
-        async {
-            authorize(&req, &shared)?;
-            let room = room_param(&room)?;
-            #[derive(Deserialize)]
-            struct Query {
-                since: Option<String>,
-                limit: Option<String>,
-            }
-            let query = web::Query::<Query>::from_query(req.query_string())
-                .map_err(|e| bad_request(format!("invalid query: {e}")))?;
-            let since = match query.since.as_deref() {
-                None | Some("") => None,
-                Some(s) => Some(s.parse::<MessageId>().map_err(bad_request)?),
-            };
-            let max = shared.config.history.size;
-            let limit = match query.limit.as_deref() {
-                None | Some("") => max,
-                Some(l) => l
-                    .parse::<usize>()
-                    .map_err(|_| bad_request("limit must be a non-negative integer"))?
-                    .min(max),
-            };
-            let history = shared
-                .broker
-                .history(&room, since, limit)
-                .await
-                .map_err(broker_error)?;
-            // The frames are already JSON: splice them in, don't re-parse.
-            let mut body = String::with_capacity(
-                64 + history
-                    .messages
-                    .iter()
-                    .map(|m| m.frame.len() + 1)
-                    .sum::<usize>(),
-            );
-            body.push_str("{\"room\":");
-            body.push_str(&serde_json::to_string(room.as_str()).unwrap_or_default());
-            body.push_str(",\"messages\":[");
-            for (i, m) in history.messages.iter().enumerate() {
-                if i > 0 {
-                    body.push(',');
-                }
-                body.push_str(&m.frame);
-            }
-            body.push_str("]}");
-            Ok(HttpResponse::Ok()
-                .content_type("application/json")
-                .body(body))
+) -> ApiResult {
+    async {
+        authorize(&req, &shared)?;
+        let room = room_param(&room)?;
+        #[derive(Deserialize)]
+        struct Query {
+            since: Option<String>,
+            limit: Option<String>,
         }
-        .await,
-    )
+        let query = web::Query::<Query>::from_query(req.query_string())
+            .map_err(|e| bad_request(format!("invalid query: {e}")))?;
+        let since = match query.since.as_deref() {
+            None | Some("") => None,
+            Some(s) => Some(s.parse::<MessageId>().map_err(bad_request)?),
+        };
+        let max = shared.config.history.size;
+        let limit = match query.limit.as_deref() {
+            None | Some("") => max,
+            Some(l) => l
+                .parse::<usize>()
+                .map_err(|_| bad_request("limit must be a non-negative integer"))?
+                .min(max),
+        };
+        let history = shared
+            .broker
+            .history(&room, since, limit)
+            .await
+            .map_err(broker_error)?;
+        // The frames are already JSON: splice them in, don't re-parse.
+        let mut body = String::with_capacity(
+            64 + history
+                .messages
+                .iter()
+                .map(|m| m.frame.len() + 1)
+                .sum::<usize>(),
+        );
+        body.push_str("{\"room\":");
+        body.push_str(&serde_json::to_string(room.as_str()).unwrap_or_default());
+        body.push_str(",\"messages\":[");
+        for (i, m) in history.messages.iter().enumerate() {
+            if i > 0 {
+                body.push(',');
+            }
+            body.push_str(&m.frame);
+        }
+        body.push_str("]}");
+        Ok(HttpResponse::Ok()
+            .content_type("application/json")
+            .body(body))
+    }
+    .await
 }
 
 /// `GET /api/users/{user}/connections`
@@ -227,20 +247,18 @@ pub async fn user_connections(
     req: HttpRequest,
     shared: web::Data<Shared>,
     user: web::Path<String>,
-) -> HttpResponse {
-    respond(
-        async {
-            authorize(&req, &shared)?;
-            let user = user_param(&user)?;
-            let n = shared
-                .broker
-                .user_connections(user)
-                .await
-                .map_err(broker_error)?;
-            Ok(HttpResponse::Ok().json(json!({"user": user, "connections": n})))
-        }
-        .await,
-    )
+) -> ApiResult {
+    async {
+        authorize(&req, &shared)?;
+        let user = user_param(&user)?;
+        let n = shared
+            .broker
+            .user_connections(user)
+            .await
+            .map_err(broker_error)?;
+        Ok(HttpResponse::Ok().json(json!({"user": user, "connections": n})))
+    }
+    .await
 }
 
 /// `POST /api/users/{user}/disconnect`: 1008 `kicked` everywhere.
@@ -248,50 +266,45 @@ pub async fn disconnect_user(
     req: HttpRequest,
     shared: web::Data<Shared>,
     user: web::Path<String>,
-) -> HttpResponse {
-    respond(
-        async {
-            authorize(&req, &shared)?;
-            let user = user_param(&user)?;
-            let n = shared
-                .broker
-                .disconnect_user(user)
-                .await
-                .map_err(broker_error)?;
-            tracing::info!(user, disconnected = n, "user disconnected by the API");
-            Ok(HttpResponse::Ok().json(json!({"disconnected": n})))
-        }
-        .await,
-    )
+) -> ApiResult {
+    async {
+        authorize(&req, &shared)?;
+        let user = user_param(&user)?;
+        let n = shared
+            .broker
+            .disconnect_user(user)
+            .await
+            .map_err(broker_error)?;
+        tracing::info!(user, disconnected = n, "user disconnected by the API");
+        Ok(HttpResponse::Ok().json(json!({"disconnected": n})))
+    }
+    .await
 }
 
 /// `GET /api/tasks/{id}`: async tasks are not in this build.
-pub async fn task(req: HttpRequest, shared: web::Data<Shared>) -> HttpResponse {
-    respond(authorize(&req, &shared).map(|()| {
-        json_error(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            "no such task (async tasks are not available in this build)",
-        )
-    }))
+pub async fn task(req: HttpRequest, shared: web::Data<Shared>) -> ApiResult {
+    authorize(&req, &shared)?;
+    Err(ApiError {
+        status: StatusCode::NOT_FOUND,
+        code: "not_found",
+        message: "no such task (async tasks are not available in this build)".into(),
+    })
 }
 
 /// `GET /api/stats`
-pub async fn stats(req: HttpRequest, shared: web::Data<Shared>) -> HttpResponse {
-    respond(
-        async {
-            authorize(&req, &shared)?;
-            let stats = shared.broker.stats().await.map_err(broker_error)?;
-            Ok(HttpResponse::Ok().json(json!({
-                "instance": shared.instance_id,
-                "broker": shared.broker.kind(),
-                "connections": shared.open_connections(),
-                "rooms": stats.rooms,
-                "users": stats.users,
-                "cluster_connections": stats.connections,
-                "uptime_s": shared.started_at.elapsed().as_secs(),
-            })))
-        }
-        .await,
-    )
+pub async fn stats(req: HttpRequest, shared: web::Data<Shared>) -> ApiResult {
+    async {
+        authorize(&req, &shared)?;
+        let stats = shared.broker.stats().await.map_err(broker_error)?;
+        Ok(HttpResponse::Ok().json(json!({
+            "instance": shared.instance_id,
+            "broker": shared.broker.kind(),
+            "connections": shared.open_connections(),
+            "rooms": stats.rooms,
+            "users": stats.users,
+            "cluster_connections": stats.connections,
+            "uptime_s": shared.started_at.elapsed().as_secs(),
+        })))
+    }
+    .await
 }
