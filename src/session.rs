@@ -37,10 +37,6 @@ use crate::protocol::{
 use crate::ratelimit::TokenBucket;
 use crate::server::{ConnectionSlot, Shared};
 
-/// How long the writer waits for room in the socket to send a close frame
-/// before it drops the connection without one.
-const CLOSE_WAIT: Duration = Duration::from_secs(5);
-
 pub struct Session {
     key: u64,
     connection_id: Arc<str>,
@@ -72,7 +68,10 @@ impl Session {
         let limits = &shared.config.limits;
         let (outbound, rx) = mpsc::channel(limits.max_outbound_queue);
         let (close, close_rx) = oneshot::channel();
-        actix_web::rt::spawn(write_loop(ws, rx, close_rx));
+        // A client that reads nothing for the client timeout gets no close
+        // frame: the connection is dropped without one.
+        let close_wait = Duration::from_secs(shared.config.server.client_timeout_s);
+        actix_web::rt::spawn(write_loop(ws, rx, close_rx, close_wait));
         let max_bytes = limits.max_message_bytes;
         let stream = stream
             .max_frame_size(max_bytes)
@@ -442,6 +441,7 @@ async fn write_loop(
     mut ws: actix_ws::Session,
     mut queue: mpsc::Receiver<Outbound>,
     mut close: oneshot::Receiver<CloseReason>,
+    close_wait: Duration,
 ) {
     loop {
         // `Err(reason)`: stop, closing with `reason` when there is one.
@@ -462,7 +462,7 @@ async fn write_loop(
         };
         if let Err(reason) = step {
             if let Some(reason) = reason {
-                let _ = tokio::time::timeout(CLOSE_WAIT, ws.close(Some(reason.to_ws()))).await;
+                let _ = tokio::time::timeout(close_wait, ws.close(Some(reason.to_ws()))).await;
             }
             return;
         }
