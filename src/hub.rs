@@ -26,9 +26,7 @@ use tokio::sync::mpsc::Sender;
 
 use crate::broker::{Broker, BrokerError, Envelope, Fanout, History, Target};
 use crate::metrics;
-use crate::protocol::{
-    ack_frame, error_frame, Ack, CloseReason, ErrorReply, MessageId, Ref, RoomName,
-};
+use crate::protocol::{ack_frame, Ack, CloseReason, MessageId, Ref, RoomName};
 
 /// What goes down one session's outbound queue to its socket writer.
 #[derive(Debug)]
@@ -200,26 +198,15 @@ impl Hub {
             // Left (or left and joined again) while this join was pending.
             _ => return,
         };
-        let history = match history {
-            Ok(h) => h,
-            Err(e) => {
-                tracing::error!(error = %e, room = %room, "join failed: broker error");
-                members.remove(&key);
-                if members.is_empty() {
-                    self.rooms.remove(room);
-                    self.broker.unwatch_room(room);
-                }
-                metrics::metrics()
-                    .errors
-                    .with_label_values(&["internal"])
-                    .inc();
-                self.push(
-                    key,
-                    Outbound::Frame(error_frame(&ErrorReply::internal(), reference)),
-                );
-                return;
+        // Without the broker (Redis away) the join still works locally; the
+        // client is told it may have missed messages.
+        let history = history.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, room = %room, "join without history: broker unavailable");
+            History {
+                messages: Vec::new(),
+                recovered: false,
             }
-        };
+        });
         members.insert(key, Membership::Live);
 
         let ack = Ack {
