@@ -65,6 +65,9 @@ macro_rules! both_brokers {
 /// A running hub process, killed on drop.
 pub struct Hub {
     child: Child,
+    /// Deletes the Redis prefix's keys on drop (the hub that made the prefix).
+    owns_prefix: bool,
+    redis_url: String,
     pub port: u16,
     pub dir: tempfile::TempDir,
     pub broker: Broker,
@@ -72,6 +75,7 @@ pub struct Hub {
 }
 
 pub struct HubBuilder {
+    owns_prefix: bool,
     broker: Broker,
     prefix: String,
     extra: String,
@@ -95,6 +99,7 @@ impl HubBuilder {
     /// Share a Redis prefix (a cluster) with another hub.
     pub fn prefix(mut self, prefix: &str) -> Self {
         self.prefix = prefix.into();
+        self.owns_prefix = false;
         self
     }
     pub fn redis_url(mut self, url: &str) -> Self {
@@ -149,6 +154,8 @@ impl HubBuilder {
             });
         Hub {
             child,
+            owns_prefix: self.owns_prefix,
+            redis_url: self.redis_url,
             port,
             dir,
             broker: self.broker,
@@ -160,6 +167,7 @@ impl HubBuilder {
 impl Hub {
     pub fn builder(broker: Broker) -> HubBuilder {
         HubBuilder {
+            owns_prefix: true,
             broker,
             prefix: unique_prefix(),
             extra: String::new(),
@@ -224,9 +232,29 @@ impl Drop for Hub {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if self.broker == Broker::Redis && self.owns_prefix {
+            delete_prefix(&self.redis_url, &self.prefix);
+        }
         if std::thread::panicking() {
             eprintln!("---- hub log (port {}) ----\n{}", self.port, self.log());
         }
+    }
+}
+
+/// Removes every key under `prefix` (test clean-up; errors ignored).
+pub fn delete_prefix(url: &str, prefix: &str) {
+    let Ok(client) = redis::Client::open(url) else {
+        return;
+    };
+    let Ok(mut con) = client.get_connection() else {
+        return;
+    };
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:*"))
+        .query(&mut con)
+        .unwrap_or_default();
+    if !keys.is_empty() {
+        let _: redis::RedisResult<()> = redis::cmd("DEL").arg(&keys).query(&mut con);
     }
 }
 
