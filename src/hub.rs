@@ -109,7 +109,6 @@ struct Member {
 pub struct Hub {
     broker: Arc<dyn Broker>,
     max_outbound_queue: usize,
-    history_size: usize,
     sessions: HashMap<u64, Member>,
     rooms: HashMap<RoomName, HashMap<u64, Membership>>,
     users: HashMap<Arc<str>, Vec<u64>>,
@@ -117,11 +116,10 @@ pub struct Hub {
 }
 
 impl Hub {
-    pub fn new(broker: Arc<dyn Broker>, max_outbound_queue: usize, history_size: usize) -> Hub {
+    pub fn new(broker: Arc<dyn Broker>, max_outbound_queue: usize) -> Hub {
         Hub {
             broker,
             max_outbound_queue,
-            history_size,
             sessions: HashMap::new(),
             rooms: HashMap::new(),
             users: HashMap::new(),
@@ -180,23 +178,31 @@ impl Hub {
     /// Finishes a join: ack, replay, buffered live frames, then live.
     fn complete_join(
         &mut self,
-        key: u64,
-        room: &RoomName,
+        join: &Join,
         join_seq: u64,
-        since: Option<MessageId>,
-        reference: &Ref,
         history: Result<History, BrokerError>,
+        member: (Arc<str>, Arc<str>),
     ) {
-        let Some(members) = self.rooms.get_mut(room) else {
-            return;
-        };
-        let buffered = match members.get_mut(&key) {
-            Some(Membership::Pending {
-                join_seq: seq,
-                buffered,
-            }) if *seq == join_seq => std::mem::take(buffered),
+        let (key, room, since, reference) = (join.key, &join.room, join.since, &join.reference);
+        let still_pending = matches!(
+            self.rooms.get(room).and_then(|m| m.get(&key)),
+            Some(Membership::Pending { join_seq: seq, .. }) if *seq == join_seq
+        );
+        if !still_pending {
             // Left (or left and joined again) while this join was pending.
-            _ => return,
+            let member_now = self.rooms.get(room).is_some_and(|m| m.contains_key(&key));
+            if !member_now {
+                // The session may be gone already: use what the join knew.
+                self.record_presence_leave(room, member.0, member.1);
+            }
+            return;
+        }
+        let Some(Membership::Pending { buffered, .. }) = self
+            .rooms
+            .get_mut(room)
+            .and_then(|m| m.insert(key, Membership::Live))
+        else {
+            return;
         };
         // Without the broker (Redis away) the join still works locally; the
         // client is told it may have missed messages.
@@ -207,8 +213,6 @@ impl Hub {
                 recovered: false,
             }
         });
-        members.insert(key, Membership::Live);
-
         let ack = Ack {
             reference: reference.as_ref(),
             room: Some(room.as_str()),
@@ -230,19 +234,15 @@ impl Hub {
                 self.push(key, Outbound::Delivery(envelope));
             }
         }
-        if let Some(member) = self.sessions.get(&key) {
-            let broker = self.broker.clone();
-            let (room, user, conn) = (
-                room.clone(),
-                member.user.clone(),
-                member.connection_id.clone(),
-            );
-            actix::spawn(async move {
-                if let Err(e) = broker.presence_join(&room, &user, &conn).await {
-                    tracing::warn!(error = %e, room = %room, "presence join not recorded");
-                }
-            });
-        }
+    }
+
+    fn record_presence_leave(&self, room: &RoomName, user: Arc<str>, conn: Arc<str>) {
+        let (broker, room) = (self.broker.clone(), room.clone());
+        actix::spawn(async move {
+            if let Err(e) = broker.presence_leave(&room, &user, &conn).await {
+                tracing::warn!(error = %e, room = %room, "presence leave not recorded");
+            }
+        });
     }
 
     /// Removes `key` from `room`; records the presence change.
@@ -257,19 +257,10 @@ impl Hub {
             self.rooms.remove(room);
             self.broker.unwatch_room(room);
         }
-        // A pending member's presence was never recorded.
+        // A pending join records its presence when it completes, and sees
+        // then that the member has gone.
         if let (Membership::Live, Some(member)) = (membership, self.sessions.get(&key)) {
-            let broker = self.broker.clone();
-            let (room, user, conn) = (
-                room.clone(),
-                member.user.clone(),
-                member.connection_id.clone(),
-            );
-            actix::spawn(async move {
-                if let Err(e) = broker.presence_leave(&room, &user, &conn).await {
-                    tracing::warn!(error = %e, room = %room, "presence leave not recorded");
-                }
-            });
+            self.record_presence_leave(room, member.user.clone(), member.connection_id.clone());
         }
         true
     }
@@ -364,37 +355,36 @@ impl Handler<Join> for Hub {
             _ => Vec::new(),
         };
         members.insert(msg.key, Membership::Pending { join_seq, buffered });
-        if !first_here && msg.since.is_none() {
-            self.complete_join(
-                msg.key,
-                &msg.room,
-                join_seq,
-                None,
-                &msg.reference,
-                Ok(History::default()),
-            );
+        let Some(member) = self.sessions.get(&msg.key) else {
             return;
-        }
-        let broker = self.broker.clone();
-        let (room, since, limit) = (msg.room.clone(), msg.since, self.history_size);
+        };
+        let (broker, user, conn) = (
+            self.broker.clone(),
+            member.user.clone(),
+            member.connection_id.clone(),
+        );
+        let (room, since) = (msg.room.clone(), msg.since);
+        let identity = (user.clone(), conn.clone());
+        // Subscribed before history is read (nothing lost at the seam), and
+        // presence recorded before the ack (a client sees itself present).
         let work = async move {
-            if first_here {
-                broker.watch_room(&room).await?;
+            let watched = if first_here {
+                broker.watch_room(&room).await
+            } else {
+                Ok(())
+            };
+            let history = match (watched, since) {
+                (Err(e), _) => Err(e),
+                (Ok(()), Some(since)) => broker.history(&room, Some(since), usize::MAX).await,
+                (Ok(()), None) => Ok(History::default()),
+            };
+            if let Err(e) = broker.presence_join(&room, &user, &conn).await {
+                tracing::warn!(error = %e, room = %room, "presence join not recorded");
             }
-            match since {
-                Some(since) => broker.history(&room, Some(since), limit).await,
-                None => Ok(History::default()),
-            }
+            history
         };
         ctx.spawn(work.into_actor(self).map(move |history, hub, _| {
-            hub.complete_join(
-                msg.key,
-                &msg.room,
-                join_seq,
-                msg.since,
-                &msg.reference,
-                history,
-            );
+            hub.complete_join(&msg, join_seq, history, identity);
         }));
     }
 }

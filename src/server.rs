@@ -106,11 +106,9 @@ async fn serve(config: Config) -> io::Result<()> {
     let app_shared = shared.clone();
     let server = HttpServer::new(move || {
         // Runs once on each worker thread: that worker's hub lives here.
-        let limits = &app_shared.config.limits;
         let hub = Hub::new(
             app_shared.broker.clone(),
-            limits.max_outbound_queue,
-            app_shared.config.history.size,
+            app_shared.config.limits.max_outbound_queue,
         )
         .start();
         if let Ok(mut hubs) = app_shared.hubs.lock() {

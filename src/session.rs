@@ -474,8 +474,10 @@ async fn write_one(ws: &mut actix_ws::Session, item: Outbound) -> Result<(), act
         Outbound::Frame(text) => ws.text(text).await,
         Outbound::Delivery(envelope) => {
             ws.text(envelope.frame.clone()).await?;
-            let latency_us = now_us().saturating_sub(envelope.published_us);
-            metrics::record_delivery(latency_us as f64 / 1e6);
+            if envelope.published_us > 0 {
+                let latency_us = now_us().saturating_sub(envelope.published_us);
+                metrics::record_delivery(latency_us as f64 / 1e6);
+            }
             Ok(())
         }
         Outbound::Ping => ws.ping(b"").await,

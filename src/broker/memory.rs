@@ -11,7 +11,7 @@
 //! History holds `history.size` messages per room and expires
 //! `history.ttl_s` after the room's last publish.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -87,8 +87,9 @@ struct BrokerActor {
     history_ttl: Duration,
     hubs: Vec<Recipient<Fanout>>,
     history: HashMap<RoomName, RoomHistory>,
-    /// room → user → how many of the user's connections are members.
-    presence: HashMap<RoomName, BTreeMap<String, u64>>,
+    /// room → user → the user's connections that are members. Sets, so a
+    /// repeated join or leave of one connection changes nothing.
+    presence: HashMap<RoomName, BTreeMap<String, HashSet<String>>>,
     /// connection id → user.
     connections: HashMap<String, String>,
     /// user → connection count.
@@ -219,24 +220,20 @@ impl BrokerActor {
         }
     }
 
-    fn presence_change(&mut self, room: &RoomName, user: &str, joined: bool) {
+    fn presence_change(&mut self, room: &RoomName, user: &str, connection: &str, joined: bool) {
         let members = self.presence.entry(room.clone()).or_default();
         let first_or_last = if joined {
-            let n = members.entry(user.to_owned()).or_insert(0);
-            *n += 1;
-            *n == 1
+            let connections = members.entry(user.to_owned()).or_default();
+            connections.insert(connection.to_owned()) && connections.len() == 1
         } else {
-            match members.get_mut(user) {
-                Some(n) if *n > 1 => {
-                    *n -= 1;
-                    false
-                }
-                Some(_) => {
-                    members.remove(user);
-                    true
-                }
-                None => false,
+            let removed = members
+                .get_mut(user)
+                .is_some_and(|connections| connections.remove(connection));
+            let last = removed && members.get(user).is_some_and(HashSet::is_empty);
+            if last {
+                members.remove(user);
             }
+            last
         };
         if members.is_empty() {
             self.presence.remove(room);
@@ -247,7 +244,7 @@ impl BrokerActor {
                 target: Target::Room(room.clone()),
                 frame,
                 id: None,
-                published_us: now_us(),
+                published_us: 0,
             });
         }
     }
@@ -355,10 +352,10 @@ impl Broker for MemoryBroker {
         &self,
         room: &RoomName,
         user: &str,
-        _connection_id: &str,
+        connection_id: &str,
     ) -> BrokerResult<()> {
-        let (room, user) = (room.clone(), user.to_owned());
-        self.call(move |b| b.presence_change(&room, &user, true))
+        let (room, user, conn) = (room.clone(), user.to_owned(), connection_id.to_owned());
+        self.call(move |b| b.presence_change(&room, &user, &conn, true))
             .await
     }
 
@@ -366,10 +363,10 @@ impl Broker for MemoryBroker {
         &self,
         room: &RoomName,
         user: &str,
-        _connection_id: &str,
+        connection_id: &str,
     ) -> BrokerResult<()> {
-        let (room, user) = (room.clone(), user.to_owned());
-        self.call(move |b| b.presence_change(&room, &user, false))
+        let (room, user, conn) = (room.clone(), user.to_owned(), connection_id.to_owned());
+        self.call(move |b| b.presence_change(&room, &user, &conn, false))
             .await
     }
 
@@ -381,9 +378,9 @@ impl Broker for MemoryBroker {
                 .map(|members| {
                     members
                         .iter()
-                        .map(|(user, n)| PresenceEntry {
+                        .map(|(user, connections)| PresenceEntry {
                             user: user.clone(),
-                            connections: *n,
+                            connections: connections.len() as u64,
                         })
                         .collect()
                 })
@@ -406,7 +403,7 @@ impl Broker for MemoryBroker {
                 target: Target::Kick(user),
                 frame: Default::default(),
                 id: None,
-                published_us: now_us(),
+                published_us: 0,
             });
             n
         })

@@ -44,7 +44,8 @@ pub struct Envelope {
     /// into Redis without an id).
     pub id: Option<MessageId>,
     /// Microseconds since the epoch when it was published, for the delivery
-    /// latency histogram.
+    /// metrics; 0 for frames that are not messages (joined/left, kicks),
+    /// which those metrics skip.
     pub published_us: u64,
 }
 

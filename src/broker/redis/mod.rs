@@ -669,12 +669,24 @@ impl Broker for RedisBroker {
                 };
                 match info {
                     Ok(info) => {
-                        let max_deleted = info
-                            .get("max-deleted-entry-id")
+                        // Trimming drops the oldest entries (Redis does not
+                        // update max-deleted-entry-id for it): something after
+                        // `since` may be lost when entries were trimmed and
+                        // `since` is older than the first one retained. When
+                        // `since` is exactly the last trimmed id this errs on
+                        // the safe side (recovered: false).
+                        let int = |k: &str| {
+                            info.get(k)
+                                .and_then(|v| redis::from_redis_value::<u64>(v.clone()).ok())
+                                .unwrap_or(0)
+                        };
+                        let first = info
+                            .get("recorded-first-entry-id")
                             .and_then(|v| redis::from_redis_value::<String>(v.clone()).ok())
                             .and_then(|s| s.parse::<MessageId>().ok())
                             .unwrap_or_default();
-                        since >= max_deleted && messages.len() < count
+                        let trimmed = int("entries-added") > int("length");
+                        (!trimmed || since >= first) && messages.len() < count
                     }
                     // No stream: expired or never written.
                     Err(_) => false,

@@ -251,7 +251,7 @@ impl RedisSubscriber {
                     target: Target::Room(room),
                     frame: frame.to_owned().into(),
                     id: None,
-                    published_us: now_us(),
+                    published_us: 0,
                 });
             }
             let data = p.data?;
@@ -281,7 +281,7 @@ impl RedisSubscriber {
                     target: Target::Kick(user.to_owned()),
                     frame: Default::default(),
                     id: None,
-                    published_us: now_us(),
+                    published_us: 0,
                 }),
                 // A complete server frame (direct, task update): as it is.
                 Some(_) => Some(Envelope {
