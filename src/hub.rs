@@ -279,16 +279,10 @@ impl Handler<Connect> for Hub {
     type Result = ();
 
     fn handle(&mut self, msg: Connect, _: &mut Self::Context) {
-        let keys = self.users.entry(msg.user.clone()).or_default();
-        keys.push(msg.key);
-        if keys.len() == 1 {
-            let (broker, user) = (self.broker.clone(), msg.user.clone());
-            actix::spawn(async move {
-                if let Err(e) = broker.watch_user(&user).await {
-                    tracing::warn!(error = %e, "could not watch user channel");
-                }
-            });
-        }
+        self.users
+            .entry(msg.user.clone())
+            .or_default()
+            .push(msg.key);
         self.sessions.insert(
             msg.key,
             Member {
@@ -319,7 +313,6 @@ impl Handler<Disconnect> for Hub {
                 keys.get_mut().retain(|k| *k != msg.key);
                 if keys.get().is_empty() {
                     keys.remove();
-                    self.broker.unwatch_user(&member.user);
                 }
             }
         }

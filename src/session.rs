@@ -396,6 +396,7 @@ impl Actor for Session {
         self.close.take();
         self.hub.do_send(Disconnect { key: self.key });
         metrics().connections_open.dec();
+        self.shared.broker.unwatch_user(&self.user);
         let (broker, id, user) = (
             self.shared.broker.clone(),
             self.connection_id.clone(),

@@ -1444,7 +1444,7 @@ async fn run_fanout(args: FanoutArgs) -> Result<bool, String> {
         );
     }
     println!(
-        "  throughput: {} deliveries/s (first publish → last delivery, {:.2} s)",
+        "  throughput: {} deliveries (first publish → last delivery, {:.2} s)",
         per_s(received, delivery_window_s),
         delivery_window_s
     );
@@ -1472,8 +1472,10 @@ async fn run_fanout(args: FanoutArgs) -> Result<bool, String> {
     // Publishers' own deliveries (they are members of the room too).
     let mut own = (0u64, 0u64, 0u64, 0u64);
     let mut own_errors = BTreeMap::new();
+    let mut own_latency = Histogram::new();
     for p in &pubs {
         let r = &p.member.recorder;
+        own_latency.merge(&r.latency);
         own.0 += r.unique;
         own.1 += r.duplicates;
         own.2 += r.out_of_order;
@@ -1501,6 +1503,10 @@ async fn run_fanout(args: FanoutArgs) -> Result<bool, String> {
         } else {
             format!(", errors: {}", fmt_counts(&own_errors))
         }
+    );
+    println!(
+        "  publishers' own copies latency: {}",
+        own_latency.summary_ms(&[("p50", 0.5), ("p99", 0.99)])
     );
     let total_members = joined_subs.len() + pubs_ok;
     println!("closing:     {clean} of {total_members} connections closed with a completed close handshake");

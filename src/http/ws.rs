@@ -84,7 +84,15 @@ async fn admit(
     };
     let max_per_user = shared.config.limits.max_connections_per_user;
     match shared.broker.register_connection(&info, max_per_user).await {
-        Ok(()) => Ok((claims, connection_id, slot)),
+        Ok(()) => {
+            // Direct messages sent the moment after `welcome` must arrive:
+            // the user's channel is watched (confirmed) before the session
+            // starts, and unwatched when it stops.
+            if let Err(e) = shared.broker.watch_user(&claims.sub).await {
+                tracing::warn!(error = %e, "user channel not confirmed");
+            }
+            Ok((claims, connection_id, slot))
+        }
         Err(BrokerError::ConnectionLimit) => Err(CloseReason::ConnectionLimit),
         Err(BrokerError::Unavailable(e)) => {
             tracing::warn!(error = %e, "refusing connection: broker unavailable");

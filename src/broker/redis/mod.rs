@@ -308,8 +308,10 @@ impl RedisBroker {
         loop {
             let was_ok = self.available();
             match self.heartbeat().await {
-                Ok(()) => {
-                    if !was_ok || !registered_once {
+                Ok(present) => {
+                    // The heartbeat key vanished: Redis restarted (empty) or
+                    // this instance was presumed dead; either way re-register.
+                    if !was_ok || !registered_once || !present {
                         if registered_once {
                             metrics()
                                 .redis_reconnects
@@ -338,8 +340,9 @@ impl RedisBroker {
 
     /// Refreshes `{prefix}:instance:{id}` (expiring after two thirds of
     /// `redis.instance_ttl_s`, so survivors reap a dead instance within the
-    /// TTL) and lists the instance in `{prefix}:instances`.
-    async fn heartbeat(&self) -> BrokerResult<()> {
+    /// TTL) and lists the instance in `{prefix}:instances`. Returns whether
+    /// the key was still there.
+    async fn heartbeat(&self) -> BrokerResult<bool> {
         let key = self.key(&["instance", &self.instance_id]);
         let instances = self.key(&["instances"]);
         let expiry_ms = (self.instance_ttl_s.max(1) * 2000 / 3).max(500);
@@ -353,13 +356,14 @@ impl RedisBroker {
                 .arg(now_ms())
                 .arg("PX")
                 .arg(expiry_ms)
-                .ignore()
+                .arg("GET")
                 .sadd(&instances, &id)
                 .ignore()
-                .query_async::<()>(c)
+                .query_async::<(Option<String>,)>(c)
                 .await
         })
         .await
+        .map(|(previous,)| previous.is_some())
     }
 
     /// Re-registers this instance's connections and their rooms (idempotent).

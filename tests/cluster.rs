@@ -1,0 +1,400 @@
+//! Cluster mode (contract sections 1, 4, 5): several hubs on one Redis
+//! behave as one, and survive Redis and instance failures. Fault tests use
+//! a private `redis-server` on a free port.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::json;
+use support::*;
+
+/// Two hubs sharing one Redis prefix.
+fn pair(toml: &str) -> (Hub, Hub) {
+    let a = Hub::builder(Broker::Redis).toml(toml).start();
+    let b = Hub::builder(Broker::Redis)
+        .toml(toml)
+        .prefix(&a.prefix)
+        .start();
+    (a, b)
+}
+
+fn pair_on(redis: &PrivateRedis, toml: &str) -> (Hub, Hub) {
+    let a = Hub::builder(Broker::Redis)
+        .redis_url(&redis.url())
+        .toml(toml)
+        .start();
+    let b = Hub::builder(Broker::Redis)
+        .redis_url(&redis.url())
+        .toml(toml)
+        .prefix(&a.prefix)
+        .start();
+    (a, b)
+}
+
+/// Publishes probes from `from` until one reaches `to` (another instance).
+async fn resumed(from: &mut Client, to: &mut Client, room: &str) -> serde_json::Value {
+    for _ in 0..40 {
+        from.publish(room, json!("probe")).await;
+        loop {
+            match to.next_event(Duration::from_millis(250)).await {
+                Some(Ok(m)) if m["type"] == "message" && m["data"] == "probe" => return m,
+                Some(Ok(_)) => continue,
+                _ => break,
+            }
+        }
+    }
+    panic!("cross-instance delivery did not resume");
+}
+
+#[tokio::test]
+async fn room_direct_and_broadcast_cross_instances() {
+    let (h1, h2) = pair("");
+    assert_ne!(
+        h1.connect("x").await.welcome["instance"],
+        h2.connect("y").await.welcome["instance"]
+    );
+    let mut alice = h1.connect("alice").await;
+    let mut bob = h2.connect("bob").await;
+    alice.join("lobby").await;
+    bob.join("lobby").await;
+    let id = alice.publish("lobby", json!({"hello": "from h1"})).await;
+    let m = bob.recv_type("message").await;
+    assert_eq!(m["id"], id.as_str());
+    assert_eq!(m["from"], "alice");
+    let ack = bob
+        .request(json!({"type": "direct", "to": "alice", "data": "psst"}))
+        .await;
+    assert_eq!(ack["type"], "ack");
+    let d = alice.recv_type("direct").await;
+    assert_eq!(
+        (d["from"].clone(), d["data"].clone()),
+        (json!("bob"), json!("psst"))
+    );
+    let api = h2.api().await;
+    let (status, _) = api
+        .post("/api/publish", json!({"broadcast": true, "data": "all"}))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(alice.recv_type("broadcast").await["data"], "all");
+    assert_eq!(bob.recv_type("broadcast").await["data"], "all");
+}
+
+#[tokio::test]
+async fn presence_and_joined_left_across_instances() {
+    let (h1, h2) = pair("");
+    let mut alice = h1.connect("alice").await;
+    alice.join("r").await;
+    assert_eq!(alice.recv_type("joined").await["user"], "alice");
+    let mut bob = h2.connect("bob").await;
+    bob.join("r").await;
+    assert_eq!(alice.recv_type("joined").await["user"], "bob");
+    let p = alice
+        .request(json!({"type": "presence", "room": "r"}))
+        .await;
+    assert_eq!(
+        p["users"],
+        json!([{"user": "alice", "connections": 1}, {"user": "bob", "connections": 1}])
+    );
+    let (_, body) = h1.api().await.get("/api/rooms/r/presence").await;
+    assert_eq!(body["users"].as_array().map(Vec::len), Some(2));
+    bob.close().await;
+    assert_eq!(
+        alice.recv_type("left").await,
+        json!({"type": "left", "room": "r", "user": "bob"})
+    );
+}
+
+#[tokio::test]
+async fn history_and_recovery_work_from_any_instance() {
+    let (h1, h2) = pair("");
+    let mut alice = h1.connect("alice").await;
+    alice.join("h").await;
+    let first = alice.publish("h", json!(0)).await;
+    alice.publish("h", json!(1)).await;
+    alice.publish("h", json!(2)).await;
+    let mut bob = h2.connect("bob").await;
+    let ack = bob
+        .request(json!({"type": "join", "room": "h", "since": first}))
+        .await;
+    assert_eq!(ack["recovered"], true);
+    assert_eq!(bob.recv_type("message").await["data"], 1);
+    assert_eq!(bob.recv_type("message").await["data"], 2);
+}
+
+#[tokio::test]
+async fn user_limit_holds_cluster_wide_under_concurrent_connects() {
+    let (h1, h2) = pair("[limits]\nmax_connections_per_user = 3");
+    let mut attempts = Vec::new();
+    for i in 0..16 {
+        let url = if i % 2 == 0 { h1.ws_url() } else { h2.ws_url() };
+        attempts.push(tokio::spawn(async move {
+            let mut c = Client::connect_raw(&format!("{url}?token={}", token("carol")), &[]).await;
+            match c.next_event(WAIT).await {
+                Some(Ok(w)) if w["type"] == "welcome" => Ok(c),
+                Some(Err(closed)) => Err(closed),
+                other => panic!("unexpected {other:?}"),
+            }
+        }));
+    }
+    let mut accepted = Vec::new();
+    let mut refused = 0;
+    for a in attempts {
+        match a.await.expect("task") {
+            Ok(c) => accepted.push(c),
+            Err(closed) => {
+                assert_eq!(
+                    closed,
+                    Closed {
+                        code: 1008,
+                        reason: "connection limit".into()
+                    }
+                );
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!(accepted.len(), 3, "accepted across the cluster");
+    assert_eq!(refused, 13);
+    let (_, body) = h1.api().await.get("/api/users/carol/connections").await;
+    assert_eq!(body["connections"], 3);
+}
+
+#[tokio::test]
+async fn kick_reaches_every_instance() {
+    let (h1, h2) = pair("");
+    let mut a1 = h1.connect("alice").await;
+    let mut a2 = h2.connect("alice").await;
+    let mut bob = h2.connect("bob").await;
+    let (status, body) = h1
+        .api()
+        .await
+        .post("/api/users/alice/disconnect", json!({}))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(body["disconnected"], 2);
+    for a in [&mut a1, &mut a2] {
+        assert_eq!(
+            a.recv_close().await,
+            Closed {
+                code: 1008,
+                reason: "kicked".into()
+            }
+        );
+    }
+    assert_eq!(bob.request(json!({"type": "ping"})).await["type"], "pong");
+}
+
+#[tokio::test]
+async fn stats_are_cluster_wide_where_the_contract_says() {
+    let (h1, h2) = pair("");
+    let mut a = h1.connect("alice").await;
+    a.join("s1").await;
+    let mut b = h2.connect("bob").await;
+    b.join("s2").await;
+    let (_, body) = h1.api().await.get("/api/stats").await;
+    assert_eq!(body["connections"], 1, "this instance's: {body}");
+    assert_eq!(body["cluster_connections"], 2, "{body}");
+    assert_eq!(body["rooms"], 2, "{body}");
+    assert_eq!(body["users"], 2, "{body}");
+}
+
+#[tokio::test]
+async fn a_backend_publishes_straight_into_redis() {
+    let redis = PrivateRedis::start();
+    let (h1, h2) = pair_on(&redis, "");
+    let mut alice = h1.connect("alice").await;
+    let mut bob = h2.connect("bob").await;
+    alice.join("news").await;
+    bob.join("news").await;
+    let channel = format!("{}:room:news", h1.prefix);
+    redis.cmd(&["PUBLISH", &channel, r#"{"data":{"headline":"raw"}}"#]);
+    for c in [&mut alice, &mut bob] {
+        let m = c.recv_type("message").await;
+        assert_eq!(m["from"], "server");
+        assert_eq!(m["room"], "news");
+        assert_eq!(m["data"], json!({"headline": "raw"}));
+        id_pair(&m["id"]);
+        assert!(m["ts"].is_u64());
+    }
+    // Malformed payloads are logged, counted and dropped.
+    redis.cmd(&["PUBLISH", &channel, "not json"]);
+    redis.cmd(&["PUBLISH", &channel, r#"{"nodata":1}"#]);
+    redis.cmd(&["PUBLISH", &format!("{}:broadcast", h1.prefix), "[]"]);
+    redis.cmd(&["PUBLISH", &channel, r#"{"data":"still fine"}"#]);
+    assert_eq!(alice.recv_type("message").await["data"], "still fine");
+    let api = h1.api().await;
+    let (_, metrics) = api.call(api.http.get(h1.http("/metrics"))).await;
+    assert!(
+        metrics
+            .as_str()
+            .unwrap_or_default()
+            .contains("switchboard_redis_malformed_total 3"),
+        "{metrics}"
+    );
+    // Direct and broadcast too.
+    redis.cmd(&[
+        "PUBLISH",
+        &format!("{}:user:bob", h1.prefix),
+        r#"{"data":"hi bob"}"#,
+    ]);
+    let d = bob.recv_type("direct").await;
+    assert_eq!(
+        (d["from"].clone(), d["data"].clone()),
+        (json!("server"), json!("hi bob"))
+    );
+    redis.cmd(&[
+        "PUBLISH",
+        &format!("{}:broadcast", h1.prefix),
+        r#"{"data":"everyone"}"#,
+    ]);
+    assert_eq!(alice.recv_type("broadcast").await["data"], "everyone");
+}
+
+#[tokio::test]
+async fn subscriptions_follow_local_membership() {
+    let redis = PrivateRedis::start();
+    let hub = Hub::builder(Broker::Redis).redis_url(&redis.url()).start();
+    let channels = |redis: &PrivateRedis| -> Vec<String> {
+        match redis.cmd(&["PUBSUB", "CHANNELS"]) {
+            Some(v) => redis::from_redis_value::<Vec<String>>(v).unwrap_or_default(),
+            None => Vec::new(),
+        }
+    };
+    let room = format!("{}:room:only-while-joined", hub.prefix);
+    let user = format!("{}:user:alice", hub.prefix);
+    let broadcast = format!("{}:broadcast", hub.prefix);
+    eventually("broadcast channel subscribed", || async {
+        channels(&redis).contains(&broadcast).then_some(())
+    })
+    .await;
+    let mut alice = hub.connect("alice").await;
+    assert!(channels(&redis).contains(&user));
+    alice.join("only-while-joined").await;
+    assert!(channels(&redis).contains(&room));
+    alice
+        .request(json!({"type": "leave", "room": "only-while-joined"}))
+        .await;
+    eventually("room channel unsubscribed", || async {
+        (!channels(&redis).contains(&room)).then_some(())
+    })
+    .await;
+    alice.close().await;
+    eventually("user channel unsubscribed", || async {
+        (!channels(&redis).contains(&user)).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn client_kill_of_the_subscriber_connection_is_survived() {
+    let redis = PrivateRedis::start();
+    let (h1, h2) = pair_on(&redis, "");
+    let mut alice = h1.connect("alice").await;
+    let mut bob = h2.connect("bob").await;
+    alice.join("k").await;
+    bob.join("k").await;
+    redis.cmd(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+    // Cross-instance delivery resumes without any client reconnecting.
+    let got = resumed(&mut alice, &mut bob, "k").await;
+    assert_eq!(got["data"], "probe");
+    let api = h2.api().await;
+    let (_, metrics) = api.call(api.http.get(h2.http("/metrics"))).await;
+    assert!(
+        metrics
+            .as_str()
+            .unwrap_or_default()
+            .contains("switchboard_redis_reconnects_total{connection=\"subscriber\"}"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn redis_restart_in_the_middle_of_traffic() {
+    let mut redis = PrivateRedis::start();
+    let (h1, h2) = pair_on(
+        &redis,
+        "[limits]\nmessages_per_second = 10000\nburst = 10000",
+    );
+    let mut alice = h1.connect("alice").await;
+    let mut local = h1.connect("local").await;
+    let mut bob = h2.connect("bob").await;
+    for c in [&mut alice, &mut local, &mut bob] {
+        c.join("t").await;
+    }
+    alice.publish("t", json!("before")).await;
+    assert_eq!(bob.recv_type("message").await["data"], "before");
+    assert_eq!(local.recv_type("message").await["data"], "before");
+
+    redis.stop();
+    // Redis away: readiness says so, new connections are refused 1013,
+    // open sessions stay and local delivery goes on.
+    let api = h1.api().await;
+    eventually("ready answers 503", || async {
+        let (status, body) = api.call(api.http.get(h1.http("/health/ready"))).await;
+        (status == 503 && body["reason"].as_str().is_some_and(|r| r.contains("redis")))
+            .then_some(())
+    })
+    .await;
+    let mut refused =
+        Client::connect_raw(&format!("{}?token={}", h1.ws_url(), token("late")), &[]).await;
+    assert_eq!(
+        refused.recv_close().await,
+        Closed {
+            code: 1013,
+            reason: "unavailable".into()
+        }
+    );
+    let ack = alice
+        .request(json!({"type": "publish", "room": "t", "data": "during"}))
+        .await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    assert_eq!(local.recv_type("message").await["data"], "during");
+
+    redis.restart();
+    eventually("ready again", || async {
+        let (status, _) = api.call(api.http.get(h1.http("/health/ready"))).await;
+        (status == 200).then_some(())
+    })
+    .await;
+    // Cross-instance delivery resumes; nobody reconnected.
+    let m = resumed(&mut alice, &mut bob, "t").await;
+    assert_eq!(m["from"], "alice");
+    // The instances re-registered their connections and presence.
+    eventually("bob re-registered", || async {
+        let (_, body) = api.get("/api/users/bob/connections").await;
+        (body["connections"] == 1).then_some(())
+    })
+    .await;
+    eventually("presence restored", || async {
+        let (_, body) = api.get("/api/rooms/t/presence").await;
+        (body["users"].as_array().map(Vec::len) == Some(3)).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_killed_instance_is_reaped_within_instance_ttl() {
+    let redis = PrivateRedis::start();
+    let toml = "[redis]\ninstance_ttl_s = 2\n[limits]\nmax_connections_per_user = 1";
+    let (h1, h2) = pair_on(&redis, toml);
+    let mut watcher = h1.connect("watcher").await;
+    watcher.join("room").await;
+    let mut doomed = h2.connect("doomed").await;
+    doomed.join("room").await;
+    assert_eq!(watcher.recv_type("joined").await["user"], "watcher");
+    assert_eq!(watcher.recv_type("joined").await["user"], "doomed");
+    h2.signal("KILL");
+    // Presence: the survivor announces `left`.
+    assert_eq!(
+        watcher.recv_type("left").await,
+        json!({"type": "left", "room": "room", "user": "doomed"})
+    );
+    // Registry and per-user count: the user can connect elsewhere at once.
+    let api = h1.api().await;
+    let (_, body) = api.get("/api/users/doomed/connections").await;
+    assert_eq!(body["connections"], 0, "{body}");
+    let again = h1.connect("doomed").await;
+    assert_eq!(again.welcome["user"], "doomed");
+    drop(h2);
+}
