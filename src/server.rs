@@ -130,6 +130,10 @@ async fn serve(config: Config) -> io::Result<()> {
         let _ = writeln!(out, "listening on {addr}");
         let _ = out.flush();
         tracing::info!(%addr, instance = %shared.instance_id, workers, broker = shared.broker.kind(), "switchboard listening");
+        tracing::info!(
+            "get a token: `switchboard token --user alice` (from a checkout: `cargo run --release -- token --user alice`), \
+             then connect to ws://{addr}/ws?token=<token>"
+        );
     }
     let handle = server.handle();
     actix_web::rt::spawn(async move {
