@@ -185,6 +185,17 @@ impl RedisBroker {
         }
     }
 
+    /// Runs `f` on a pooled connection with the command timeout; a failure
+    /// or a time-out counts as an outage.
+    async fn exec<T, F, Fut>(&self, f: F) -> BrokerResult<T>
+    where
+        F: FnOnce(deadpool_redis::Connection) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let conn = self.conn().await?;
+        self.timed(f(conn)).await
+    }
+
     fn available(&self) -> bool {
         self.commands_ok.load(Ordering::Acquire)
     }
@@ -216,10 +227,8 @@ impl RedisBroker {
         let keys = [self.key(&["connections"]), self.key(&["user_connections"])];
         let (id, user, entry) = (id.to_owned(), user.to_owned(), entry.to_owned());
         let script = &self.scripts.register;
-        let added: i64 = {
-            let mut redis_conn = self.conn().await?;
-            let c = &mut redis_conn;
-            self.timed(async move {
+        let added: i64 = self
+            .exec(move |mut c| async move {
                 script
                     .key(&keys[0])
                     .key(&keys[1])
@@ -228,11 +237,10 @@ impl RedisBroker {
                     .arg(entry)
                     .arg(max)
                     .arg(if restore { "1" } else { "0" })
-                    .invoke_async(c)
+                    .invoke_async(&mut c)
                     .await
             })
-            .await
-        }?;
+            .await?;
         Ok(added == 1)
     }
 
@@ -255,10 +263,8 @@ impl RedisBroker {
             &self.scripts.presence_leave
         };
         let (user, room_name) = (user.to_owned(), room.as_str().to_owned());
-        let _: i64 = {
-            let mut redis_conn = self.conn().await?;
-            let c = &mut redis_conn;
-            self.timed(async move {
+        let _: i64 = self
+            .exec(move |mut c| async move {
                 script
                     .key(&keys[0])
                     .key(&keys[1])
@@ -266,11 +272,10 @@ impl RedisBroker {
                     .arg(user)
                     .arg(room_name)
                     .arg(frame)
-                    .invoke_async(c)
+                    .invoke_async(&mut c)
                     .await
             })
-            .await
-        }?;
+            .await?;
         Ok(())
     }
 
@@ -282,21 +287,18 @@ impl RedisBroker {
         ];
         let (conn, prefix) = (conn.to_owned(), self.prefix.clone());
         let script = &self.scripts.drop_connection;
-        let _: i64 = {
-            let mut redis_conn = self.conn().await?;
-            let c = &mut redis_conn;
-            self.timed(async move {
+        let _: i64 = self
+            .exec(move |mut c| async move {
                 script
                     .key(&keys[0])
                     .key(&keys[1])
                     .key(&keys[2])
                     .arg(conn)
                     .arg(prefix)
-                    .invoke_async(c)
+                    .invoke_async(&mut c)
                     .await
             })
-            .await
-        }?;
+            .await?;
         Ok(())
     }
 
@@ -347,9 +349,7 @@ impl RedisBroker {
         let instances = self.key(&["instances"]);
         let expiry_ms = (self.instance_ttl_s.max(1) * 2000 / 3).max(500);
         let id = self.instance_id.clone();
-        let mut redis_conn = self.conn().await?;
-        let c = &mut redis_conn;
-        self.timed(async move {
+        self.exec(move |mut c| async move {
             redis::pipe()
                 .cmd("SET")
                 .arg(&key)
@@ -359,7 +359,7 @@ impl RedisBroker {
                 .arg("GET")
                 .sadd(&instances, &id)
                 .ignore()
-                .query_async::<(Option<String>,)>(c)
+                .query_async::<(Option<String>,)>(&mut c)
                 .await
         })
         .await
@@ -387,29 +387,24 @@ impl RedisBroker {
         let instances_key = self.key(&["instances"]);
         let instances: Vec<String> = {
             let key = instances_key.clone();
-            let mut redis_conn = self.conn().await?;
-            let c = &mut redis_conn;
-            self.timed(async move { c.smembers(&key).await }).await
+            self.exec(move |mut c| async move { c.smembers(&key).await })
+                .await
         }?;
         for instance in instances {
             if instance == self.instance_id {
                 continue;
             }
             let key = self.key(&["instance", &instance]);
-            let alive: bool = {
-                let mut redis_conn = self.conn().await?;
-                let c = &mut redis_conn;
-                self.timed(async move { c.exists(&key).await }).await
-            }?;
+            let alive: bool = self
+                .exec(move |mut c| async move { c.exists(&key).await })
+                .await?;
             if alive {
                 continue;
             }
             let key = self.key(&["connections"]);
-            let entries: HashMap<String, String> = {
-                let mut redis_conn = self.conn().await?;
-                let c = &mut redis_conn;
-                self.timed(async move { c.hgetall(&key).await }).await
-            }?;
+            let entries: HashMap<String, String> = self
+                .exec(move |mut c| async move { c.hgetall(&key).await })
+                .await?;
             let dead: Vec<String> = entries
                 .into_iter()
                 .filter(|(_, entry)| {
@@ -431,10 +426,8 @@ impl RedisBroker {
                 self.drop_connection(&id).await?;
             }
             let (key, member) = (instances_key.clone(), instance.clone());
-            let mut redis_conn = self.conn().await?;
-            let c = &mut redis_conn;
             let _: i64 = self
-                .timed(async move { c.srem(&key, &member).await })
+                .exec(move |mut c| async move { c.srem(&key, &member).await })
                 .await?;
         }
         Ok(())
@@ -526,10 +519,8 @@ impl Broker for RedisBroker {
                 raw.get().to_owned(),
             );
             let script = &self.scripts.publish_room;
-            let result: BrokerResult<String> = {
-                let mut redis_conn = self.conn().await?;
-                let c = &mut redis_conn;
-                self.timed(async move {
+            let result: BrokerResult<String> = self
+                .exec(move |mut c| async move {
                     script
                         .key(&keys[0])
                         .key(&keys[1])
@@ -538,11 +529,10 @@ impl Broker for RedisBroker {
                         .arg(args.2)
                         .arg(args.3)
                         .arg(args.4)
-                        .invoke_async(c)
+                        .invoke_async(&mut c)
                         .await
                 })
-                .await
-            };
+                .await;
             match result {
                 Ok(id) => {
                     return id.parse().map_err(|e: String| BrokerError::Internal(e));
@@ -568,12 +558,9 @@ impl Broker for RedisBroker {
             let id = format!("{}-{}", now_ms(), rand::random::<u32>());
             let frame = direct_frame(&id, from, &*raw, now_ms()).to_string();
             let channel = self.key(&["user", user]);
-            let sent: BrokerResult<i64> = {
-                let mut redis_conn = self.conn().await?;
-                let c = &mut redis_conn;
-                self.timed(async move { c.publish(&channel, frame).await })
-                    .await
-            };
+            let sent: BrokerResult<i64> = self
+                .exec(move |mut c| async move { c.publish(&channel, frame).await })
+                .await;
             match sent {
                 Ok(_) => return Ok(id),
                 Err(BrokerError::Unavailable(_)) => {}
@@ -598,12 +585,9 @@ impl Broker for RedisBroker {
                 now_ms()
             );
             let channel = self.key(&["broadcast"]);
-            let sent: BrokerResult<i64> = {
-                let mut redis_conn = self.conn().await?;
-                let c = &mut redis_conn;
-                self.timed(async move { c.publish(&channel, payload).await })
-                    .await
-            };
+            let sent: BrokerResult<i64> = self
+                .exec(move |mut c| async move { c.publish(&channel, payload).await })
+                .await;
             match sent {
                 Ok(_) => return Ok(id),
                 Err(BrokerError::Unavailable(_)) => {}
@@ -625,10 +609,8 @@ impl Broker for RedisBroker {
         let count = limit.min(i64::MAX as usize);
         let (k1, k2) = (key.clone(), key);
         // Newest first, at most `limit`, then reversed: "the latest ones".
-        let entries: Vec<(String, HashMap<String, String>)> = {
-            let mut redis_conn = self.conn().await?;
-            let c = &mut redis_conn;
-            self.timed(async move {
+        let entries: Vec<(String, HashMap<String, String>)> = self
+            .exec(move |mut c| async move {
                 let reply: redis::streams::StreamRangeReply =
                     c.xrevrange_count(&k1, "+", &start, count).await?;
                 Ok(reply
@@ -646,8 +628,7 @@ impl Broker for RedisBroker {
                     })
                     .collect())
             })
-            .await
-        }?;
+            .await?;
         let mut messages = Vec::with_capacity(entries.len());
         for (id, fields) in entries.into_iter().rev() {
             let (Ok(parsed), Some(body)) = (id.parse::<MessageId>(), fields.get("b")) else {
@@ -663,14 +644,20 @@ impl Broker for RedisBroker {
             None => true,
             Some(since) => {
                 // Whatever was trimmed or expired after `since` is lost.
-                let info: redis::RedisResult<HashMap<String, redis::Value>> = {
-                    let mut redis_conn = self.conn().await?;
-                    redis::cmd("XINFO")
-                        .arg("STREAM")
-                        .arg(&k2)
-                        .query_async(&mut redis_conn)
-                        .await
-                };
+                let mut conn = self.conn().await?;
+                let info: redis::RedisResult<HashMap<String, redis::Value>> =
+                    match tokio::time::timeout(
+                        COMMAND_TIMEOUT,
+                        redis::cmd("XINFO")
+                            .arg("STREAM")
+                            .arg(&k2)
+                            .query_async(&mut conn),
+                    )
+                    .await
+                    {
+                        Ok(result) => result,
+                        Err(_) => return Err(self.failed(&"redis command timed out")),
+                    };
                 match info {
                     Ok(info) => {
                         // Trimming drops the oldest entries (Redis does not
@@ -735,11 +722,9 @@ impl Broker for RedisBroker {
 
     async fn presence(&self, room: &RoomName) -> BrokerResult<Vec<PresenceEntry>> {
         let key = self.key(&["presence", room.as_str()]);
-        let members: HashMap<String, i64> = {
-            let mut redis_conn = self.conn().await?;
-            let c = &mut redis_conn;
-            self.timed(async move { c.hgetall(&key).await }).await
-        }?;
+        let members: HashMap<String, i64> = self
+            .exec(move |mut c| async move { c.hgetall(&key).await })
+            .await?;
         let mut users: Vec<PresenceEntry> = members
             .into_iter()
             .filter(|(_, n)| *n > 0)
@@ -754,33 +739,26 @@ impl Broker for RedisBroker {
 
     async fn user_connections(&self, user: &str) -> BrokerResult<u64> {
         let (key, user) = (self.key(&["user_connections"]), user.to_owned());
-        let n: Option<i64> = {
-            let mut redis_conn = self.conn().await?;
-            let c = &mut redis_conn;
-            self.timed(async move { c.hget(&key, &user).await }).await
-        }?;
+        let n: Option<i64> = self
+            .exec(move |mut c| async move { c.hget(&key, &user).await })
+            .await?;
         Ok(n.unwrap_or(0).max(0) as u64)
     }
 
     async fn disconnect_user(&self, user: &str) -> BrokerResult<u64> {
         let n = self.user_connections(user).await?;
         let channel = self.key(&["user", user]);
-        let _: i64 = {
-            let mut redis_conn = self.conn().await?;
-            let c = &mut redis_conn;
-            self.timed(async move { c.publish(&channel, r#"{"type":"kick"}"#).await })
-                .await
-        }?;
+        let _: i64 = self
+            .exec(move |mut c| async move { c.publish(&channel, r#"{"type":"kick"}"#).await })
+            .await?;
         Ok(n)
     }
 
     async fn stats(&self) -> BrokerResult<BrokerStats> {
         let (conns, users) = (self.key(&["connections"]), self.key(&["user_connections"]));
         let pattern = self.key(&["presence", "*"]);
-        let (connections, user_count, rooms): (u64, u64, u64) = {
-            let mut redis_conn = self.conn().await?;
-            let c = &mut redis_conn;
-            self.timed(async move {
+        let (connections, user_count, rooms): (u64, u64, u64) = self
+            .exec(move |mut c| async move {
                 let connections: u64 = c.hlen(&conns).await?;
                 let users: u64 = c.hlen(&users).await?;
                 let mut rooms = 0u64;
@@ -790,8 +768,7 @@ impl Broker for RedisBroker {
                 }
                 Ok((connections, users, rooms))
             })
-            .await
-        }?;
+            .await?;
         Ok(BrokerStats {
             rooms,
             users: user_count,
