@@ -163,9 +163,7 @@ fn shell_quote(arg: &str) -> String {
 
 fn print_header() {
     let command: Vec<String> = std::env::args().map(|a| shell_quote(&a)).collect();
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get().to_string())
-        .unwrap_or_else(|_| "?".into());
+    let cores = cores();
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     let mem = meminfo
         .lines()
@@ -188,7 +186,13 @@ fn print_header() {
     println!("# switchboard-bench {}", env!("CARGO_PKG_VERSION"));
     println!("command:  {}", command.join(" "));
     println!("machine:  {host}: {cores} cores ({cpu}), {mem} RAM, Linux {kernel}");
-    println!("started:  {} (unix seconds)", now_us() / 1_000_000);
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into());
+    println!(
+        "started:  {} (unix seconds), load average {load}",
+        now_us() / 1_000_000
+    );
     if cfg!(debug_assertions) {
         println!("warning:  this is a debug build of the bench; numbers are not representative");
     }
@@ -254,25 +258,26 @@ fn host_port(url: &str) -> String {
     }
 }
 
-/// `GET /api/stats` over a plain TCP connection (`Connection: close`); the
-/// `connections` field, or why it could not be read.
-async fn server_connections(url: &str, api_key: &str) -> Result<u64, String> {
+/// `GET path` over a plain TCP connection (`Connection: close`), with an
+/// optional bearer key; the body of a 200 answer, or why there is none.
+async fn http_get(url: &str, path: &str, api_key: Option<&str>) -> Result<String, String> {
     let addr = host_port(url);
+    let auth = api_key
+        .map(|k| format!("Authorization: Bearer {k}\r\n"))
+        .unwrap_or_default();
     let probe = async {
         let mut stream = TcpStream::connect(&addr)
             .await
             .map_err(|e| format!("connect {addr}: {e}"))?;
-        let request = format!(
-            "GET /api/stats HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {api_key}\r\n\
-             Accept: application/json\r\nConnection: close\r\n\r\n"
-        );
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n");
         stream
             .write_all(request.as_bytes())
             .await
             .map_err(|e| format!("write: {e}"))?;
         let mut response = Vec::new();
         stream
-            .take(1 << 20)
+            .take(16 << 20)
             .read_to_end(&mut response)
             .await
             .map_err(|e| format!("read: {e}"))?;
@@ -287,21 +292,163 @@ async fn server_connections(url: &str, api_key: &str) -> Result<u64, String> {
         .ok_or_else(|| "no HTTP header end".to_string())?;
     let status = head.lines().next().unwrap_or_default();
     if !status.contains(" 200") {
-        return Err(format!("{status}: {}", body.trim()));
+        return Err(format!("GET {path}: {status}: {}", body.trim()));
     }
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        dechunk(body)
-    } else {
-        body.to_string()
-    };
+    Ok(
+        if head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
+            dechunk(body)
+        } else {
+            body.to_string()
+        },
+    )
+}
+
+/// The `connections` field of `GET /api/stats`.
+async fn server_connections(url: &str, api_key: &str) -> Result<u64, String> {
+    let body = http_get(url, "/api/stats", Some(api_key)).await?;
     let value: serde_json::Value =
         serde_json::from_str(&body).map_err(|e| format!("body is not JSON ({e}): {body}"))?;
     value["connections"]
         .as_u64()
         .ok_or_else(|| format!("no `connections` in {value}"))
+}
+
+/// The server's own `switchboard_delivery_latency_seconds` histogram
+/// (publish → written to the client's socket), as (upper bound in seconds,
+/// cumulative count) pairs.
+async fn server_delivery_buckets(url: &str) -> Result<Vec<(f64, u64)>, String> {
+    let body = http_get(url, "/metrics", None).await?;
+    let mut buckets = Vec::new();
+    for line in body.lines() {
+        let Some(rest) = line.strip_prefix("switchboard_delivery_latency_seconds_bucket{") else {
+            continue;
+        };
+        let Some((labels, count)) = rest.split_once("} ") else {
+            continue;
+        };
+        let Some(le) = labels
+            .split(',')
+            .find_map(|l| l.trim().strip_prefix("le=\""))
+            .map(|v| v.trim_end_matches('"'))
+        else {
+            continue;
+        };
+        let le = if le == "+Inf" {
+            f64::INFINITY
+        } else {
+            le.parse().map_err(|_| format!("bad bucket bound {le:?}"))?
+        };
+        let count = count
+            .trim()
+            .parse::<f64>()
+            .map_err(|_| format!("bad bucket count {count:?}"))?;
+        buckets.push((le, count as u64));
+    }
+    if buckets.is_empty() {
+        return Err("no switchboard_delivery_latency_seconds in /metrics".into());
+    }
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    Ok(buckets)
+}
+
+/// The server-side delivery latency over the run: the difference of two
+/// scrapes, reported as the bucket bounds the quantiles fall under.
+fn server_latency_summary(before: &[(f64, u64)], after: &[(f64, u64)]) -> String {
+    let diff: Vec<(f64, u64)> = after
+        .iter()
+        .map(|&(le, n)| {
+            let was = before.iter().find(|(b, _)| *b == le).map_or(0, |&(_, c)| c);
+            (le, n.saturating_sub(was))
+        })
+        .collect();
+    let total = diff.last().map_or(0, |&(_, n)| n);
+    if total == 0 {
+        return "no deliveries recorded".into();
+    }
+    let bound = |q: f64| {
+        let rank = (q * total as f64).ceil() as u64;
+        diff.iter()
+            .find(|&&(_, n)| n >= rank)
+            .map_or("?".to_string(), |&(le, _)| {
+                if le.is_infinite() {
+                    "> largest bucket".to_string()
+                } else {
+                    format!("≤ {}", le * 1000.0)
+                }
+            })
+    };
+    format!(
+        "p50 {}, p90 {}, p99 {} ms ({total} deliveries; resolution: the server's buckets)",
+        bound(0.5),
+        bound(0.9),
+        bound(0.99)
+    )
+}
+
+/// Whole-machine and own CPU time, from /proc (USER_HZ is 100 on Linux).
+struct CpuMeter {
+    machine_busy: u64,
+    machine_total: u64,
+    own: u64,
+    at: Instant,
+}
+
+impl CpuMeter {
+    fn read() -> CpuMeter {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let fields: Vec<u64> = stat
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .skip(1)
+            .take(8)
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        let total: u64 = fields.iter().sum();
+        // idle and iowait
+        let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
+        let own_stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+        // Fields after the parenthesised command name; utime and stime are
+        // fields 14 and 15 of the whole line.
+        let own = own_stat
+            .rsplit_once(')')
+            .map(|(_, rest)| {
+                let f: Vec<&str> = rest.split_whitespace().collect();
+                let get = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+                get(11) + get(12)
+            })
+            .unwrap_or(0);
+        CpuMeter {
+            machine_busy: total - idle.min(total),
+            machine_total: total,
+            own,
+            at: Instant::now(),
+        }
+    }
+
+    /// `machine 93% busy (of N cores); this bench 4.1 CPU-s (0.8 cores)`.
+    fn since(&self, cores: usize) -> String {
+        let now = CpuMeter::read();
+        let wall = self.at.elapsed().as_secs_f64();
+        let total = now.machine_total.saturating_sub(self.machine_total).max(1);
+        let busy = now.machine_busy.saturating_sub(self.machine_busy);
+        let own = now.own.saturating_sub(self.own) as f64 / 100.0;
+        format!(
+            "over {wall:.1} s the machine was {:.0}% busy ({:.1} of {:.1} CPU-s on {cores} cores); \
+             this bench used {own:.1} CPU-s, the rest is the server and anything else running",
+            100.0 * busy as f64 / total as f64,
+            busy as f64 / 100.0,
+            total as f64 / 100.0,
+        )
+    }
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 fn dechunk(mut body: &str) -> String {
@@ -666,7 +813,7 @@ fn fmt_counts(map: &BTreeMap<String, u64>) -> String {
 
 fn per_s(count: u64, seconds: f64) -> String {
     if seconds > 0.0 {
-        format!("{:.0}/s", count as f64 / seconds)
+        format!("{:.0}", count as f64 / seconds)
     } else {
         "n/a".into()
     }
@@ -1166,7 +1313,7 @@ fn setup_summary(results: &[&MemberResult], label: &str, elapsed: Duration) {
     }
     let q = [("p50", 0.5), ("p99", 0.99)];
     println!(
-        "{label}: {} of {} connected and joined in {:.2} s ({})",
+        "{label}: {} of {} connected and joined in {:.2} s ({}/s)",
         welcome.total,
         results.len(),
         elapsed.as_secs_f64(),
@@ -1221,6 +1368,7 @@ async fn run_fanout(args: FanoutArgs) -> Result<bool, String> {
     // and join.
     let slots = Arc::new(Semaphore::new(args.connect_concurrency.max(1)));
     let (ready_tx, mut ready_rx) = mpsc::unbounded_channel();
+    let run_cpu = CpuMeter::read();
     let connect_started = Instant::now();
     let mut subscriber_tasks = Vec::with_capacity(args.subscribers);
     for i in 0..args.subscribers {
@@ -1282,6 +1430,8 @@ async fn run_fanout(args: FanoutArgs) -> Result<bool, String> {
     )
     .await;
 
+    let metrics_before = server_delivery_buckets(&common.url).await;
+    let publish_cpu = CpuMeter::read();
     let _ = go_tx.send(Some(Instant::now() + Duration::from_millis(100)));
     let published = collect_signals(&mut published_rx, args.publishers, deadline).await;
     let publish_done = Instant::now();
@@ -1299,6 +1449,15 @@ async fn run_fanout(args: FanoutArgs) -> Result<bool, String> {
     })
     .await;
     let drained_after = publish_done.elapsed();
+    let publish_cpu = publish_cpu.since(cores());
+    let metrics_after = if metrics_before.is_ok() {
+        // The hub's worker threads publish their buffered delivery metrics
+        // once a second: wait for one flush before reading.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        server_delivery_buckets(&common.url).await
+    } else {
+        Err("not read".into())
+    };
     let _ = stop_tx.send(true);
 
     // Phase 3: collect.
@@ -1354,7 +1513,7 @@ async fn run_fanout(args: FanoutArgs) -> Result<bool, String> {
     }
     println!();
     println!(
-        "published:   {sent} of {} sent in {:.2} s ({} achieved, {} msg/s asked), {acked} acked with an id, \
+        "published:   {sent} of {} sent in {:.2} s ({}/s achieved, {} msg/s asked), {acked} acked with an id, \
          {refused} refused with an error, {} unanswered",
         args.messages,
         publish_window_s,
@@ -1444,7 +1603,7 @@ async fn run_fanout(args: FanoutArgs) -> Result<bool, String> {
         );
     }
     println!(
-        "  throughput: {} deliveries (first publish → last delivery, {:.2} s)",
+        "  throughput: {} deliveries/s (first publish → last delivery, {:.2} s)",
         per_s(received, delivery_window_s),
         delivery_window_s
     );
@@ -1452,6 +1611,14 @@ async fn run_fanout(args: FanoutArgs) -> Result<bool, String> {
         "  latency (publisher clock → subscriber): {}",
         latency.summary_ms(&[("p50", 0.5), ("p90", 0.9), ("p99", 0.99)])
     );
+    match (&metrics_before, &metrics_after) {
+        (Ok(before), Ok(after)) => println!(
+            "  server-side latency (publish → written to the socket, from its /metrics): {}",
+            server_latency_summary(before, after)
+        ),
+        (Err(e), _) | (_, Err(e)) => println!("  server-side latency: unavailable ({e})"),
+    }
+    println!("  cpu while publishing and draining: {publish_cpu}");
     println!("  presence frames (joined/left) received: {presence}");
     if !errors.is_empty() {
         println!("  ERROR frames: {}", fmt_counts(&errors));
@@ -1519,6 +1686,7 @@ async fn run_fanout(args: FanoutArgs) -> Result<bool, String> {
     )
     .await;
 
+    println!("cpu (whole run): {}", run_cpu.since(cores()));
     let ok = ready == args.subscribers
         && joined_subs.len() == args.subscribers
         && pubs_ok == args.publishers
@@ -1635,6 +1803,7 @@ async fn run_connections(args: ConnectionsArgs) -> Result<bool, String> {
     let (ready_tx, mut ready_rx) = mpsc::unbounded_channel();
     let (stop_tx, stop_rx) = watch::channel(false);
     let limit = Duration::from_secs(common.connect_timeout_s);
+    let connect_cpu = CpuMeter::read();
     let started = Instant::now();
     let tasks: Vec<_> = urls
         .into_iter()
@@ -1650,6 +1819,7 @@ async fn run_connections(args: ConnectionsArgs) -> Result<bool, String> {
         .collect();
     let settled = collect_signals(&mut ready_rx, args.count, deadline).await;
     let connect_elapsed = started.elapsed();
+    let connect_cpu = connect_cpu.since(cores());
     if settled < args.count {
         println!(
             "TIMED OUT: only {settled} of {} attempts settled",
@@ -1710,6 +1880,7 @@ async fn run_connections(args: ConnectionsArgs) -> Result<bool, String> {
         "  time to welcome (TCP connect + upgrade + welcome): {}",
         welcome.summary_ms(&[("p50", 0.5), ("p90", 0.9), ("p99", 0.99)])
     );
+    println!("  cpu while connecting: {connect_cpu}");
     if !failures.is_empty() {
         println!("  FAILURES: {}", fmt_counts(&failures));
     }
