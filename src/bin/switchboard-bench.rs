@@ -35,7 +35,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
@@ -88,6 +88,11 @@ struct CommonArgs {
     /// Time allowed for one connection's TCP connect, upgrade and welcome.
     #[arg(long, default_value_t = 10)]
     connect_timeout_s: u64,
+    /// Read buffer per connection in bytes (allocated up front by
+    /// tungstenite, whose default of 128 KiB would cost 640 MiB for 5000
+    /// connections).
+    #[arg(long, default_value_t = 16 * 1024)]
+    read_buffer_bytes: usize,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -679,11 +684,17 @@ fn close_description(frame: Option<&CloseFrame>) -> String {
 
 /// Connect and wait for `welcome` (frames before it are skipped and
 /// counted). Bounded by `limit`.
-async fn connect_and_welcome(url: &str, limit: Duration) -> Result<Ws, String> {
+async fn connect_and_welcome(
+    url: &str,
+    limit: Duration,
+    read_buffer_bytes: usize,
+) -> Result<Ws, String> {
+    let config = WebSocketConfig::default().read_buffer_size(read_buffer_bytes.max(1024));
     let attempt = async {
-        let (mut ws, _response) = tokio_tungstenite::connect_async_with_config(url, None, true)
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
+        let (mut ws, _response) =
+            tokio_tungstenite::connect_async_with_config(url, Some(config), true)
+                .await
+                .map_err(|e| format!("connect: {e}"))?;
         // Bounded by the surrounding timeout; the server's first frame should
         // be the welcome.
         loop {
@@ -1017,7 +1028,12 @@ async fn subscriber(
             .await
             .map_err(|_| "connect slots closed".to_string())?;
         let started = Instant::now();
-        let mut ws = connect_and_welcome(&url, shared.connect_limit).await?;
+        let mut ws = connect_and_welcome(
+            &url,
+            shared.connect_limit,
+            shared.args.common.read_buffer_bytes,
+        )
+        .await?;
         let welcomed = started.elapsed();
         join_room(&mut ws, &shared.args.room, shared.connect_limit, |text| {
             recorder.frame(text, |_| {})
@@ -1110,7 +1126,12 @@ async fn publisher(
     };
     let started = Instant::now();
     let setup = async {
-        let mut ws = connect_and_welcome(&url, shared.connect_limit).await?;
+        let mut ws = connect_and_welcome(
+            &url,
+            shared.connect_limit,
+            shared.args.common.read_buffer_bytes,
+        )
+        .await?;
         let welcomed = started.elapsed();
         join_room(&mut ws, &args.room, shared.connect_limit, |text| {
             recorder.frame(text, |_| {})
@@ -1730,6 +1751,7 @@ struct ConnectionResult {
 async fn hold_connection(
     url: String,
     limit: Duration,
+    read_buffer_bytes: usize,
     slots: Arc<Semaphore>,
     ready: mpsc::UnboundedSender<()>,
     mut stop: watch::Receiver<bool>,
@@ -1748,7 +1770,7 @@ async fn hold_connection(
             return result;
         };
         let started = Instant::now();
-        match connect_and_welcome(&url, limit).await {
+        match connect_and_welcome(&url, limit, read_buffer_bytes).await {
             Ok(ws) => {
                 result.welcome = Ok(started.elapsed());
                 result.welcomed_at = Some(Instant::now());
@@ -1811,6 +1833,7 @@ async fn run_connections(args: ConnectionsArgs) -> Result<bool, String> {
             tokio::spawn(hold_connection(
                 url,
                 limit,
+                common.read_buffer_bytes,
                 slots.clone(),
                 ready_tx.clone(),
                 stop_rx.clone(),
