@@ -822,9 +822,10 @@ fn fmt_counts(map: &BTreeMap<String, u64>) -> String {
     }
 }
 
-fn per_s(count: u64, seconds: f64) -> String {
+/// `1234 unit/s`, or `n/a` for an empty window.
+fn per_s(count: u64, seconds: f64, unit: &str) -> String {
     if seconds > 0.0 {
-        format!("{:.0}", count as f64 / seconds)
+        format!("{:.0} {unit}/s", count as f64 / seconds)
     } else {
         "n/a".into()
     }
@@ -1017,7 +1018,7 @@ async fn subscriber(
     token: String,
     shared: Arc<FanoutShared>,
     connect_slots: Arc<Semaphore>,
-    ready: mpsc::UnboundedSender<()>,
+    ready: mpsc::UnboundedSender<bool>,
     stop: watch::Receiver<bool>,
 ) -> MemberResult {
     let mut recorder = Recorder::new(&shared.per_publisher, shared.complete.clone());
@@ -1042,7 +1043,7 @@ async fn subscriber(
         Ok::<_, String>((ws, welcomed, started.elapsed()))
     }
     .await;
-    let _ = ready.send(());
+    let _ = ready.send(setup.is_ok());
     match setup {
         Err(e) => MemberResult {
             setup: Err(e),
@@ -1094,7 +1095,7 @@ async fn publisher(
     plan: PublisherPlan,
     token: String,
     shared: Arc<FanoutShared>,
-    ready: mpsc::UnboundedSender<()>,
+    ready: mpsc::UnboundedSender<bool>,
     mut go: watch::Receiver<Option<Instant>>,
     published: mpsc::UnboundedSender<()>,
     acks_outstanding: Arc<AtomicU64>,
@@ -1140,7 +1141,7 @@ async fn publisher(
         Ok::<_, String>((ws, welcomed, started.elapsed()))
     }
     .await;
-    let _ = ready.send(());
+    let _ = ready.send(setup.is_ok());
     let ws = match setup {
         Ok((ws, welcomed, joined)) => {
             result.member.setup = Ok((welcomed, joined));
@@ -1319,6 +1320,25 @@ async fn collect_signals(rx: &mut mpsc::UnboundedReceiver<()>, n: usize, limit: 
     got
 }
 
+/// Collect `n` setup outcomes from `rx` until `limit`: (settled, succeeded).
+async fn collect_outcomes(
+    rx: &mut mpsc::UnboundedReceiver<bool>,
+    n: usize,
+    limit: Instant,
+) -> (usize, usize) {
+    let (mut settled, mut ok) = (0, 0);
+    while settled < n {
+        match tokio::time::timeout_at(limit.into(), rx.recv()).await {
+            Ok(Some(success)) => {
+                settled += 1;
+                ok += usize::from(success);
+            }
+            _ => break,
+        }
+    }
+    (settled, ok)
+}
+
 fn setup_summary(results: &[&MemberResult], label: &str, elapsed: Duration) {
     let mut welcome = Histogram::new();
     let mut joined = Histogram::new();
@@ -1334,11 +1354,11 @@ fn setup_summary(results: &[&MemberResult], label: &str, elapsed: Duration) {
     }
     let q = [("p50", 0.5), ("p99", 0.99)];
     println!(
-        "{label}: {} of {} connected and joined in {:.2} s ({}/s)",
+        "{label}: {} of {} connected and joined in {:.2} s ({})",
         welcome.total,
         results.len(),
         elapsed.as_secs_f64(),
-        per_s(welcome.total, elapsed.as_secs_f64())
+        per_s(welcome.total, elapsed.as_secs_f64(), "connections")
     );
     println!("  time to welcome:  {}", welcome.summary_ms(&q));
     println!("  time to join ack: {}", joined.summary_ms(&q));
@@ -1402,7 +1422,7 @@ async fn run_fanout(args: FanoutArgs) -> Result<bool, String> {
             stop_rx.clone(),
         )));
     }
-    let ready = collect_signals(&mut ready_rx, args.subscribers, deadline).await;
+    let (ready, subs_ok) = collect_outcomes(&mut ready_rx, args.subscribers, deadline).await;
     let connect_elapsed = connect_started.elapsed();
     if ready < args.subscribers {
         println!(
@@ -1437,16 +1457,16 @@ async fn run_fanout(args: FanoutArgs) -> Result<bool, String> {
             deadline,
         )));
     }
-    collect_signals(&mut pub_ready_rx, args.publishers, deadline).await;
+    let (_, pubs_joined) = collect_outcomes(&mut pub_ready_rx, args.publishers, deadline).await;
     report_server_connections(
         &common,
         &common.url,
         "before publishing",
-        ready
+        subs_ok
             + if args.publish_url.is_some() {
                 0
             } else {
-                args.publishers
+                pubs_joined
             },
     )
     .await;
@@ -1465,10 +1485,9 @@ async fn run_fanout(args: FanoutArgs) -> Result<bool, String> {
         acks_outstanding.load(Ordering::Relaxed) == 0
     })
     .await;
-    let all_delivered = wait_until(drain_limit, || {
-        complete.load(Ordering::Relaxed) >= args.subscribers
-    })
-    .await;
+    // Nothing to wait for when no publisher could publish.
+    let all_delivered = pubs_joined == 0
+        || wait_until(drain_limit, || complete.load(Ordering::Relaxed) >= subs_ok).await;
     let drained_after = publish_done.elapsed();
     let publish_cpu = publish_cpu.since(cores());
     let metrics_after = if metrics_before.is_ok() {
@@ -1534,14 +1553,21 @@ async fn run_fanout(args: FanoutArgs) -> Result<bool, String> {
     }
     println!();
     println!(
-        "published:   {sent} of {} sent in {:.2} s ({}/s achieved, {} msg/s asked), {acked} acked with an id, \
+        "published:   {sent} of {} sent in {:.2} s ({} achieved, {} msg/s asked), {acked} acked with an id, \
          {refused} refused with an error, {} unanswered",
         args.messages,
         publish_window_s,
-        per_s(sent.saturating_sub(1), publish_window_s),
+        per_s(sent.saturating_sub(1), publish_window_s, "msg"),
         args.rate,
         sent.saturating_sub(acked + refused),
     );
+    if sent < args.messages {
+        println!(
+            "  CUT SHORT: {} messages not sent (--duration-s {} ended the run, or a publisher failed)",
+            args.messages - sent,
+            common.duration_s
+        );
+    }
     if late > 0 {
         println!("  note: {late} sends started >10 ms behind schedule (the bench could not keep the rate)");
     }
@@ -1624,8 +1650,8 @@ async fn run_fanout(args: FanoutArgs) -> Result<bool, String> {
         );
     }
     println!(
-        "  throughput: {} deliveries/s (first publish → last delivery, {:.2} s)",
-        per_s(received, delivery_window_s),
+        "  throughput: {} (first publish → last delivery, {:.2} s)",
+        per_s(received, delivery_window_s, "deliveries"),
         delivery_window_s
     );
     println!(
@@ -1753,7 +1779,7 @@ async fn hold_connection(
     limit: Duration,
     read_buffer_bytes: usize,
     slots: Arc<Semaphore>,
-    ready: mpsc::UnboundedSender<()>,
+    ready: mpsc::UnboundedSender<bool>,
     mut stop: watch::Receiver<bool>,
 ) -> ConnectionResult {
     let mut result = ConnectionResult {
@@ -1766,7 +1792,7 @@ async fn hold_connection(
     };
     let ws = {
         let Ok(_slot) = slots.acquire().await else {
-            let _ = ready.send(());
+            let _ = ready.send(false);
             return result;
         };
         let started = Instant::now();
@@ -1778,12 +1804,12 @@ async fn hold_connection(
             }
             Err(e) => {
                 result.welcome = Err(e);
-                let _ = ready.send(());
+                let _ = ready.send(false);
                 return result;
             }
         }
     };
-    let _ = ready.send(());
+    let _ = ready.send(true);
     let (mut sink, mut stream) = ws.split();
     // Read (which answers pings) until stop.
     while !*stop.borrow() {
@@ -1840,7 +1866,7 @@ async fn run_connections(args: ConnectionsArgs) -> Result<bool, String> {
             ))
         })
         .collect();
-    let settled = collect_signals(&mut ready_rx, args.count, deadline).await;
+    let (settled, opened) = collect_outcomes(&mut ready_rx, args.count, deadline).await;
     let connect_elapsed = started.elapsed();
     let connect_cpu = connect_cpu.since(cores());
     if settled < args.count {
@@ -1849,7 +1875,7 @@ async fn run_connections(args: ConnectionsArgs) -> Result<bool, String> {
             args.count
         );
     }
-    report_server_connections(&common, &common.url, "with all connections open", settled).await;
+    report_server_connections(&common, &common.url, "with all connections open", opened).await;
     let hold_until = (Instant::now() + Duration::from_secs(args.hold_s)).min(deadline);
     tokio::time::sleep_until(hold_until.into()).await;
     let close_started = Instant::now();
@@ -1892,11 +1918,11 @@ async fn run_connections(args: ConnectionsArgs) -> Result<bool, String> {
     let window = last_welcome.duration_since(started).as_secs_f64();
     println!();
     println!(
-        "connected:   {} of {} welcomed in {:.2} s: {} connects/s (all attempts settled after {:.2} s)",
+        "connected:   {} of {} welcomed in {:.2} s: {} (all attempts settled after {:.2} s)",
         welcome.total,
         args.count,
         window,
-        per_s(welcome.total, window),
+        per_s(welcome.total, window, "connects"),
         connect_elapsed.as_secs_f64()
     );
     println!(
