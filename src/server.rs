@@ -120,6 +120,9 @@ async fn serve(config: Config) -> io::Result<()> {
             .configure(crate::http::routes)
     })
     .workers(workers)
+    // Small frames (acks, a chat line) go out at once instead of waiting
+    // for the client's delayed ACK (up to 40 ms on Linux).
+    .tcp_nodelay(true)
     .disable_signals()
     .shutdown_timeout(grace)
     .bind(bind)?;
@@ -146,6 +149,13 @@ async fn serve(config: Config) -> io::Result<()> {
         }
         // Give the close frames a moment to be written before workers stop.
         actix_web::rt::time::sleep(Duration::from_millis(200)).await;
+        let grace = Duration::from_secs(shared.config.server.shutdown_grace_s.max(1));
+        if tokio::time::timeout(grace / 2, shared.broker.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!("broker clean-up did not finish in time; other instances will reap");
+        }
         handle.stop(true).await;
     });
     server.await

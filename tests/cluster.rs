@@ -398,3 +398,31 @@ async fn a_killed_instance_is_reaped_within_instance_ttl() {
     assert_eq!(again.welcome["user"], "doomed");
     drop(h2);
 }
+
+#[tokio::test]
+async fn a_stopped_instance_deregisters_itself() {
+    let redis = PrivateRedis::start();
+    // A long TTL: only the instance's own clean-up can be this quick.
+    let (h1, mut h2) = pair_on(&redis, "[redis]\ninstance_ttl_s = 300");
+    let mut watcher = h1.connect("watcher").await;
+    watcher.join("room").await;
+    let mut leaving = h2.connect("leaving").await;
+    leaving.join("room").await;
+    assert_eq!(watcher.recv_type("joined").await["user"], "watcher");
+    assert_eq!(watcher.recv_type("joined").await["user"], "leaving");
+    h2.signal("TERM");
+    assert_eq!(leaving.recv_close().await.code, 1001);
+    assert_eq!(watcher.recv_type("left").await["user"], "leaving");
+    assert!(h2.wait_exit(Duration::from_secs(10)).is_some());
+    let members = redis
+        .cmd(&["SMEMBERS", &format!("{}:instances", h1.prefix)])
+        .map(|v| redis::from_redis_value::<Vec<String>>(v).unwrap_or_default())
+        .unwrap_or_default();
+    assert_eq!(
+        members.len(),
+        1,
+        "only the live instance is listed: {members:?}"
+    );
+    let (_, body) = h1.api().await.get("/api/users/leaving/connections").await;
+    assert_eq!(body["connections"], 0);
+}

@@ -181,6 +181,9 @@ pub trait Broker: Send + Sync + 'static {
     async fn disconnect_user(&self, user: &str) -> BrokerResult<u64>;
 
     async fn stats(&self) -> BrokerResult<BrokerStats>;
+    /// The instance is stopping: remove what it registered (its connections,
+    /// their presence, its heartbeat) instead of waiting to be reaped.
+    async fn shutdown(&self) {}
     /// `Ok` when the broker can do its job; else the reason.
     async fn ready(&self) -> Result<(), String>;
 }

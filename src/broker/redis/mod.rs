@@ -82,6 +82,8 @@ pub struct RedisBroker {
     subscriber_connected: Arc<AtomicBool>,
     /// False from a failed command until the maintenance task reaches Redis again.
     commands_ok: AtomicBool,
+    /// Set by `shutdown`: the maintenance task stops heartbeating.
+    stopping: AtomicBool,
     last_error: Mutex<String>,
     local: Mutex<LocalRegistry>,
     scripts: Scripts,
@@ -130,6 +132,7 @@ impl RedisBroker {
             subscriber,
             subscriber_connected: connected,
             commands_ok: AtomicBool::new(true),
+            stopping: AtomicBool::new(false),
             last_error: Mutex::new(String::new()),
             local: Mutex::new(LocalRegistry::default()),
             scripts: Scripts {
@@ -307,7 +310,7 @@ impl RedisBroker {
         let ttl = Duration::from_secs(self.instance_ttl_s.max(1));
         let tick = (ttl / 6).clamp(Duration::from_millis(200), Duration::from_secs(5));
         let mut registered_once = false;
-        loop {
+        while !self.stopping.load(Ordering::Acquire) {
             let was_ok = self.available();
             match self.heartbeat().await {
                 Ok(present) => {
@@ -774,6 +777,39 @@ impl Broker for RedisBroker {
             users: user_count,
             connections,
         })
+    }
+
+    async fn shutdown(&self) {
+        self.stopping.store(true, Ordering::Release);
+        let ids: Vec<String> = match self.local.lock() {
+            Ok(mut local) => {
+                local.rooms.clear();
+                local.connections.drain().map(|(id, _)| id).collect()
+            }
+            Err(_) => Vec::new(),
+        };
+        for id in ids {
+            if self.drop_connection(&id).await.is_err() {
+                return;
+            }
+        }
+        let (key, instances, id) = (
+            self.key(&["instance", &self.instance_id]),
+            self.key(&["instances"]),
+            self.instance_id.clone(),
+        );
+        let _: BrokerResult<()> = self
+            .exec(move |mut c| async move {
+                redis::pipe()
+                    .del(&key)
+                    .ignore()
+                    .srem(&instances, &id)
+                    .ignore()
+                    .query_async::<()>(&mut c)
+                    .await
+            })
+            .await;
+        tracing::info!("deregistered from redis");
     }
 
     async fn ready(&self) -> Result<(), String> {
