@@ -54,6 +54,9 @@ use crate::protocol::{
 
 /// Every Redis command gives up after this long (and counts as an outage).
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+/// Backoff between attempts to reach Redis again after a failure.
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(5);
 
 struct Scripts {
     publish_room: Script,
@@ -310,6 +313,7 @@ impl RedisBroker {
         let ttl = Duration::from_secs(self.instance_ttl_s.max(1));
         let tick = (ttl / 6).clamp(Duration::from_millis(200), Duration::from_secs(5));
         let mut registered_once = false;
+        let mut retry = Duration::ZERO;
         while !self.stopping.load(Ordering::Acquire) {
             let was_ok = self.available();
             match self.heartbeat().await {
@@ -336,8 +340,15 @@ impl RedisBroker {
                         tracing::debug!(error = %e, "reaping dead instances failed");
                     }
                 }
-                Err(e) => tracing::debug!(error = %e, "redis heartbeat failed"),
+                Err(e) => {
+                    tracing::debug!(error = %e, "redis heartbeat failed");
+                    // Reconnect attempts back off exponentially, with jitter.
+                    retry = (retry * 2).clamp(RETRY_MIN, RETRY_MAX);
+                    tokio::time::sleep(retry.mul_f64(rand::random_range(0.5..1.0))).await;
+                    continue;
+                }
             }
+            retry = Duration::ZERO;
             let jitter = rand::random_range(0.8..1.2);
             tokio::time::sleep(tick.mul_f64(jitter)).await;
         }
