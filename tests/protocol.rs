@@ -355,7 +355,9 @@ both_brokers!(
 both_brokers!(
     recovered_is_false_when_history_was_trimmed,
     |broker| async move {
-        let hub = Hub::builder(broker).toml("[history]\nsize = 3").start();
+        let hub = Hub::builder(broker)
+            .toml("[history]\nsize = 3\n[limits]\nmessages_per_second = 100000\nburst = 100000")
+            .start();
         let mut c = hub.connect("alice").await;
         c.join("small").await;
         let first = c.publish("small", json!(0)).await;
