@@ -206,6 +206,28 @@ impl RedisBroker {
         self.commands_ok.load(Ordering::Acquire)
     }
 
+    /// PUBLISHes `payload` and answers `id`; while Redis is away, delivers
+    /// `local` to this instance's members instead (answering its local id).
+    async fn publish_or_local(
+        &self,
+        channel: String,
+        payload: String,
+        id: String,
+        local: LocalPublish,
+    ) -> BrokerResult<String> {
+        if self.available() {
+            let sent: BrokerResult<i64> = self
+                .exec(move |mut c| async move { c.publish(&channel, payload).await })
+                .await;
+            match sent {
+                Ok(_) => return Ok(id),
+                Err(BrokerError::Unavailable(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.local_publish(local).await
+    }
+
     async fn local_publish(&self, msg: LocalPublish) -> BrokerResult<String> {
         self.subscriber
             .send(msg)
@@ -567,48 +589,28 @@ impl Broker for RedisBroker {
 
     async fn publish_user(&self, user: &str, from: &str, data: &Value) -> BrokerResult<String> {
         let raw = to_raw_value(data).map_err(|e| BrokerError::Internal(e.to_string()))?;
-        if self.available() {
-            // Unique across instances: the instance's own counter would not be.
-            let id = format!("{}-{}", now_ms(), rand::random::<u32>());
-            let frame = direct_frame(&id, from, &*raw, now_ms()).to_string();
-            let channel = self.key(&["user", user]);
-            let sent: BrokerResult<i64> = self
-                .exec(move |mut c| async move { c.publish(&channel, frame).await })
-                .await;
-            match sent {
-                Ok(_) => return Ok(id),
-                Err(BrokerError::Unavailable(_)) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        self.local_publish(LocalPublish::User {
+        // Unique across instances: an instance's own counter would not be.
+        let id = format!("{}-{}", now_ms(), rand::random::<u32>());
+        let frame = direct_frame(&id, from, &*raw, now_ms()).to_string();
+        let local = LocalPublish::User {
             user: user.to_owned(),
             from: from.to_owned(),
             data: raw,
-        })
-        .await
+        };
+        self.publish_or_local(self.key(&["user", user]), frame, id, local)
+            .await
     }
 
     async fn broadcast(&self, data: &Value) -> BrokerResult<String> {
         let raw = to_raw_value(data).map_err(|e| BrokerError::Internal(e.to_string()))?;
-        if self.available() {
-            let id = format!("{}-{}", now_ms(), rand::random::<u32>());
-            let payload = format!(
-                "{{\"id\":\"{id}\",\"data\":{},\"ts\":{}}}",
-                raw.get(),
-                now_ms()
-            );
-            let channel = self.key(&["broadcast"]);
-            let sent: BrokerResult<i64> = self
-                .exec(move |mut c| async move { c.publish(&channel, payload).await })
-                .await;
-            match sent {
-                Ok(_) => return Ok(id),
-                Err(BrokerError::Unavailable(_)) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        self.local_publish(LocalPublish::Broadcast { data: raw })
+        let id = format!("{}-{}", now_ms(), rand::random::<u32>());
+        let payload = format!(
+            "{{\"id\":\"{id}\",\"data\":{},\"ts\":{}}}",
+            raw.get(),
+            now_ms()
+        );
+        let local = LocalPublish::Broadcast { data: raw };
+        self.publish_or_local(self.key(&["broadcast"]), payload, id, local)
             .await
     }
 
