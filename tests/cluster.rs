@@ -350,6 +350,19 @@ async fn redis_restart_in_the_middle_of_traffic() {
         .await;
     assert_eq!(ack["type"], "ack", "{ack}");
     assert_eq!(local.recv_type("message").await["data"], "during");
+    let ack = alice
+        .request(json!({"type": "direct", "to": "local", "data": "dm during"}))
+        .await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    assert_eq!(local.recv_type("direct").await["data"], "dm during");
+    let (status, _) = api
+        .post(
+            "/api/publish",
+            json!({"broadcast": true, "data": "all during"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(local.recv_type("broadcast").await["data"], "all during");
 
     redis.restart();
     eventually("ready again", || async {
