@@ -206,6 +206,26 @@ impl RedisBroker {
         self.commands_ok.load(Ordering::Acquire)
     }
 
+    /// Runs one of our Lua scripts (string arguments) with the command timeout.
+    async fn run_script<T: redis::FromRedisValue>(
+        &self,
+        script: &Script,
+        keys: Vec<String>,
+        args: Vec<String>,
+    ) -> BrokerResult<T> {
+        self.exec(move |mut c| async move {
+            let mut invocation = script.prepare_invoke();
+            for key in &keys {
+                invocation.key(key);
+            }
+            for arg in &args {
+                invocation.arg(arg);
+            }
+            invocation.invoke_async(&mut c).await
+        })
+        .await
+    }
+
     /// PUBLISHes `payload` and answers `id`; while Redis is away, delivers
     /// `local` to this instance's members instead (answering its local id).
     async fn publish_or_local(
@@ -252,22 +272,18 @@ impl RedisBroker {
         max: usize,
         restore: bool,
     ) -> BrokerResult<bool> {
-        let keys = [self.key(&["connections"]), self.key(&["user_connections"])];
-        let (id, user, entry) = (id.to_owned(), user.to_owned(), entry.to_owned());
-        let script = &self.scripts.register;
         let added: i64 = self
-            .exec(move |mut c| async move {
-                script
-                    .key(&keys[0])
-                    .key(&keys[1])
-                    .arg(id)
-                    .arg(user)
-                    .arg(entry)
-                    .arg(max)
-                    .arg(if restore { "1" } else { "0" })
-                    .invoke_async(&mut c)
-                    .await
-            })
+            .run_script(
+                &self.scripts.register,
+                vec![self.key(&["connections"]), self.key(&["user_connections"])],
+                vec![
+                    id.to_owned(),
+                    user.to_owned(),
+                    entry.to_owned(),
+                    max.to_string(),
+                    if restore { "1" } else { "0" }.to_owned(),
+                ],
+            )
             .await?;
         Ok(added == 1)
     }
@@ -279,7 +295,7 @@ impl RedisBroker {
         user: &str,
         conn: &str,
     ) -> BrokerResult<()> {
-        let keys = [
+        let keys = vec![
             self.key(&["presence", room.as_str()]),
             self.key(&["conn_rooms", conn]),
             self.key(&["room", room.as_str()]),
@@ -290,42 +306,20 @@ impl RedisBroker {
         } else {
             &self.scripts.presence_leave
         };
-        let (user, room_name) = (user.to_owned(), room.as_str().to_owned());
-        let _: i64 = self
-            .exec(move |mut c| async move {
-                script
-                    .key(&keys[0])
-                    .key(&keys[1])
-                    .key(&keys[2])
-                    .arg(user)
-                    .arg(room_name)
-                    .arg(frame)
-                    .invoke_async(&mut c)
-                    .await
-            })
-            .await?;
+        let args = vec![user.to_owned(), room.as_str().to_owned(), frame];
+        let _: i64 = self.run_script(script, keys, args).await?;
         Ok(())
     }
 
     async fn drop_connection(&self, conn: &str) -> BrokerResult<()> {
-        let keys = [
+        let keys = vec![
             self.key(&["connections"]),
             self.key(&["user_connections"]),
             self.key(&["conn_rooms", conn]),
         ];
-        let (conn, prefix) = (conn.to_owned(), self.prefix.clone());
-        let script = &self.scripts.drop_connection;
+        let args = vec![conn.to_owned(), self.prefix.clone()];
         let _: i64 = self
-            .exec(move |mut c| async move {
-                script
-                    .key(&keys[0])
-                    .key(&keys[1])
-                    .key(&keys[2])
-                    .arg(conn)
-                    .arg(prefix)
-                    .invoke_async(&mut c)
-                    .await
-            })
+            .run_script(&self.scripts.drop_connection, keys, args)
             .await?;
         Ok(())
     }
@@ -543,31 +537,19 @@ impl Broker for RedisBroker {
     ) -> BrokerResult<MessageId> {
         let raw = to_raw_value(data).map_err(|e| BrokerError::Internal(e.to_string()))?;
         if self.available() {
-            let keys = [
+            let keys = vec![
                 self.key(&["history", room.as_str()]),
                 self.key(&["room", room.as_str()]),
             ];
-            let args = (
-                self.history_size,
-                self.history_ttl_ms,
+            let args = vec![
+                self.history_size.to_string(),
+                self.history_ttl_ms.to_string(),
                 serde_json::to_string(room.as_str()).unwrap_or_default(),
                 serde_json::to_string(from).unwrap_or_default(),
                 raw.get().to_owned(),
-            );
-            let script = &self.scripts.publish_room;
+            ];
             let result: BrokerResult<String> = self
-                .exec(move |mut c| async move {
-                    script
-                        .key(&keys[0])
-                        .key(&keys[1])
-                        .arg(args.0)
-                        .arg(args.1)
-                        .arg(args.2)
-                        .arg(args.3)
-                        .arg(args.4)
-                        .invoke_async(&mut c)
-                        .await
-                })
+                .run_script(&self.scripts.publish_room, keys, args)
                 .await;
             match result {
                 Ok(id) => {
