@@ -431,24 +431,24 @@ impl RedisBroker {
             if alive {
                 continue;
             }
-            let key = self.key(&["connections"]);
-            let entries: HashMap<String, String> = self
-                .exec(move |mut c| async move { c.hgetall(&key).await })
-                .await?;
-            let dead: Vec<String> = entries
-                .into_iter()
-                .filter(|(_, entry)| {
-                    serde_json::from_str::<Value>(entry)
-                        .ok()
-                        .and_then(|v| {
-                            v.get("instance")
-                                .and_then(Value::as_str)
-                                .map(|i| i == instance)
-                        })
-                        .unwrap_or(false)
+            // HSCAN, not HGETALL: the registry may hold many connections.
+            let (key, dead_instance) = (self.key(&["connections"]), instance.clone());
+            let dead: Vec<String> = self
+                .exec(move |mut c| async move {
+                    let mut entries: redis::AsyncIter<(String, String)> = c.hscan(&key).await?;
+                    let mut dead = Vec::new();
+                    while let Some(item) = futures_util::StreamExt::next(&mut entries).await {
+                        let (id, entry) = item?;
+                        let owner = serde_json::from_str::<Value>(&entry).ok().and_then(|v| {
+                            v.get("instance").and_then(Value::as_str).map(str::to_owned)
+                        });
+                        if owner.as_deref() == Some(dead_instance.as_str()) {
+                            dead.push(id);
+                        }
+                    }
+                    Ok(dead)
                 })
-                .map(|(id, _)| id)
-                .collect();
+                .await?;
             if !dead.is_empty() {
                 tracing::info!(instance = %instance, connections = dead.len(), "reaping the connections of a dead instance");
             }
@@ -761,7 +761,8 @@ impl Broker for RedisBroker {
                 let users: u64 = c.hlen(&users).await?;
                 let mut rooms = 0u64;
                 let mut iter: redis::AsyncIter<String> = c.scan_match(&pattern).await?;
-                while let Some(_key) = futures_util::StreamExt::next(&mut iter).await {
+                while let Some(key) = futures_util::StreamExt::next(&mut iter).await {
+                    key?;
                     rooms += 1;
                 }
                 Ok((connections, users, rooms))
