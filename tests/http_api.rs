@@ -248,8 +248,12 @@ both_brokers!(health_and_metrics_need_no_key, |broker| async move {
     let hub = Hub::start(broker);
     let api = hub.api().await;
     for path in ["/health/live", "/health/ready", "/health"] {
-        let (status, body) = api.call(api.http.get(hub.http(path))).await;
-        assert_eq!(status, 200, "{path}: {body}");
+        // Ready once the Redis subscriber has connected (at once for memory).
+        eventually(path, || async {
+            let (status, _) = api.call(api.http.get(hub.http(path))).await;
+            (status == 200).then_some(())
+        })
+        .await;
     }
     let mut c = hub.connect("alice").await;
     c.join("m").await;

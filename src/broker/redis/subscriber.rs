@@ -401,7 +401,11 @@ impl Handler<Watch> for RedisSubscriber {
             waiters: Vec::new(),
         });
         channel.refs += 1;
-        if channel.confirmed || self.sink.is_none() {
+        // During an outage (connected before, not now) a watch succeeds at
+        // once and is restored on reconnect; before the first connection it
+        // waits, so early joins are not acked before they are subscribed.
+        let outage = self.sink.is_none() && self.generation > 0;
+        if channel.confirmed || outage {
             let _ = msg.confirmed.send(());
             return;
         }
