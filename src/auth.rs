@@ -30,6 +30,45 @@ pub enum AuthError {
     Invalid(String),
 }
 
+/// Why the configured verification key cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("auth.jwt_public_key_file = {path:?}: cannot read: {source}")]
+    Unreadable {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "auth.jwt_public_key_file = {path:?}: not a {algorithm:?} public key in PEM: {source}"
+    )]
+    NotAKey {
+        path: String,
+        algorithm: JwtAlgorithm,
+        source: jsonwebtoken::errors::Error,
+    },
+}
+
+/// Why `switchboard token` could not sign a token.
+#[derive(Debug, thiserror::Error)]
+pub enum MintError {
+    #[error("the user id must be 1-256 bytes")]
+    BadUser,
+    #[error("auth.jwt_algorithm = {0:?} signs with a private key: pass --private-key FILE")]
+    NeedsPrivateKey(JwtAlgorithm),
+    #[error("{path}: {source}")]
+    Unreadable {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: not a private key in PEM: {source}")]
+    NotAKey {
+        path: String,
+        source: jsonwebtoken::errors::Error,
+    },
+    #[error("signing: {0}")]
+    Sign(#[source] jsonwebtoken::errors::Error),
+}
+
 /// What a verified token grants.
 #[derive(Debug, Clone)]
 pub struct Claims {
@@ -94,27 +133,25 @@ pub struct Verifier {
 }
 
 impl Verifier {
-    pub fn new(cfg: &AuthConfig) -> Result<Verifier, String> {
+    pub fn new(cfg: &AuthConfig) -> Result<Verifier, KeyError> {
         let alg = algorithm(cfg.jwt_algorithm);
         let key = if is_hmac(cfg.jwt_algorithm) {
             DecodingKey::from_secret(cfg.jwt_secret.as_bytes())
         } else {
-            let pem = std::fs::read(&cfg.jwt_public_key_file).map_err(|e| {
-                format!(
-                    "auth.jwt_public_key_file = {:?}: cannot read: {e}",
-                    cfg.jwt_public_key_file
-                )
+            let path = cfg.jwt_public_key_file.clone();
+            let pem = std::fs::read(&path).map_err(|source| KeyError::Unreadable {
+                path: path.clone(),
+                source,
             })?;
             let parsed = if cfg.jwt_algorithm == JwtAlgorithm::RS256 {
                 DecodingKey::from_rsa_pem(&pem)
             } else {
                 DecodingKey::from_ec_pem(&pem)
             };
-            parsed.map_err(|e| {
-                format!(
-                    "auth.jwt_public_key_file = {:?}: not a {:?} public key in PEM: {e}",
-                    cfg.jwt_public_key_file, cfg.jwt_algorithm
-                )
+            parsed.map_err(|source| KeyError::NotAKey {
+                path,
+                algorithm: cfg.jwt_algorithm,
+                source,
             })?
         };
         let mut validation = Validation::new(alg);
@@ -154,7 +191,7 @@ impl Verifier {
             _ => AuthError::Invalid(e.to_string()),
         })?;
         let claims = data.claims;
-        let now = crate::protocol::now_ms() / 1000;
+        let now = crate::clock::now_ms() / 1000;
         if claims.exp <= now {
             return Err(AuthError::Expired);
         }
@@ -185,28 +222,12 @@ pub fn mint(
     publish: Option<Vec<String>>,
     ttl: Duration,
     private_key_pem: Option<&Path>,
-) -> Result<String, String> {
+) -> Result<String, MintError> {
     if !valid_user_id(user) {
-        return Err("the user id must be 1-256 bytes".into());
+        return Err(MintError::BadUser);
     }
-    let key = if is_hmac(cfg.jwt_algorithm) {
-        EncodingKey::from_secret(cfg.jwt_secret.as_bytes())
-    } else {
-        let path = private_key_pem.ok_or_else(|| {
-            format!(
-                "auth.jwt_algorithm = {:?} signs with a private key: pass --private-key FILE",
-                cfg.jwt_algorithm
-            )
-        })?;
-        let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let parsed = if cfg.jwt_algorithm == JwtAlgorithm::RS256 {
-            EncodingKey::from_rsa_pem(&pem)
-        } else {
-            EncodingKey::from_ec_pem(&pem)
-        };
-        parsed.map_err(|e| format!("{}: not a private key in PEM: {e}", path.display()))?
-    };
-    let now = crate::protocol::now_ms() / 1000;
+    let key = signing_key(cfg, private_key_pem)?;
+    let now = crate::clock::now_ms() / 1000;
     let claims = RawClaims {
         sub: user.to_owned(),
         exp: now + ttl.as_secs().max(1),
@@ -217,7 +238,29 @@ pub fn mint(
         rooms,
         publish,
     };
-    encode(&Header::new(algorithm(cfg.jwt_algorithm)), &claims, &key).map_err(|e| e.to_string())
+    encode(&Header::new(algorithm(cfg.jwt_algorithm)), &claims, &key).map_err(MintError::Sign)
+}
+
+/// The secret (HS*) or the private key from `private_key_pem` (RS256, ES256).
+fn signing_key(cfg: &AuthConfig, private_key_pem: Option<&Path>) -> Result<EncodingKey, MintError> {
+    if is_hmac(cfg.jwt_algorithm) {
+        return Ok(EncodingKey::from_secret(cfg.jwt_secret.as_bytes()));
+    }
+    let path = private_key_pem.ok_or(MintError::NeedsPrivateKey(cfg.jwt_algorithm))?;
+    let shown = path.display().to_string();
+    let pem = std::fs::read(path).map_err(|source| MintError::Unreadable {
+        path: shown.clone(),
+        source,
+    })?;
+    let parsed = if cfg.jwt_algorithm == JwtAlgorithm::RS256 {
+        EncodingKey::from_rsa_pem(&pem)
+    } else {
+        EncodingKey::from_ec_pem(&pem)
+    };
+    parsed.map_err(|source| MintError::NotAKey {
+        path: shown,
+        source,
+    })
 }
 
 /// `*` matches any run of characters (`.` included, possibly none); every

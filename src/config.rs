@@ -207,6 +207,11 @@ pub struct ConfigError(pub String);
 
 const ENV_PREFIX: &str = "SWITCHBOARD__";
 
+/// The error for `key = value`, naming what was expected.
+fn bad(key: &str, value: impl std::fmt::Display, expected: &str) -> Result<(), ConfigError> {
+    Err(ConfigError(format!("{key} = {value}: expected {expected}")))
+}
+
 impl Config {
     /// Loads `path`, else `$SWITCHBOARD_CONFIG`, else `config/default.toml`
     /// (pure defaults when that file does not exist), applies the
@@ -244,13 +249,13 @@ impl Config {
 
     /// Semantic checks the types cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        fn bad(
-            key: &str,
-            value: impl std::fmt::Display,
-            expected: &str,
-        ) -> Result<(), ConfigError> {
-            Err(ConfigError(format!("{key} = {value}: expected {expected}")))
-        }
+        self.validate_server()?;
+        self.validate_redis()?;
+        self.validate_auth()?;
+        self.validate_limits()
+    }
+
+    fn validate_server(&self) -> Result<(), ConfigError> {
         let s = &self.server;
         if s.heartbeat_s == 0 {
             return bad("server.heartbeat_s", s.heartbeat_s, "at least 1");
@@ -275,6 +280,10 @@ impl Config {
                 );
             }
         }
+        Ok(())
+    }
+
+    fn validate_redis(&self) -> Result<(), ConfigError> {
         if self.redis.prefix.is_empty() || self.redis.prefix.contains(char::is_whitespace) {
             return bad(
                 "redis.prefix",
@@ -288,6 +297,10 @@ impl Config {
         if self.redis.instance_ttl_s == 0 {
             return bad("redis.instance_ttl_s", 0, "at least 1");
         }
+        Ok(())
+    }
+
+    fn validate_auth(&self) -> Result<(), ConfigError> {
         let a = &self.auth;
         match a.jwt_algorithm {
             JwtAlgorithm::HS256 | JwtAlgorithm::HS384 | JwtAlgorithm::HS512 => {
@@ -312,6 +325,10 @@ impl Config {
                 }
             }
         }
+        Ok(())
+    }
+
+    fn validate_limits(&self) -> Result<(), ConfigError> {
         let l = &self.limits;
         for (key, value) in [
             ("limits.max_connections", l.max_connections),

@@ -8,18 +8,24 @@
 //! ```
 //!
 //! - [`session`]: one actor per WebSocket; auth is checked before it starts
-//!   ([`http`]), it answers client frames and owns a bounded outbound queue.
+//!   ([`http`]), it answers client frames (one file per frame) and owns a
+//!   bounded outbound queue.
 //! - [`hub`]: one actor per actix-web worker thread; routes by room, user and
 //!   to everyone; owns the join replay/live seam.
 //! - [`broker`]: ids, history, presence, the connection registry and
-//!   fan-out to every hub; [`broker::memory`] for one instance.
+//!   fan-out to every hub, in parts ([`broker::Messages`],
+//!   [`broker::Presence`], [`broker::Registry`], [`broker::Subscriptions`]),
+//!   each with a memory ([`broker::memory`]) and a Redis
+//!   ([`broker::redis`]) implementation.
 //! - [`protocol`]: every frame, error code and close code of the contract.
 //! - [`auth`]: JWT verification and minting, room globs.
 //! - [`config`]: the TOML file and `SWITCHBOARD__…` overrides.
+//! - [`state`]: what every worker shares; connection places; shutdown.
 //! - [`http`]: `/ws`, the admin API, health and metrics; [`metrics`].
-//! - [`server`]: start, one hub per worker, shutdown.
+//! - [`server`]: [`server::run`]: start, serve, shut down.
 pub mod auth;
 pub mod broker;
+pub mod clock;
 pub mod config;
 pub mod http;
 pub mod hub;
@@ -28,3 +34,4 @@ pub mod protocol;
 pub mod ratelimit;
 pub mod server;
 pub mod session;
+pub mod state;

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use switchboard::config::Config;
+use switchboard::server::{self, ServerError};
 
 #[derive(Parser)]
 #[command(name = "switchboard", version, about = "A real-time WebSocket hub")]
@@ -63,7 +64,7 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             };
             init_tracing();
-            match switchboard::server::run(config) {
+            match serve(config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = %e, "switchboard stopped");
@@ -113,6 +114,12 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// Binds `server.host`:`server.port` and serves until SIGTERM or SIGINT.
+fn serve(config: Config) -> Result<(), ServerError> {
+    let listener = std::net::TcpListener::bind((config.server.host.as_str(), config.server.port))?;
+    actix_web::rt::System::new().block_on(server::run(config, listener, server::signal()))
 }
 
 fn init_tracing() {

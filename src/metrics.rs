@@ -47,29 +47,40 @@ fn counter_vec(registry: &Registry, name: &str, help: &str, label: &str) -> IntC
     c
 }
 
+fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("valid metric");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("unique metric");
+    g
+}
+
+fn histogram(registry: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+        .expect("valid metric");
+    registry
+        .register(Box::new(h.clone()))
+        .expect("unique metric");
+    h
+}
+
 impl Metrics {
     fn new() -> Metrics {
         let registry = Registry::new();
-        let connections_open =
-            IntGauge::new("switchboard_connections_open", "Open WebSocket sessions.")
-                .expect("valid metric");
-        registry
-            .register(Box::new(connections_open.clone()))
-            .expect("unique metric");
-        let delivery_latency = Histogram::with_opts(
-            HistogramOpts::new(
-                "switchboard_delivery_latency_seconds",
-                "From a message's publish to the moment its frame is handed to the socket.",
-            )
-            .buckets(vec![
+        let connections_open = gauge(
+            &registry,
+            "switchboard_connections_open",
+            "Open WebSocket sessions.",
+        );
+        let delivery_latency = histogram(
+            &registry,
+            "switchboard_delivery_latency_seconds",
+            "From a message's publish to the moment its frame is handed to the socket.",
+            vec![
                 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                 1.0, 2.5, 5.0,
-            ]),
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(delivery_latency.clone()))
-            .expect("unique metric");
+            ],
+        );
         Metrics {
             connections_open,
             connections_accepted: counter(

@@ -1,121 +1,62 @@
-//! Starting and stopping one Switchboard instance: the shared state every
-//! worker sees, one hub per worker thread, the HTTP server, and shutdown on
-//! SIGTERM/SIGINT (stop accepting, close every session with 1001
-//! `going away`, exit within `server.shutdown_grace_s`).
+//! Running one Switchboard instance: [`run`] starts the broker, one hub per
+//! worker thread and the HTTP server on a given listener, serves until the
+//! `shutdown` future resolves, then shuts down in order — readiness 503 and
+//! new connections refused, every session closed with 1001 `going away`,
+//! the close frames written, the broker's registrations removed — all
+//! within `server.shutdown_grace_s`.
 
+use std::future::Future;
 use std::io::{self, Write};
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::time::Duration;
 
-use actix::{Actor, Addr};
+use actix::Actor;
 use actix_web::{web, App, HttpServer};
+use tokio::time::Instant;
 
-use crate::auth::Verifier;
-use crate::broker::memory::MemoryBroker;
-use crate::broker::redis::RedisBroker;
-use crate::broker::Broker;
-use crate::config::{BrokerKind, Config};
-use crate::hub::{Hub, Shutdown};
+use crate::auth::{KeyError, Verifier};
+use crate::broker::{Broker, StartError};
+use crate::config::Config;
+use crate::hub::Hub;
 use crate::protocol::CloseReason;
+use crate::state::AppState;
 
-/// State shared by every worker. Nothing here is touched per message except
-/// through the broker handle (itself lock-free on the hot path).
-pub struct Shared {
-    pub config: Config,
-    pub instance_id: String,
-    pub verifier: Verifier,
-    pub broker: Arc<dyn Broker>,
-    pub started_at: Instant,
-    pub next_session_key: AtomicU64,
-    open_connections: AtomicUsize,
-    shutting_down: AtomicBool,
-    /// Every worker's hub, for shutdown; not used on the message path.
-    hubs: Mutex<Vec<Addr<Hub>>>,
+/// Why an instance could not start or serve.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error(transparent)]
+    Broker(#[from] StartError),
+    #[error("{0}")]
+    Io(#[from] io::Error),
 }
 
-/// One of the instance's `limits.max_connections` places, held by a
-/// session for its whole life and given back on drop.
-pub struct ConnectionSlot(Arc<Shared>);
-
-impl Drop for ConnectionSlot {
-    fn drop(&mut self) {
-        self.0.open_connections.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-impl Shared {
-    /// Takes a connection place unless the instance is full.
-    pub fn try_acquire_slot(self: &Arc<Self>) -> Option<ConnectionSlot> {
-        let max = self.config.limits.max_connections;
-        self.open_connections
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < max).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| ConnectionSlot(self.clone()))
-    }
-
-    pub fn open_connections(&self) -> usize {
-        self.open_connections.load(Ordering::Acquire)
-    }
-
-    pub fn shutting_down(&self) -> bool {
-        self.shutting_down.load(Ordering::Acquire)
-    }
-}
-
-/// Runs the hub until SIGTERM or SIGINT. Blocking: builds its own actix
-/// system. Prints `listening on HOST:PORT` on stdout once it accepts.
-pub fn run(config: Config) -> io::Result<()> {
-    actix_web::rt::System::new().block_on(serve(config))
-}
-
-async fn serve(config: Config) -> io::Result<()> {
-    let instance_id = config.instance_id();
-    if config.uses_dev_secret() {
-        tracing::warn!(
-            "!!! auth.jwt_secret is the built-in DEVELOPMENT secret: anyone can mint tokens for this hub. \
-             Set auth.jwt_secret (or SWITCHBOARD__AUTH__JWT_SECRET) before exposing it. !!!"
-        );
-    }
-    let verifier = Verifier::new(&config.auth).map_err(io::Error::other)?;
-    let broker: Arc<dyn Broker> = match config.broker.kind {
-        BrokerKind::Memory => MemoryBroker::start(&config.history),
-        BrokerKind::Redis => RedisBroker::start(&config, &instance_id).map_err(io::Error::other)?,
-    };
-    let workers = match config.server.workers {
+/// Serves on `listener` until `shutdown` resolves, then shuts down
+/// gracefully and returns. Must run inside an actix system
+/// (`actix_web::rt::System`). Prints `listening on HOST:PORT` on stdout once
+/// it accepts.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
+    let state = Arc::new(start_state(config)?);
+    let workers = match state.config.server.workers {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
-    let grace = config.server.shutdown_grace_s;
-    let bind = (config.server.host.clone(), config.server.port);
-    let shared = Arc::new(Shared {
-        config,
-        instance_id,
-        verifier,
-        broker,
-        started_at: Instant::now(),
-        next_session_key: AtomicU64::new(1),
-        open_connections: AtomicUsize::new(0),
-        shutting_down: AtomicBool::new(false),
-        hubs: Mutex::new(Vec::new()),
-    });
-
-    let app_shared = shared.clone();
+    let grace = Duration::from_secs(state.config.server.shutdown_grace_s.max(1));
+    let addr = listener.local_addr()?;
+    let app_state = state.clone();
     let server = HttpServer::new(move || {
         // Runs once on each worker thread: that worker's hub lives here.
-        let hub = Hub::new(
-            app_shared.broker.clone(),
-            app_shared.config.limits.max_outbound_queue,
-        )
-        .start();
-        if let Ok(mut hubs) = app_shared.hubs.lock() {
-            hubs.push(hub.clone());
-        }
+        let limits = &app_state.config.limits;
+        let hub = Hub::new(app_state.broker.clone(), limits.max_outbound_queue).start();
+        app_state.add_hub(hub.clone());
         App::new()
-            .app_data(web::Data::from(app_shared.clone()))
+            .app_data(web::Data::from(app_state.clone()))
             .app_data(web::Data::new(hub))
             .configure(crate::http::routes)
     })
@@ -124,44 +65,69 @@ async fn serve(config: Config) -> io::Result<()> {
     // for the client's delayed ACK (up to 40 ms on Linux).
     .tcp_nodelay(true)
     .disable_signals()
-    .shutdown_timeout(grace)
-    .bind(bind)?;
-    let addr: Option<SocketAddr> = server.addrs().first().copied();
+    .shutdown_timeout(grace.as_secs())
+    .listen(listener)?;
+    announce(addr, &state, workers);
     let server = server.run();
-    if let Some(addr) = addr {
-        let mut out = io::stdout().lock();
-        let _ = writeln!(out, "listening on {addr}");
-        let _ = out.flush();
-        tracing::info!(%addr, instance = %shared.instance_id, workers, broker = shared.broker.kind(), "switchboard listening");
-        tracing::info!(
-            "get a token: `switchboard token --user alice` (from a checkout: `cargo run --release -- token --user alice`), \
-             then connect to ws://{addr}/ws?token=<token>"
-        );
-    }
     let handle = server.handle();
-    actix_web::rt::spawn(async move {
-        wait_for_signal().await;
-        tracing::info!("shutting down: closing every session with 1001 going away");
-        shared.shutting_down.store(true, Ordering::Release);
-        let hubs = shared.hubs.lock().map(|h| h.clone()).unwrap_or_default();
-        for hub in hubs {
-            hub.do_send(Shutdown(CloseReason::GoingAway));
-        }
-        // Give the close frames a moment to be written before workers stop.
-        actix_web::rt::time::sleep(Duration::from_millis(200)).await;
-        let grace = Duration::from_secs(shared.config.server.shutdown_grace_s.max(1));
-        if tokio::time::timeout(grace / 2, shared.broker.shutdown())
-            .await
-            .is_err()
-        {
-            tracing::warn!("broker clean-up did not finish in time; other instances will reap");
-        }
-        handle.stop(true).await;
-    });
-    server.await
+    let mut serving = actix_web::rt::spawn(server);
+    tokio::select! {
+        _ = shutdown => {}
+        stopped = &mut serving => return Ok(stopped.map_err(io::Error::other)??),
+    }
+    drain(&state, grace).await;
+    handle.stop(true).await;
+    Ok(serving.await.map_err(io::Error::other)??)
 }
 
-async fn wait_for_signal() {
+/// Everything the workers share, with the broker started.
+fn start_state(config: Config) -> Result<AppState, ServerError> {
+    let instance_id = config.instance_id();
+    if config.uses_dev_secret() {
+        tracing::warn!(
+            "!!! auth.jwt_secret is the built-in DEVELOPMENT secret: anyone can mint tokens for this hub. \
+             Set auth.jwt_secret (or SWITCHBOARD__AUTH__JWT_SECRET) before exposing it. !!!"
+        );
+    }
+    let verifier = Verifier::new(&config.auth)?;
+    let broker = Broker::start(&config, &instance_id)?;
+    Ok(AppState::new(config, instance_id, verifier, broker))
+}
+
+fn announce(addr: SocketAddr, state: &AppState, workers: usize) {
+    let mut out = io::stdout().lock();
+    let _ = writeln!(out, "listening on {addr}");
+    let _ = out.flush();
+    tracing::info!(%addr, instance = %state.instance_id, workers, broker = state.broker.kind, "switchboard listening");
+    tracing::info!(
+        "get a token: `switchboard token --user alice` (from a checkout: `cargo run --release -- token --user alice`), \
+         then connect to ws://{addr}/ws?token=<token>"
+    );
+}
+
+/// Closes every session with 1001 `going away` and waits for the close
+/// frames to be written, then removes this instance from the broker; each
+/// step bounded so the whole stays within `grace`.
+async fn drain(state: &AppState, grace: Duration) {
+    let deadline = Instant::now() + grace;
+    tracing::info!("shutting down: closing every session with 1001 going away");
+    state.begin_shutdown(CloseReason::GoingAway);
+    if tokio::time::timeout_at(deadline, state.sockets_closed())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "some sessions did not take their close frame within server.shutdown_grace_s"
+        );
+    }
+    let cleanup = state.broker.lifecycle.shutdown();
+    if tokio::time::timeout_at(deadline, cleanup).await.is_err() {
+        tracing::warn!("broker clean-up did not finish in time; other instances will reap");
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT (Ctrl-C).
+pub async fn signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};

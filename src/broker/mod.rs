@@ -1,58 +1,34 @@
 //! The broker: what one hub instance needs from the world outside its own
-//! worker threads — ids, history, presence, the connection registry and the
-//! fan-out of every publish to every hub that has a recipient for it.
+//! worker threads, in five parts, each a trait with a memory and a Redis
+//! implementation in files named after it:
 //!
-//! Two implementations sit behind [`Broker`]: [`memory::MemoryBroker`] (one
-//! instance, nothing to install) and the Redis broker (cluster mode). Hubs
-//! attach themselves with [`Broker::attach_hub`] and from then on receive
-//! [`Fanout`] messages: one `Arc`'d, already-serialized [`Envelope`] per
-//! publish per hub, never one per recipient.
+//! | part | trait | memory | redis |
+//! |---|---|---|---|
+//! | publishing and history | [`Messages`] | `memory/messages.rs` | `redis/messages.rs` |
+//! | presence | [`Presence`] | `memory/presence.rs` | `redis/presence.rs` |
+//! | connection registry and limits | [`Registry`] | `memory/registry.rs` | `redis/registry.rs` |
+//! | subscriptions (fan-out to hubs) | [`Subscriptions`] | `memory/mod.rs` | `redis/subscriber.rs` |
+//! | readiness and shutdown | [`Lifecycle`] | `memory/mod.rs` | `redis/mod.rs` |
+//!
+//! [`Broker`] holds one handle per part. Hubs attach themselves with
+//! [`Subscriptions::attach_hub`] and from then on receive [`Fanout`]
+//! messages: one `Arc`'d, already-serialized [`Envelope`] per publish per
+//! hub, never one per recipient ([`fanout`], shared by both brokers).
 
+pub mod fanout;
 pub mod memory;
 pub mod redis;
 
 use std::sync::Arc;
 
-use actix::{Message, Recipient};
+use actix::Recipient;
 use async_trait::async_trait;
 use bytestring::ByteString;
 use serde_json::Value;
 
+pub use self::fanout::{Envelope, Fanout, Target};
+use crate::config::{BrokerKind, Config};
 use crate::protocol::{MessageId, PresenceEntry, RoomName};
-
-/// Who an envelope is for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Target {
-    /// Every member of the room.
-    Room(RoomName),
-    /// Every connection of the user.
-    User(String),
-    /// Every connection.
-    All,
-    /// Close every connection of the user with 1008 `kicked`; never a frame.
-    Kick(String),
-}
-
-/// One publish, serialized once, shared by every recipient on every hub.
-#[derive(Debug)]
-pub struct Envelope {
-    pub target: Target,
-    /// The complete server frame, ready for the socket.
-    pub frame: ByteString,
-    /// The room message id, for the replay/live seam; `None` for frames
-    /// that are not history (joined/left, and messages published straight
-    /// into Redis without an id).
-    pub id: Option<MessageId>,
-    /// Microseconds since the epoch when it was published, for the delivery
-    /// metrics; 0 for frames that are not messages (joined/left, kicks),
-    /// which those metrics skip.
-    pub published_us: u64,
-}
-
-/// Broker → hub: deliver this envelope to your local recipients.
-#[derive(Message, Clone)]
-#[rtype(result = "()")]
-pub struct Fanout(pub Arc<Envelope>);
 
 /// A connection as the registry knows it.
 #[derive(Debug, Clone)]
@@ -103,38 +79,20 @@ pub enum BrokerError {
 
 pub type BrokerResult<T> = Result<T, BrokerError>;
 
-/// What a hub instance asks of its broker. Every method may be called from
-/// any worker thread.
+/// Why a broker could not be started (bad settings; an unreachable Redis is
+/// not one: it is an outage, retried in the background).
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("redis.url: {0}")]
+    RedisUrl(#[source] ::redis::RedisError),
+    #[error("redis pool: {0}")]
+    RedisPool(String),
+}
+
+/// Publishing and history. Every publish is serialized once and fanned out
+/// to every hub with a recipient for it.
 #[async_trait]
-pub trait Broker: Send + Sync + 'static {
-    /// `"memory"` or `"redis"`.
-    fn kind(&self) -> &'static str;
-
-    /// A hub (one per worker thread) asks to receive every fan-out.
-    fn attach_hub(&self, hub: Recipient<Fanout>);
-
-    /// Adds a connection to the registry unless its user already holds
-    /// `max_per_user` connections (checked atomically, cluster-wide).
-    async fn register_connection(
-        &self,
-        conn: &ConnectionInfo,
-        max_per_user: usize,
-    ) -> BrokerResult<()>;
-    async fn unregister_connection(&self, connection_id: &str, user: &str);
-
-    /// Called by a hub before it relies on receiving a room's fan-out (a
-    /// no-op in memory mode; a Redis SUBSCRIBE, confirmed, in cluster mode).
-    async fn watch_room(&self, _room: &RoomName) -> BrokerResult<()> {
-        Ok(())
-    }
-    /// The hub's last local member of the room left.
-    fn unwatch_room(&self, _room: &RoomName) {}
-    /// Same for a user's direct messages.
-    async fn watch_user(&self, _user: &str) -> BrokerResult<()> {
-        Ok(())
-    }
-    fn unwatch_user(&self, _user: &str) {}
-
+pub trait Messages: Send + Sync {
     /// Appends to the room's history and fans out, atomically, so that id
     /// order and delivery order agree. Returns the new id.
     async fn publish_room(
@@ -147,7 +105,6 @@ pub trait Broker: Send + Sync + 'static {
     async fn publish_user(&self, user: &str, from: &str, data: &Value) -> BrokerResult<String>;
     /// A `broadcast` frame to every connection. Returns its id.
     async fn broadcast(&self, data: &Value) -> BrokerResult<String>;
-
     /// The retained messages after `since` (all when `None`), oldest first,
     /// at most `limit`, the latest ones when more are retained.
     async fn history(
@@ -156,42 +113,102 @@ pub trait Broker: Send + Sync + 'static {
         since: Option<MessageId>,
         limit: usize,
     ) -> BrokerResult<History>;
+}
 
+/// Who is in which room, cluster-wide.
+#[async_trait]
+pub trait Presence: Send + Sync {
     /// A connection became a member of the room; emits `joined` to the room
-    /// when it is the user's first connection in it.
-    async fn presence_join(
-        &self,
-        room: &RoomName,
-        user: &str,
-        connection_id: &str,
-    ) -> BrokerResult<()>;
+    /// when it is the user's first connection in it. Idempotent.
+    async fn join(&self, room: &RoomName, user: &str, connection_id: &str) -> BrokerResult<()>;
     /// The reverse; emits `left` when it was the user's last connection.
-    async fn presence_leave(
-        &self,
-        room: &RoomName,
-        user: &str,
-        connection_id: &str,
-    ) -> BrokerResult<()>;
-    async fn presence(&self, room: &RoomName) -> BrokerResult<Vec<PresenceEntry>>;
+    async fn leave(&self, room: &RoomName, user: &str, connection_id: &str) -> BrokerResult<()>;
+    /// Each user in the room with the number of its member connections.
+    async fn list(&self, room: &RoomName) -> BrokerResult<Vec<PresenceEntry>>;
+}
 
+/// The connection registry and the limits it enforces.
+#[async_trait]
+pub trait Registry: Send + Sync {
+    /// Adds a connection unless its user already holds `max_per_user`
+    /// connections (checked atomically, cluster-wide).
+    async fn register(&self, conn: &ConnectionInfo, max_per_user: usize) -> BrokerResult<()>;
+    /// Removes it (and what presence it still had).
+    async fn unregister(&self, connection_id: &str, user: &str);
     /// How many connections the user holds, on all instances.
     async fn user_connections(&self, user: &str) -> BrokerResult<u64>;
     /// Closes every connection of the user (1008 `kicked`) everywhere;
     /// returns how many there were.
     async fn disconnect_user(&self, user: &str) -> BrokerResult<u64>;
-
     async fn stats(&self) -> BrokerResult<BrokerStats>;
-    /// The instance is stopping: remove what it registered (its connections,
-    /// their presence, its heartbeat) instead of waiting to be reaped.
-    async fn shutdown(&self) {}
-    /// `Ok` when the broker can do its job; else the reason.
-    async fn ready(&self) -> Result<(), String>;
 }
 
-/// Microseconds since the Unix epoch.
-pub fn now_us() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
+/// Which fan-out reaches this instance's hubs.
+#[async_trait]
+pub trait Subscriptions: Send + Sync {
+    /// A hub (one per worker thread) asks to receive every fan-out.
+    fn attach_hub(&self, hub: Recipient<Fanout>);
+    /// Called by a hub before it relies on receiving a room's fan-out (a
+    /// no-op in memory mode; a Redis SUBSCRIBE, confirmed, in cluster mode).
+    async fn watch_room(&self, room: &RoomName) -> BrokerResult<()>;
+    /// The hub's last local member of the room left.
+    fn unwatch_room(&self, room: &RoomName);
+    /// Same for a user's direct messages.
+    async fn watch_user(&self, user: &str) -> BrokerResult<()>;
+    fn unwatch_user(&self, user: &str);
+}
+
+/// Readiness and shutdown.
+#[async_trait]
+pub trait Lifecycle: Send + Sync {
+    /// `Ok` when the broker can do its job; else the reason.
+    async fn ready(&self) -> Result<(), String>;
+    /// The instance is stopping: remove what it registered (its connections,
+    /// their presence, its heartbeat) instead of waiting to be reaped.
+    async fn shutdown(&self);
+}
+
+/// Every part a broker implements.
+pub trait BrokerParts:
+    Messages + Presence + Registry + Subscriptions + Lifecycle + 'static
+{
+}
+impl<T: Messages + Presence + Registry + Subscriptions + Lifecycle + 'static> BrokerParts for T {}
+
+/// The broker of one instance: one handle per part. Cheap to clone; every
+/// part may be used from any worker thread.
+#[derive(Clone)]
+pub struct Broker {
+    /// `"memory"` or `"redis"`.
+    pub kind: &'static str,
+    pub messages: Arc<dyn Messages>,
+    pub presence: Arc<dyn Presence>,
+    pub registry: Arc<dyn Registry>,
+    pub subscriptions: Arc<dyn Subscriptions>,
+    pub lifecycle: Arc<dyn Lifecycle>,
+}
+
+impl Broker {
+    /// A broker whose every part is `parts`.
+    pub fn from_parts<B: BrokerParts>(kind: &'static str, parts: Arc<B>) -> Broker {
+        Broker {
+            kind,
+            messages: parts.clone(),
+            presence: parts.clone(),
+            registry: parts.clone(),
+            subscriptions: parts.clone(),
+            lifecycle: parts,
+        }
+    }
+
+    /// Starts the configured broker. Must be called inside a running actix
+    /// system.
+    pub fn start(config: &Config, instance_id: &str) -> Result<Broker, StartError> {
+        Ok(match config.broker.kind {
+            BrokerKind::Memory => Broker::from_parts("memory", memory::MemoryBroker::start(config)),
+            BrokerKind::Redis => {
+                Broker::from_parts("redis", redis::RedisBroker::start(config, instance_id)?)
+            }
+        })
+    }
 }

@@ -3,7 +3,7 @@
 use actix_web::{web, HttpResponse};
 use serde_json::json;
 
-use crate::server::Shared;
+use crate::state::AppState;
 
 /// 200 while the process serves HTTP.
 pub async fn live() -> HttpResponse {
@@ -11,12 +11,12 @@ pub async fn live() -> HttpResponse {
 }
 
 /// 200 when the instance can do its job, else 503 with the reason.
-pub async fn ready(shared: web::Data<Shared>) -> HttpResponse {
-    if shared.shutting_down() {
+pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
+    if state.shutting_down() {
         return HttpResponse::ServiceUnavailable()
             .json(json!({"status": "unavailable", "reason": "shutting down"}));
     }
-    match shared.broker.ready().await {
+    match state.broker.lifecycle.ready().await {
         Ok(()) => HttpResponse::Ok().json(json!({"status": "ready"})),
         Err(reason) => HttpResponse::ServiceUnavailable()
             .json(json!({"status": "unavailable", "reason": reason})),

@@ -1,11 +1,15 @@
-//! HTTP: the WebSocket upgrade (`/ws`), the admin API (`/api/...`), health
-//! and metrics. Routes only; each concern has its own file.
+//! HTTP: the WebSocket upgrade (`/ws`, [`ws`]), the admin API (`/api/...`,
+//! [`api`], behind [`api_key`]), health and metrics ([`health`]). Routes
+//! only; each concern has its own file.
 
 mod api;
+mod api_key;
+mod bearer;
 mod health;
 mod ws;
 
 use actix_web::http::StatusCode;
+use actix_web::middleware::from_fn;
 use actix_web::{web, HttpResponse};
 use serde_json::json;
 
@@ -17,6 +21,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/metrics", web::get().to(health::metrics))
         .service(
             web::scope("/api")
+                .wrap(from_fn(api_key::require_api_key))
                 .route("/publish", web::post().to(api::publish))
                 .route("/rooms/{room}/presence", web::get().to(api::presence))
                 .route("/rooms/{room}/history", web::get().to(api::history))
@@ -31,9 +36,11 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                 .route("/tasks/{id}", web::get().to(api::task))
                 .route("/stats", web::get().to(api::stats)),
         )
-        .default_service(web::to(|| async {
-            json_error(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
-        }));
+        .default_service(web::to(not_found));
+}
+
+async fn not_found() -> HttpResponse {
+    json_error(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
 }
 
 /// `{"error": code, "message": message}` with the given status.

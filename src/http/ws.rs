@@ -7,34 +7,28 @@ use std::sync::Arc;
 use actix::Addr;
 use actix_web::{web, HttpRequest, HttpResponse};
 
-use crate::auth::{AuthError, Claims};
+use super::bearer::bearer;
+use crate::auth::AuthError;
 use crate::broker::{BrokerError, ConnectionInfo};
+use crate::clock::now_ms;
 use crate::hub::Hub;
 use crate::metrics::metrics;
-use crate::protocol::{now_ms, CloseReason};
-use crate::server::{ConnectionSlot, Shared};
-use crate::session::Session;
+use crate::protocol::CloseReason;
+use crate::session::{Accepted, Session};
+use crate::state::AppState;
 
 pub async fn upgrade(
     req: HttpRequest,
     body: web::Payload,
-    shared: web::Data<Shared>,
+    state: web::Data<AppState>,
     hub: web::Data<Addr<Hub>>,
 ) -> actix_web::Result<HttpResponse> {
     let (response, ws, stream) = actix_ws::handle(&req, body)?;
-    let shared = shared.into_inner();
-    match admit(&req, &shared).await {
-        Ok((claims, connection_id, slot)) => {
-            tracing::debug!(connection_id = %connection_id, user = %claims.sub, "session accepted");
-            Session::start(
-                shared,
-                hub.get_ref().clone(),
-                claims,
-                connection_id,
-                slot,
-                ws,
-                stream,
-            );
+    let state = state.into_inner();
+    match admit(&req, &state).await {
+        Ok(accepted) => {
+            tracing::debug!(connection_id = %accepted.connection_id, user = %accepted.claims.sub, "session accepted");
+            Session::start(state, hub.get_ref().clone(), accepted, ws, stream);
         }
         Err(reason) => {
             metrics()
@@ -42,7 +36,7 @@ pub async fn upgrade(
                 .with_label_values(&[reason.label()])
                 .inc();
             tracing::debug!(reason = reason.label(), "connection refused");
-            actix_web::rt::spawn(async move {
+            state.spawn_socket_task(async move {
                 let _ = ws.close(Some(reason.to_ws())).await;
             });
         }
@@ -52,15 +46,12 @@ pub async fn upgrade(
 
 /// The checks of contract section 2, in order; on success the connection
 /// holds an instance slot and is in the broker's registry.
-async fn admit(
-    req: &HttpRequest,
-    shared: &Arc<Shared>,
-) -> Result<(Claims, String, ConnectionSlot), CloseReason> {
-    if shared.shutting_down() {
+async fn admit(req: &HttpRequest, state: &Arc<AppState>) -> Result<Accepted, CloseReason> {
+    if state.shutting_down() {
         return Err(CloseReason::GoingAway);
     }
     if let Some(origin) = req.headers().get("origin") {
-        let allowed = &shared.config.server.allowed_origins;
+        let allowed = &state.config.server.allowed_origins;
         let ok = origin
             .to_str()
             .is_ok_and(|origin| origin_allowed(allowed, origin));
@@ -68,30 +59,40 @@ async fn admit(
             return Err(CloseReason::ForbiddenOrigin);
         }
     }
-    let token = bearer_token(req)
+    let token = bearer(req)
+        .map(str::to_owned)
         .or_else(|| query_token(req))
         .ok_or(CloseReason::Unauthorized)?;
-    let claims = shared.verifier.verify(&token).map_err(|e| match e {
+    let claims = state.verifier.verify(&token).map_err(|e| match e {
         AuthError::Expired => CloseReason::TokenExpired,
         _ => CloseReason::Unauthorized,
     })?;
-    let slot = shared.try_acquire_slot().ok_or(CloseReason::Overloaded)?;
+    let slot = state.try_acquire_slot().ok_or(CloseReason::Overloaded)?;
     let connection_id = uuid::Uuid::new_v4().simple().to_string();
+    register(state, &claims.sub, &connection_id).await?;
+    Ok(Accepted {
+        claims,
+        connection_id,
+        slot,
+    })
+}
+
+/// Adds the connection to the registry (the per-user limit) and watches
+/// the user's channel, so that a direct sent the moment after `welcome`
+/// arrives; the session unwatches it when it stops.
+async fn register(state: &AppState, user: &str, connection_id: &str) -> Result<(), CloseReason> {
     let info = ConnectionInfo {
-        connection_id: connection_id.clone(),
-        user: claims.sub.clone(),
+        connection_id: connection_id.to_owned(),
+        user: user.to_owned(),
         connected_at_ms: now_ms(),
     };
-    let max_per_user = shared.config.limits.max_connections_per_user;
-    match shared.broker.register_connection(&info, max_per_user).await {
+    let max_per_user = state.config.limits.max_connections_per_user;
+    match state.broker.registry.register(&info, max_per_user).await {
         Ok(()) => {
-            // Direct messages sent the moment after `welcome` must arrive:
-            // the user's channel is watched (confirmed) before the session
-            // starts, and unwatched when it stops.
-            if let Err(e) = shared.broker.watch_user(&claims.sub).await {
+            if let Err(e) = state.broker.subscriptions.watch_user(user).await {
                 tracing::warn!(error = %e, "user channel not confirmed");
             }
-            Ok((claims, connection_id, slot))
+            Ok(())
         }
         Err(BrokerError::ConnectionLimit) => Err(CloseReason::ConnectionLimit),
         Err(BrokerError::Unavailable(e)) => {
@@ -103,15 +104,6 @@ async fn admit(
             Err(CloseReason::InternalError)
         }
     }
-}
-
-fn bearer_token(req: &HttpRequest) -> Option<String> {
-    let value = req.headers().get("authorization")?.to_str().ok()?;
-    let (scheme, token) = value.split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| token.trim().to_owned())
-        .filter(|t| !t.is_empty())
 }
 
 fn query_token(req: &HttpRequest) -> Option<String> {

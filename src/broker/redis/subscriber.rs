@@ -1,6 +1,7 @@
 //! The `RedisSubscriber` actor: owns the instance's one pub/sub connection
 //! and forwards what arrives to every hub, once per hub, as one shared
-//! pre-serialized [`Envelope`].
+//! pre-serialized envelope ([`super::payload::decode`]). Also the
+//! [`Subscriptions`] part of the Redis broker.
 //!
 //! Subscriptions are reference-counted per channel (each hub counts once per
 //! room or user it has local members for) and batched: every SUBSCRIBE or
@@ -20,15 +21,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
+use async_trait::async_trait;
 use futures_util::StreamExt;
-use redis::aio::PubSubSink;
-use serde::Deserialize;
+use redis::aio::{PubSubSink, PubSubStream};
 use serde_json::value::RawValue;
 use tokio::sync::oneshot;
 
-use crate::broker::{now_us, Envelope, Fanout, Target};
+use super::commands::COMMAND_TIMEOUT;
+use super::keys::Keys;
+use super::payload;
+use super::RedisBroker;
+use crate::broker::fanout::{Envelope, HubSet, LocalIds, Stamp};
+use crate::broker::{BrokerError, BrokerResult, Fanout, Subscriptions};
 use crate::metrics::metrics;
-use crate::protocol::{broadcast_frame, direct_frame, message_frame, now_ms, MessageId, RoomName};
+use crate::protocol::RoomName;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -42,8 +48,8 @@ struct Channel {
 
 pub struct RedisSubscriber {
     client: redis::Client,
-    prefix: String,
-    hubs: Vec<Recipient<Fanout>>,
+    keys: Keys,
+    hubs: HubSet,
     channels: HashMap<String, Channel>,
     to_subscribe: HashSet<String>,
     to_unsubscribe: HashSet<String>,
@@ -53,18 +59,17 @@ pub struct RedisSubscriber {
     generation: u64,
     backoff: Duration,
     connected: Arc<AtomicBool>,
-    /// The last id seen or given per room, for messages published straight
-    /// into Redis without one and for local delivery during an outage.
-    last_ids: HashMap<RoomName, MessageId>,
-    last_other_id: MessageId,
+    /// Ids for messages published straight into Redis without one and for
+    /// local delivery during an outage.
+    ids: LocalIds,
 }
 
 impl RedisSubscriber {
-    pub fn new(client: redis::Client, prefix: String, connected: Arc<AtomicBool>) -> Self {
+    pub fn new(client: redis::Client, keys: Keys, connected: Arc<AtomicBool>) -> Self {
         RedisSubscriber {
             client,
-            prefix,
-            hubs: Vec::new(),
+            keys,
+            hubs: HubSet::default(),
             channels: HashMap::new(),
             to_subscribe: HashSet::new(),
             to_unsubscribe: HashSet::new(),
@@ -73,20 +78,7 @@ impl RedisSubscriber {
             generation: 0,
             backoff: BACKOFF_MIN,
             connected,
-            last_ids: HashMap::new(),
-            last_other_id: MessageId::default(),
-        }
-    }
-
-    fn broadcast_channel(&self) -> String {
-        format!("{}:broadcast", self.prefix)
-    }
-
-    fn fanout(&mut self, envelope: Envelope) {
-        let envelope = Arc::new(envelope);
-        self.hubs.retain(|hub| hub.connected());
-        for hub in &self.hubs {
-            hub.do_send(Fanout(envelope.clone()));
+            ids: LocalIds::default(),
         }
     }
 
@@ -162,10 +154,12 @@ impl RedisSubscriber {
         ctx.run_later(delay, |this, ctx| this.connect(ctx));
     }
 
+    /// Opens the pub/sub connection and subscribes to every referenced
+    /// channel plus broadcast.
     fn connect(&mut self, ctx: &mut Context<Self>) {
         let client = self.client.clone();
         let mut channels: Vec<String> = self.channels.keys().cloned().collect();
-        channels.push(self.broadcast_channel());
+        channels.push(self.keys.broadcast_channel());
         let work = async move {
             let pubsub = tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_pubsub())
                 .await
@@ -179,30 +173,7 @@ impl RedisSubscriber {
             Ok::<_, String>((sink, stream, channels))
         };
         ctx.spawn(work.into_actor(self).map(|result, this, ctx| match result {
-            Ok((sink, stream, channels)) => {
-                if this.generation > 0 {
-                    metrics().redis_reconnects.with_label_values(&["subscriber"]).inc();
-                    tracing::info!("redis subscriber reconnected; subscriptions restored");
-                }
-                this.generation += 1;
-                let generation = this.generation;
-                this.sink = Some(sink);
-                this.backoff = BACKOFF_MIN;
-                this.connected.store(true, Ordering::Release);
-                this.confirm(channels);
-                ctx.add_stream(stream.map(move |msg| (generation, msg)));
-                // Channels referenced while the connection was being made.
-                let missing: Vec<String> = this
-                    .channels
-                    .iter()
-                    .filter(|(_, c)| !c.confirmed)
-                    .map(|(name, _)| name.clone())
-                    .collect();
-                if !missing.is_empty() {
-                    this.to_subscribe.extend(missing);
-                    this.schedule_flush(ctx);
-                }
-            }
+            Ok((sink, stream, channels)) => this.connected(sink, stream, channels, ctx),
             Err(e) => {
                 tracing::warn!(error = %e, "redis subscriber cannot connect; retrying with backoff");
                 this.reconnect_later(ctx);
@@ -210,127 +181,39 @@ impl RedisSubscriber {
         }));
     }
 
-    fn next_room_id(&mut self, room: &RoomName) -> MessageId {
-        let last = self.last_ids.entry(room.clone()).or_default();
-        *last = last.next(now_ms());
-        *last
-    }
-
-    fn next_other_id(&mut self) -> MessageId {
-        self.last_other_id = self.last_other_id.next(now_ms());
-        self.last_other_id
-    }
-
-    /// Turns one pub/sub message into an envelope; `None` when malformed.
-    fn envelope(&mut self, channel: &str, payload: &[u8]) -> Option<Envelope> {
-        let name = channel.strip_prefix(&self.prefix)?.strip_prefix(':')?;
-        if name == "broadcast" {
-            let p: BroadcastPayload = serde_json::from_slice(payload).ok()?;
-            let id = match p.id {
-                Some(id) => id,
-                None => self.next_other_id().to_string(),
-            };
-            let ts = p.ts.unwrap_or_else(now_ms);
-            return Some(Envelope {
-                target: Target::All,
-                frame: broadcast_frame(&id, &*p.data, ts),
-                id: None,
-                published_us: ts * 1000,
-            });
+    fn connected(
+        &mut self,
+        sink: PubSubSink,
+        stream: PubSubStream,
+        channels: Vec<String>,
+        ctx: &mut Context<Self>,
+    ) {
+        if self.generation > 0 {
+            metrics()
+                .redis_reconnects
+                .with_label_values(&["subscriber"])
+                .inc();
+            tracing::info!("redis subscriber reconnected; subscriptions restored");
         }
-        if let Some(room) = name.strip_prefix("room:") {
-            let room = RoomName::parse(room).ok()?;
-            let p: RoomPayload = serde_json::from_slice(payload).ok()?;
-            if let Some(kind) = p.kind.as_deref() {
-                // `joined` / `left`, already a complete frame.
-                if !matches!(kind, "joined" | "left") {
-                    return None;
-                }
-                let frame = std::str::from_utf8(payload).ok()?;
-                return Some(Envelope {
-                    target: Target::Room(room),
-                    frame: frame.to_owned().into(),
-                    id: None,
-                    published_us: 0,
-                });
-            }
-            let data = p.data?;
-            let id = match p.id.as_deref().map(str::parse::<MessageId>) {
-                Some(Ok(id)) => {
-                    let last = self.last_ids.entry(room.clone()).or_default();
-                    *last = (*last).max(id);
-                    id
-                }
-                Some(Err(_)) => return None,
-                None => self.next_room_id(&room),
-            };
-            let ts = p.ts.unwrap_or_else(now_ms);
-            let from = p.from.as_deref().unwrap_or("server");
-            let frame = message_frame(&id.to_string(), room.as_str(), from, &*data, ts);
-            return Some(Envelope {
-                target: Target::Room(room),
-                frame,
-                id: Some(id),
-                published_us: ts * 1000,
-            });
+        self.generation += 1;
+        let generation = self.generation;
+        self.sink = Some(sink);
+        self.backoff = BACKOFF_MIN;
+        self.connected.store(true, Ordering::Release);
+        self.confirm(channels);
+        ctx.add_stream(stream.map(move |msg| (generation, msg)));
+        // Channels referenced while the connection was being made.
+        let missing: Vec<String> = self
+            .channels
+            .iter()
+            .filter(|(_, c)| !c.confirmed)
+            .map(|(name, _)| name.clone())
+            .collect();
+        if !missing.is_empty() {
+            self.to_subscribe.extend(missing);
+            self.schedule_flush(ctx);
         }
-        if let Some(user) = name.strip_prefix("user:") {
-            let p: UserPayload = serde_json::from_slice(payload).ok()?;
-            return match p.kind.as_deref() {
-                Some("kick") => Some(Envelope {
-                    target: Target::Kick(user.to_owned()),
-                    frame: Default::default(),
-                    id: None,
-                    published_us: 0,
-                }),
-                // A complete server frame (direct, task update): as it is.
-                Some(_) => Some(Envelope {
-                    target: Target::User(user.to_owned()),
-                    frame: std::str::from_utf8(payload).ok()?.to_owned().into(),
-                    id: None,
-                    published_us: p.ts.map_or_else(now_us, |ts| ts * 1000),
-                }),
-                // `{"data":…}` from a backend: a direct frame from the server.
-                None => {
-                    let data = p.data?;
-                    let id = self.next_other_id().to_string();
-                    let ts = now_ms();
-                    Some(Envelope {
-                        target: Target::User(user.to_owned()),
-                        frame: direct_frame(&id, "server", &*data, ts),
-                        id: None,
-                        published_us: ts * 1000,
-                    })
-                }
-            };
-        }
-        None
     }
-}
-
-#[derive(Deserialize)]
-struct RoomPayload {
-    #[serde(rename = "type")]
-    kind: Option<String>,
-    id: Option<String>,
-    from: Option<String>,
-    data: Option<Box<RawValue>>,
-    ts: Option<u64>,
-}
-
-#[derive(Deserialize)]
-struct BroadcastPayload {
-    id: Option<String>,
-    data: Box<RawValue>,
-    ts: Option<u64>,
-}
-
-#[derive(Deserialize)]
-struct UserPayload {
-    #[serde(rename = "type")]
-    kind: Option<String>,
-    data: Option<Box<RawValue>>,
-    ts: Option<u64>,
 }
 
 impl Actor for RedisSubscriber {
@@ -348,14 +231,15 @@ impl StreamHandler<(u64, redis::Msg)> for RedisSubscriber {
             return;
         }
         let channel = msg.get_channel_name();
-        match self.envelope(channel, msg.get_payload_bytes()) {
-            Some(envelope) => self.fanout(envelope),
-            None => {
+        let bytes = msg.get_payload_bytes();
+        match payload::decode(self.keys.prefix(), channel, bytes, &mut self.ids) {
+            Ok(envelope) => self.hubs.send(envelope),
+            Err(payload::Malformed) => {
                 metrics().redis_malformed.inc();
                 // The payload may carry user data: log its size, not its content.
                 tracing::warn!(
                     channel,
-                    bytes = msg.get_payload_bytes().len(),
+                    bytes = bytes.len(),
                     "malformed message on a hub channel ignored"
                 );
             }
@@ -378,7 +262,7 @@ impl Handler<AttachHub> for RedisSubscriber {
     type Result = ();
 
     fn handle(&mut self, msg: AttachHub, _: &mut Self::Context) {
-        self.hubs.push(msg.0);
+        self.hubs.attach(msg.0);
     }
 }
 
@@ -440,7 +324,7 @@ impl Handler<Unwatch> for RedisSubscriber {
     }
 }
 
-/// Delivery to this instance only, while Redis is away.
+/// Delivery to this instance only, while Redis is away. Answers the id given.
 #[derive(Message)]
 #[rtype(result = "String")]
 pub enum LocalPublish {
@@ -463,41 +347,65 @@ impl Handler<LocalPublish> for RedisSubscriber {
     type Result = String;
 
     fn handle(&mut self, msg: LocalPublish, _: &mut Self::Context) -> String {
-        let ts = now_ms();
+        let at = Stamp::now();
         let (envelope, id) = match msg {
             LocalPublish::Room { room, from, data } => {
-                let id = self.next_room_id(&room);
-                let frame = message_frame(&id.to_string(), room.as_str(), &from, &*data, ts);
-                let envelope = Envelope {
-                    target: Target::Room(room),
-                    frame,
-                    id: Some(id),
-                    published_us: now_us(),
-                };
-                (envelope, id.to_string())
+                let id = self.ids.next_room(&room);
+                (
+                    Envelope::message(room, id, &from, &*data, at),
+                    id.to_string(),
+                )
             }
             LocalPublish::User { user, from, data } => {
-                let id = self.next_other_id().to_string();
-                let envelope = Envelope {
-                    target: Target::User(user),
-                    frame: direct_frame(&id, &from, &*data, ts),
-                    id: None,
-                    published_us: now_us(),
-                };
-                (envelope, id)
+                let id = self.ids.next_other().to_string();
+                (Envelope::direct(user, &id, &from, &*data, at), id)
             }
             LocalPublish::Broadcast { data } => {
-                let id = self.next_other_id().to_string();
-                let envelope = Envelope {
-                    target: Target::All,
-                    frame: broadcast_frame(&id, &*data, ts),
-                    id: None,
-                    published_us: now_us(),
-                };
-                (envelope, id)
+                let id = self.ids.next_other().to_string();
+                (Envelope::broadcast(&id, &*data, at), id)
             }
         };
-        self.fanout(envelope);
+        self.hubs.send(envelope);
         id
+    }
+}
+
+impl RedisBroker {
+    async fn watch(&self, channel: String) -> BrokerResult<()> {
+        let (confirmed, rx) = oneshot::channel();
+        self.subscriber.do_send(Watch { channel, confirmed });
+        // The subscriber answers at once while Redis is away; a connection
+        // that dies mid-subscribe is restored by the reconnect.
+        match tokio::time::timeout(COMMAND_TIMEOUT, rx).await {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(BrokerError::Unavailable(
+                "subscription not confirmed".into(),
+            )),
+        }
+    }
+}
+
+#[async_trait]
+impl Subscriptions for RedisBroker {
+    fn attach_hub(&self, hub: Recipient<Fanout>) {
+        self.subscriber.do_send(AttachHub(hub));
+    }
+
+    async fn watch_room(&self, room: &RoomName) -> BrokerResult<()> {
+        self.watch(self.keys.room_channel(room)).await
+    }
+
+    fn unwatch_room(&self, room: &RoomName) {
+        self.subscriber
+            .do_send(Unwatch(self.keys.room_channel(room)));
+    }
+
+    async fn watch_user(&self, user: &str) -> BrokerResult<()> {
+        self.watch(self.keys.user_channel(user)).await
+    }
+
+    fn unwatch_user(&self, user: &str) {
+        self.subscriber
+            .do_send(Unwatch(self.keys.user_channel(user)));
     }
 }

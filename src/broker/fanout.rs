@@ -1,0 +1,228 @@
+//! The local fan-out both brokers share: the envelopes a publish becomes,
+//! the set of this instance's hubs they are sent to, and the ids an
+//! instance gives on its own (direct and broadcast frames, messages
+//! published straight into Redis, local delivery during an outage).
+//!
+//! An [`Envelope`] is built once per publish, with its frame already
+//! serialized by [`crate::protocol`], and sent as one `Arc` to every hub
+//! ([`HubSet::send`]); hubs hand the same bytes to every local recipient.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use actix::{Message, Recipient};
+use bytestring::ByteString;
+use serde::Serialize;
+
+use crate::clock::{now_ms, now_us};
+use crate::protocol::{
+    broadcast_frame, direct_frame, message_frame, presence_change_frame, MessageId, RoomName,
+};
+
+/// Who an envelope is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// Every member of the room.
+    Room(RoomName),
+    /// Every connection of the user.
+    User(String),
+    /// Every connection.
+    All,
+    /// Close every connection of the user with 1008 `kicked`; never a frame.
+    Kick(String),
+}
+
+/// One publish, serialized once, shared by every recipient on every hub.
+#[derive(Debug)]
+pub struct Envelope {
+    pub target: Target,
+    /// The complete server frame, ready for the socket.
+    pub frame: ByteString,
+    /// The room message id, for the replay/live seam; `None` for frames
+    /// that are not history (joined/left, direct, broadcast).
+    pub id: Option<MessageId>,
+    /// Microseconds since the epoch when it was published, for the delivery
+    /// metrics; 0 for frames that are not messages (joined/left, kicks),
+    /// which those metrics skip.
+    pub published_us: u64,
+}
+
+/// When a message was published: its `ts` and, for the latency metrics,
+/// the same moment in microseconds.
+#[derive(Debug, Clone, Copy)]
+pub struct Stamp {
+    pub ts_ms: u64,
+    pub published_us: u64,
+}
+
+impl Stamp {
+    pub fn now() -> Stamp {
+        let published_us = now_us();
+        Stamp {
+            ts_ms: published_us / 1000,
+            published_us,
+        }
+    }
+
+    /// A publish known only to the millisecond (stamped by Redis).
+    pub fn at_ms(ts_ms: u64) -> Stamp {
+        Stamp {
+            ts_ms,
+            published_us: ts_ms.saturating_mul(1000),
+        }
+    }
+}
+
+impl Envelope {
+    /// A room `message`.
+    pub fn message<D: Serialize + ?Sized>(
+        room: RoomName,
+        id: MessageId,
+        from: &str,
+        data: &D,
+        at: Stamp,
+    ) -> Envelope {
+        let frame = message_frame(&id.to_string(), room.as_str(), from, data, at.ts_ms);
+        Envelope {
+            target: Target::Room(room),
+            frame,
+            id: Some(id),
+            published_us: at.published_us,
+        }
+    }
+
+    /// A `direct` frame for every connection of `user`.
+    pub fn direct<D: Serialize + ?Sized>(
+        user: String,
+        id: &str,
+        from: &str,
+        data: &D,
+        at: Stamp,
+    ) -> Envelope {
+        Envelope::to_user(user, direct_frame(id, from, data, at.ts_ms), at)
+    }
+
+    /// A complete frame for every connection of `user`.
+    pub fn to_user(user: String, frame: ByteString, at: Stamp) -> Envelope {
+        Envelope {
+            target: Target::User(user),
+            frame,
+            id: None,
+            published_us: at.published_us,
+        }
+    }
+
+    /// A `broadcast` frame for everyone.
+    pub fn broadcast<D: Serialize + ?Sized>(id: &str, data: &D, at: Stamp) -> Envelope {
+        Envelope {
+            target: Target::All,
+            frame: broadcast_frame(id, data, at.ts_ms),
+            id: None,
+            published_us: at.published_us,
+        }
+    }
+
+    /// `joined` / `left` for the room's members.
+    pub fn presence_change(room: RoomName, joined: bool, user: &str) -> Envelope {
+        let frame = presence_change_frame(joined, room.as_str(), user);
+        Envelope::room_frame(room, frame)
+    }
+
+    /// A complete frame for the room's members that is not a history
+    /// message (`joined` / `left` relayed from Redis as they are).
+    pub fn room_frame(room: RoomName, frame: ByteString) -> Envelope {
+        Envelope {
+            target: Target::Room(room),
+            frame,
+            id: None,
+            published_us: 0,
+        }
+    }
+
+    /// Closes every connection of `user` with 1008 `kicked`.
+    pub fn kick(user: String) -> Envelope {
+        Envelope {
+            target: Target::Kick(user),
+            frame: ByteString::default(),
+            id: None,
+            published_us: 0,
+        }
+    }
+}
+
+/// Broker → hub: deliver this envelope to your local recipients.
+#[derive(Message, Clone)]
+#[rtype(result = "()")]
+pub struct Fanout(pub Arc<Envelope>);
+
+/// This instance's hubs, one per worker thread.
+#[derive(Default)]
+pub struct HubSet(Vec<Recipient<Fanout>>);
+
+impl HubSet {
+    pub fn attach(&mut self, hub: Recipient<Fanout>) {
+        self.0.push(hub);
+    }
+
+    /// Sends the envelope to every hub: one `Arc` each, never a copy.
+    pub fn send(&mut self, envelope: Envelope) {
+        let envelope = Arc::new(envelope);
+        self.0.retain(|hub| hub.connected());
+        for hub in &self.0 {
+            hub.do_send(Fanout(envelope.clone()));
+        }
+    }
+}
+
+/// Ids an instance gives on its own, strictly increasing: per room (for
+/// room messages that come without one) and one sequence for direct and
+/// broadcast frames.
+#[derive(Default)]
+pub struct LocalIds {
+    rooms: HashMap<RoomName, MessageId>,
+    other: MessageId,
+}
+
+impl LocalIds {
+    /// The next id in `room`, after every id seen or given there.
+    pub fn next_room(&mut self, room: &RoomName) -> MessageId {
+        let last = self.rooms.entry(room.clone()).or_default();
+        *last = last.next(now_ms());
+        *last
+    }
+
+    /// An id that reached `room` from elsewhere: later local ids follow it.
+    pub fn seen_room(&mut self, room: &RoomName, id: MessageId) {
+        let last = self.rooms.entry(room.clone()).or_default();
+        *last = (*last).max(id);
+    }
+
+    /// The next id for a direct or broadcast frame.
+    pub fn next_other(&mut self) -> MessageId {
+        self.other = self.other.next(now_ms());
+        self.other
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_ids_increase_and_follow_seen_ones() {
+        let mut ids = LocalIds::default();
+        let room = RoomName::parse("r").unwrap();
+        let a = ids.next_room(&room);
+        let far = MessageId {
+            ms: a.ms + 1_000_000,
+            seq: 7,
+        };
+        ids.seen_room(&room, far);
+        let b = ids.next_room(&room);
+        assert!(b > far, "{b} after {far}");
+        ids.seen_room(&room, a);
+        assert!(ids.next_room(&room) > b);
+        let (x, y) = (ids.next_other(), ids.next_other());
+        assert!(y > x);
+    }
+}

@@ -1,0 +1,311 @@
+//! Publishing and history in Redis. A room publish is one script
+//! (`publish_room.lua`: `XADD` to `{prefix}:history:{room}` and `PUBLISH`
+//! on the room channel), so id order and delivery order agree; direct and
+//! broadcast frames are a `PUBLISH`. While Redis is away, publishes are
+//! delivered to this instance's members only ([`LocalPublish`]).
+
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+use redis::AsyncCommands;
+use serde_json::value::{to_raw_value, RawValue};
+use serde_json::Value;
+
+use super::payload::{broadcast_payload, history_frame};
+use super::subscriber::LocalPublish;
+use super::RedisBroker;
+use crate::broker::{BrokerError, BrokerResult, History, HistoryEntry, Messages};
+use crate::clock::now_ms;
+use crate::protocol::{direct_frame, MessageId, RoomName};
+
+/// What `XINFO STREAM` says of a room's history, as far as `recovered`
+/// needs it.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct StreamInfo {
+    pub entries_added: u64,
+    pub length: u64,
+    pub first_id: MessageId,
+}
+
+impl StreamInfo {
+    fn from_reply(info: &HashMap<String, redis::Value>) -> StreamInfo {
+        let int = |k: &str| {
+            info.get(k)
+                .and_then(|v| redis::from_redis_value::<u64>(v.clone()).ok())
+                .unwrap_or(0)
+        };
+        let first_id = info
+            .get("recorded-first-entry-id")
+            .and_then(|v| redis::from_redis_value::<String>(v.clone()).ok())
+            .and_then(|s| s.parse::<MessageId>().ok())
+            .unwrap_or_default();
+        StreamInfo {
+            entries_added: int("entries-added"),
+            length: int("length"),
+            first_id,
+        }
+    }
+}
+
+/// Whether nothing after `since` was lost, given the stream (`None`: it
+/// expired or was never written) and how many of at most `limit` entries
+/// the read returned.
+///
+/// Trimming drops the oldest entries, and Redis does not update
+/// `max-deleted-entry-id` for it: something after `since` may be lost when
+/// entries were trimmed and `since` is older than the first one retained.
+/// When `since` is exactly the last trimmed id this errs on the safe side
+/// (`recovered: false`).
+pub(super) fn recovered(
+    since: MessageId,
+    stream: Option<StreamInfo>,
+    returned: usize,
+    limit: usize,
+) -> bool {
+    let Some(info) = stream else {
+        return false;
+    };
+    let trimmed = info.entries_added > info.length;
+    (!trimmed || since >= info.first_id) && returned < limit
+}
+
+fn to_raw(data: &Value) -> BrokerResult<Box<RawValue>> {
+    to_raw_value(data).map_err(|e| BrokerError::Internal(e.to_string()))
+}
+
+/// An id unique across instances: an instance's own counter would not be.
+fn unique_id() -> String {
+    format!("{}-{}", now_ms(), rand::random::<u32>())
+}
+
+impl RedisBroker {
+    /// PUBLISHes `payload` and answers `id`; while Redis is away, delivers
+    /// `local` to this instance's members instead (answering its local id).
+    async fn publish_or_local(
+        &self,
+        channel: String,
+        payload: String,
+        id: String,
+        local: LocalPublish,
+    ) -> BrokerResult<String> {
+        if self.cmd.available() {
+            let sent: BrokerResult<i64> = self
+                .cmd
+                .exec(move |mut c| async move { c.publish(&channel, payload).await })
+                .await;
+            match sent {
+                Ok(_) => return Ok(id),
+                Err(BrokerError::Unavailable(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.local_publish(local).await
+    }
+
+    async fn local_publish(&self, msg: LocalPublish) -> BrokerResult<String> {
+        self.subscriber
+            .send(msg)
+            .await
+            .map_err(|e| BrokerError::Internal(e.to_string()))
+    }
+
+    /// Runs `publish_room.lua`; `None` when Redis is unavailable.
+    async fn publish_room_script(
+        &self,
+        room: &RoomName,
+        from: &str,
+        data: &RawValue,
+    ) -> BrokerResult<Option<MessageId>> {
+        let keys = vec![self.keys.history(room), self.keys.room_channel(room)];
+        let args = vec![
+            self.history_size.to_string(),
+            self.history_ttl_ms.to_string(),
+            serde_json::to_string(room.as_str()).unwrap_or_default(),
+            serde_json::to_string(from).unwrap_or_default(),
+            data.get().to_owned(),
+        ];
+        let result: BrokerResult<String> = self
+            .cmd
+            .run_script(&self.cmd.scripts.publish_room, keys, args)
+            .await;
+        match result {
+            Ok(id) => id
+                .parse()
+                .map(Some)
+                .map_err(|e: crate::protocol::InvalidMessageId| {
+                    BrokerError::Internal(e.to_string())
+                }),
+            Err(BrokerError::Unavailable(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Up to `limit` entries after `since`, newest first from Redis, then
+    /// oldest first: "the latest ones".
+    async fn read_history(
+        &self,
+        room: &RoomName,
+        since: Option<MessageId>,
+        limit: usize,
+    ) -> BrokerResult<Vec<HistoryEntry>> {
+        let key = self.keys.history(room);
+        let start = since.map_or_else(|| "-".to_owned(), |s| format!("({s}"));
+        let reply: redis::streams::StreamRangeReply = self
+            .cmd
+            .exec(move |mut c| async move { c.xrevrange_count(&key, "+", &start, limit).await })
+            .await?;
+        let mut messages = Vec::with_capacity(reply.ids.len());
+        for entry in reply.ids.into_iter().rev() {
+            let Ok(id) = entry.id.parse::<MessageId>() else {
+                continue;
+            };
+            let body = entry
+                .map
+                .get("b")
+                .and_then(|v| redis::from_redis_value::<String>(v.clone()).ok());
+            if let Some(frame) = body.and_then(|b| history_frame(id, &b)) {
+                messages.push(HistoryEntry { id, frame });
+            }
+        }
+        Ok(messages)
+    }
+
+    /// `XINFO STREAM` of the room's history; `None` when there is none.
+    async fn stream_info(&self, room: &RoomName) -> BrokerResult<Option<StreamInfo>> {
+        let key = self.keys.history(room);
+        // A missing stream is an error reply, not an outage: keep it inside.
+        let reply: redis::RedisResult<HashMap<String, redis::Value>> = self
+            .cmd
+            .exec(move |mut c| async move {
+                Ok(redis::cmd("XINFO")
+                    .arg("STREAM")
+                    .arg(&key)
+                    .query_async(&mut c)
+                    .await)
+            })
+            .await?;
+        Ok(reply.ok().map(|info| StreamInfo::from_reply(&info)))
+    }
+}
+
+#[async_trait]
+impl Messages for RedisBroker {
+    async fn publish_room(
+        &self,
+        room: &RoomName,
+        from: &str,
+        data: &Value,
+    ) -> BrokerResult<MessageId> {
+        let raw = to_raw(data)?;
+        if self.cmd.available() {
+            if let Some(id) = self.publish_room_script(room, from, &raw).await? {
+                return Ok(id);
+            }
+        }
+        let local = LocalPublish::Room {
+            room: room.clone(),
+            from: from.to_owned(),
+            data: raw,
+        };
+        let id = self.local_publish(local).await?;
+        id.parse()
+            .map_err(|e: crate::protocol::InvalidMessageId| BrokerError::Internal(e.to_string()))
+    }
+
+    async fn publish_user(&self, user: &str, from: &str, data: &Value) -> BrokerResult<String> {
+        let raw = to_raw(data)?;
+        let id = unique_id();
+        let frame = direct_frame(&id, from, &*raw, now_ms()).to_string();
+        let local = LocalPublish::User {
+            user: user.to_owned(),
+            from: from.to_owned(),
+            data: raw,
+        };
+        self.publish_or_local(self.keys.user_channel(user), frame, id, local)
+            .await
+    }
+
+    async fn broadcast(&self, data: &Value) -> BrokerResult<String> {
+        let raw = to_raw(data)?;
+        let id = unique_id();
+        let payload = broadcast_payload(&id, &raw, now_ms());
+        let local = LocalPublish::Broadcast { data: raw };
+        self.publish_or_local(self.keys.broadcast_channel(), payload, id, local)
+            .await
+    }
+
+    async fn history(
+        &self,
+        room: &RoomName,
+        since: Option<MessageId>,
+        limit: usize,
+    ) -> BrokerResult<History> {
+        let limit = limit.min(i64::MAX as usize);
+        let messages = self.read_history(room, since, limit).await?;
+        let recovered = match since {
+            None => true,
+            Some(since) => {
+                let stream = self.stream_info(room).await?;
+                recovered(since, stream, messages.len(), limit)
+            }
+        };
+        Ok(History {
+            messages,
+            recovered,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(ms: u64, seq: u64) -> MessageId {
+        MessageId { ms, seq }
+    }
+
+    fn stream(added: u64, length: u64, first: MessageId) -> Option<StreamInfo> {
+        Some(StreamInfo {
+            entries_added: added,
+            length,
+            first_id: first,
+        })
+    }
+
+    #[test]
+    fn an_untrimmed_stream_recovers_everything() {
+        assert!(recovered(id(1, 0), stream(5, 5, id(2, 0)), 3, usize::MAX));
+        assert!(recovered(id(0, 0), stream(5, 5, id(2, 0)), 5, usize::MAX));
+    }
+
+    #[test]
+    fn a_trimmed_stream_recovers_only_from_its_first_retained_id() {
+        let s = stream(300, 100, id(50, 0));
+        assert!(recovered(id(50, 0), s, 99, usize::MAX));
+        assert!(recovered(id(70, 3), s, 10, usize::MAX));
+        assert!(!recovered(id(49, 9), s, 100, usize::MAX));
+    }
+
+    #[test]
+    fn no_stream_or_a_full_page_is_not_recovered() {
+        assert!(!recovered(id(1, 0), None, 0, usize::MAX));
+        assert!(!recovered(id(1, 0), stream(5, 5, id(2, 0)), 2, 2));
+    }
+
+    #[test]
+    fn xinfo_fields_are_read_by_name() {
+        let info: HashMap<String, redis::Value> = [
+            ("entries-added", redis::Value::Int(7)),
+            ("length", redis::Value::Int(4)),
+            (
+                "recorded-first-entry-id",
+                redis::Value::BulkString(b"10-2".to_vec()),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        let s = StreamInfo::from_reply(&info);
+        assert_eq!((s.entries_added, s.length, s.first_id), (7, 4, id(10, 2)));
+    }
+}

@@ -1,0 +1,297 @@
+//! What travels through Redis (contract section 4): the payloads on the
+//! room, user and broadcast channels, and the entries of the history
+//! streams. Decoding turns a channel message into the [`Envelope`] the hubs
+//! deliver; the client-visible bytes are built by [`crate::protocol`] only.
+//!
+//! Every payload is untrusted (any backend may `PUBLISH`): a payload that
+//! does not fit is [`Malformed`] and dropped by the subscriber.
+
+use bytestring::ByteString;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::broker::fanout::{Envelope, LocalIds, Stamp};
+use crate::clock::now_ms;
+use crate::protocol::{message_frame, MessageId, RoomName};
+
+/// A channel message that is not one of ours, nor a backend's `{"data":…}`.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("malformed payload on a hub channel")]
+pub struct Malformed;
+
+/// The payload that closes every connection of a user (`/api/users/{u}/disconnect`).
+pub const KICK: &str = r#"{"type":"kick"}"#;
+
+/// `{"id","data","ts"}` on `{prefix}:broadcast`.
+pub fn broadcast_payload(id: &str, data: &RawValue, ts: u64) -> String {
+    #[derive(Serialize)]
+    struct Broadcast<'a> {
+        id: &'a str,
+        data: &'a RawValue,
+        ts: u64,
+    }
+    serde_json::to_string(&Broadcast { id, data, ts }).unwrap_or_default()
+}
+
+/// A history stream entry's field `b`: the room message without its id
+/// (the stream id is the id), as `publish_room.lua` writes it.
+#[derive(Deserialize)]
+struct StreamBody<'a> {
+    #[serde(borrow)]
+    room: &'a str,
+    #[serde(borrow)]
+    from: std::borrow::Cow<'a, str>,
+    data: &'a RawValue,
+    ts: u64,
+}
+
+/// The `message` frame of a history entry; `None` when the entry is not ours.
+pub fn history_frame(id: MessageId, body: &str) -> Option<ByteString> {
+    // `b` is the message object without its opening brace and id.
+    let object = format!("{{{body}");
+    let entry: StreamBody<'_> = serde_json::from_str(&object).ok()?;
+    Some(message_frame(
+        &id.to_string(),
+        entry.room,
+        &entry.from,
+        entry.data,
+        entry.ts,
+    ))
+}
+
+#[derive(Deserialize)]
+struct RoomPayload {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    id: Option<String>,
+    from: Option<String>,
+    data: Option<Box<RawValue>>,
+    ts: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct BroadcastPayload {
+    id: Option<String>,
+    data: Box<RawValue>,
+    ts: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct UserPayload {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    data: Option<Box<RawValue>>,
+    ts: Option<u64>,
+}
+
+/// Turns one message on `channel` (under `prefix`) into an envelope. Ids
+/// missing from a payload are given from `ids`, and ids present are noted
+/// there, so local ids keep increasing after them.
+pub fn decode(
+    prefix: &str,
+    channel: &str,
+    payload: &[u8],
+    ids: &mut LocalIds,
+) -> Result<Envelope, Malformed> {
+    let name = channel
+        .strip_prefix(prefix)
+        .and_then(|rest| rest.strip_prefix(':'))
+        .ok_or(Malformed)?;
+    if name == "broadcast" {
+        return decode_broadcast(payload, ids);
+    }
+    if let Some(room) = name.strip_prefix("room:") {
+        let room = RoomName::parse(room).map_err(|_| Malformed)?;
+        return decode_room(room, payload, ids);
+    }
+    if let Some(user) = name.strip_prefix("user:") {
+        return decode_user(user, payload, ids);
+    }
+    Err(Malformed)
+}
+
+fn decode_broadcast(payload: &[u8], ids: &mut LocalIds) -> Result<Envelope, Malformed> {
+    let p: BroadcastPayload = serde_json::from_slice(payload).map_err(|_| Malformed)?;
+    let id = p.id.unwrap_or_else(|| ids.next_other().to_string());
+    let at = Stamp::at_ms(p.ts.unwrap_or_else(now_ms));
+    Ok(Envelope::broadcast(&id, &*p.data, at))
+}
+
+fn decode_room(room: RoomName, payload: &[u8], ids: &mut LocalIds) -> Result<Envelope, Malformed> {
+    let p: RoomPayload = serde_json::from_slice(payload).map_err(|_| Malformed)?;
+    if let Some(kind) = p.kind.as_deref() {
+        // `joined` / `left`, already a complete frame.
+        if !matches!(kind, "joined" | "left") {
+            return Err(Malformed);
+        }
+        let frame = std::str::from_utf8(payload).map_err(|_| Malformed)?;
+        return Ok(Envelope::room_frame(room, frame.to_owned().into()));
+    }
+    let data = p.data.ok_or(Malformed)?;
+    let id = match p.id.as_deref().map(str::parse::<MessageId>) {
+        Some(Ok(id)) => {
+            ids.seen_room(&room, id);
+            id
+        }
+        Some(Err(_)) => return Err(Malformed),
+        None => ids.next_room(&room),
+    };
+    let at = Stamp::at_ms(p.ts.unwrap_or_else(now_ms));
+    let from = p.from.as_deref().unwrap_or("server");
+    Ok(Envelope::message(room, id, from, &*data, at))
+}
+
+fn decode_user(user: &str, payload: &[u8], ids: &mut LocalIds) -> Result<Envelope, Malformed> {
+    let p: UserPayload = serde_json::from_slice(payload).map_err(|_| Malformed)?;
+    match p.kind.as_deref() {
+        Some("kick") => Ok(Envelope::kick(user.to_owned())),
+        // A complete server frame (direct, task update): as it is.
+        Some(_) => {
+            let frame = std::str::from_utf8(payload).map_err(|_| Malformed)?;
+            let at = p.ts.map_or_else(Stamp::now, Stamp::at_ms);
+            Ok(Envelope::to_user(
+                user.to_owned(),
+                frame.to_owned().into(),
+                at,
+            ))
+        }
+        // `{"data":…}` from a backend: a direct frame from the server.
+        None => {
+            let data = p.data.ok_or(Malformed)?;
+            let id = ids.next_other().to_string();
+            Ok(Envelope::direct(
+                user.to_owned(),
+                &id,
+                "server",
+                &*data,
+                Stamp::now(),
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::Target;
+    use serde_json::Value;
+
+    fn frame(e: &Envelope) -> Value {
+        serde_json::from_str(&e.frame).unwrap()
+    }
+
+    fn room(name: &str) -> RoomName {
+        RoomName::parse(name).unwrap()
+    }
+
+    #[test]
+    fn a_scripted_room_message_keeps_its_id_and_sender() {
+        let mut ids = LocalIds::default();
+        let payload = br#"{"id":"5-1","room":"lobby","from":"alice","data":{"a":1},"ts":5}"#;
+        let e = decode("sb", "sb:room:lobby", payload, &mut ids).unwrap();
+        assert_eq!(e.target, Target::Room(room("lobby")));
+        assert_eq!(e.id, Some(MessageId { ms: 5, seq: 1 }));
+        assert_eq!(
+            &*e.frame,
+            r#"{"type":"message","id":"5-1","room":"lobby","from":"alice","data":{"a":1},"ts":5}"#
+        );
+        assert_eq!(e.published_us, 5000);
+    }
+
+    #[test]
+    fn a_raw_room_publish_gets_an_id_after_the_last_seen_and_is_from_server() {
+        let mut ids = LocalIds::default();
+        let far = r#"{"id":"99999999999999-3","data":1,"ts":1}"#;
+        decode("sb", "sb:room:r", far.as_bytes(), &mut ids).unwrap();
+        let e = decode("sb", "sb:room:r", br#"{"data":{"text":"hi"}}"#, &mut ids).unwrap();
+        let f = frame(&e);
+        assert_eq!(f["from"], "server");
+        assert_eq!(f["data"]["text"], "hi");
+        assert!(
+            e.id.unwrap()
+                > MessageId {
+                    ms: 99999999999999,
+                    seq: 3
+                }
+        );
+        assert_eq!(f["id"], e.id.unwrap().to_string());
+    }
+
+    #[test]
+    fn presence_changes_are_relayed_as_they_are() {
+        let mut ids = LocalIds::default();
+        let payload = br#"{"type":"joined","room":"r","user":"bob"}"#;
+        let e = decode("sb", "sb:room:r", payload, &mut ids).unwrap();
+        assert_eq!(e.id, None);
+        assert_eq!(e.frame.as_bytes().as_ref(), &payload[..]);
+        let other = br#"{"type":"message","data":1}"#;
+        assert_eq!(
+            decode("sb", "sb:room:r", other, &mut ids).unwrap_err(),
+            Malformed
+        );
+    }
+
+    #[test]
+    fn user_channel_kicks_frames_and_raw_data() {
+        let mut ids = LocalIds::default();
+        let e = decode("sb", "sb:user:al:ice", KICK.as_bytes(), &mut ids).unwrap();
+        assert_eq!(e.target, Target::Kick("al:ice".into()));
+        let direct = br#"{"type":"direct","id":"1-0","from":"bob","data":2,"ts":1}"#;
+        let e = decode("sb", "sb:user:alice", direct, &mut ids).unwrap();
+        assert_eq!(e.frame.as_bytes().as_ref(), &direct[..]);
+        let e = decode("sb", "sb:user:alice", br#"{"data":[1]}"#, &mut ids).unwrap();
+        let f = frame(&e);
+        assert_eq!(
+            (f["type"].as_str(), f["from"].as_str()),
+            (Some("direct"), Some("server"))
+        );
+        assert_eq!(f["data"], serde_json::json!([1]));
+    }
+
+    #[test]
+    fn broadcasts_with_and_without_id() {
+        let mut ids = LocalIds::default();
+        let payload = broadcast_payload("7-0", &RawValue::from_string("\"x\"".into()).unwrap(), 7);
+        let e = decode("sb", "sb:broadcast", payload.as_bytes(), &mut ids).unwrap();
+        assert_eq!(
+            &*e.frame,
+            r#"{"type":"broadcast","id":"7-0","data":"x","ts":7}"#
+        );
+        let e = decode("sb", "sb:broadcast", br#"{"data":null}"#, &mut ids).unwrap();
+        assert_eq!(e.target, Target::All);
+        assert!(frame(&e)["id"].is_string());
+    }
+
+    #[test]
+    fn what_does_not_fit_is_malformed() {
+        let mut ids = LocalIds::default();
+        for (channel, payload) in [
+            ("sb:room:r", &b"not json"[..]),
+            ("sb:room:r", br#"{"id":"x-1","data":1}"#),
+            ("sb:room:r", br#"{"from":"a"}"#),
+            ("sb:room:bad room", br#"{"data":1}"#),
+            ("sb:broadcast", br#"{"id":"1-0"}"#),
+            ("sb:user:u", br#"[1]"#),
+            ("other:room:r", br#"{"data":1}"#),
+            ("sb:elsewhere", br#"{"data":1}"#),
+        ] {
+            assert_eq!(
+                decode("sb", channel, payload, &mut ids).unwrap_err(),
+                Malformed,
+                "{channel} {}",
+                String::from_utf8_lossy(payload)
+            );
+        }
+    }
+
+    #[test]
+    fn history_entries_become_message_frames() {
+        let body = r#""room":"r","from":"a\"b","data":{"k":[1]},"ts":9}"#;
+        let id = MessageId { ms: 9, seq: 0 };
+        assert_eq!(
+            &*history_frame(id, body).unwrap(),
+            r#"{"type":"message","id":"9-0","room":"r","from":"a\"b","data":{"k":[1]},"ts":9}"#
+        );
+        assert!(history_frame(id, "garbage").is_none());
+    }
+}

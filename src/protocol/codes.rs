@@ -1,0 +1,151 @@
+//! The contract's tables of codes: the `error` codes that keep a connection
+//! open, and every close the server sends, each with its code and reason.
+
+use serde::Serialize;
+
+/// The error codes of contract section 3 ("Errors that keep the connection open").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadRequest,
+    Forbidden,
+    LimitExceeded,
+    RateLimited,
+    NotFound,
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::LimitExceeded => "limit_exceeded",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+/// An `error` frame's code and message.
+#[derive(Debug, Clone)]
+pub struct ErrorReply {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl ErrorReply {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ErrorReply {
+            code,
+            message: message.into(),
+        }
+    }
+    pub fn bad_request(message: impl ToString) -> Self {
+        Self::new(ErrorCode::BadRequest, message.to_string())
+    }
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::Forbidden, message)
+    }
+    /// `internal` never says more than this; details go to the log.
+    pub fn internal() -> Self {
+        Self::new(ErrorCode::Internal, "processing failed")
+    }
+}
+
+/// Every way the server closes a WebSocket (contract section 3, "Closes").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    Normal,
+    GoingAway,
+    ClientTimeout,
+    ProtocolError,
+    BinaryNotSupported,
+    Unauthorized,
+    TokenExpired,
+    ConnectionLimit,
+    ForbiddenOrigin,
+    RateLimit,
+    Kicked,
+    MessageTooBig,
+    InternalError,
+    Overloaded,
+    SlowConsumer,
+    Unavailable,
+}
+
+impl CloseReason {
+    pub fn code(self) -> u16 {
+        match self {
+            CloseReason::Normal => 1000,
+            CloseReason::GoingAway | CloseReason::ClientTimeout => 1001,
+            CloseReason::ProtocolError => 1002,
+            CloseReason::BinaryNotSupported => 1003,
+            CloseReason::Unauthorized
+            | CloseReason::TokenExpired
+            | CloseReason::ConnectionLimit
+            | CloseReason::ForbiddenOrigin
+            | CloseReason::RateLimit
+            | CloseReason::Kicked => 1008,
+            CloseReason::MessageTooBig => 1009,
+            CloseReason::InternalError => 1011,
+            CloseReason::Overloaded | CloseReason::SlowConsumer | CloseReason::Unavailable => 1013,
+        }
+    }
+
+    pub fn reason(self) -> &'static str {
+        match self {
+            CloseReason::Normal => "",
+            CloseReason::GoingAway => "going away",
+            CloseReason::ClientTimeout => "client timeout",
+            CloseReason::ProtocolError => "protocol error",
+            CloseReason::BinaryNotSupported => "binary not supported",
+            CloseReason::Unauthorized => "unauthorized",
+            CloseReason::TokenExpired => "token expired",
+            CloseReason::ConnectionLimit => "connection limit",
+            CloseReason::ForbiddenOrigin => "forbidden origin",
+            CloseReason::RateLimit => "rate limit",
+            CloseReason::Kicked => "kicked",
+            CloseReason::MessageTooBig => "message too big",
+            CloseReason::InternalError => "internal error",
+            CloseReason::Overloaded => "overloaded",
+            CloseReason::SlowConsumer => "slow consumer",
+            CloseReason::Unavailable => "unavailable",
+        }
+    }
+
+    /// A label for metrics (`connections_rejected_total{reason}` and closes):
+    /// the reason in snake case.
+    pub fn label(self) -> &'static str {
+        match self {
+            CloseReason::Normal => "normal",
+            CloseReason::GoingAway => "going_away",
+            CloseReason::ClientTimeout => "client_timeout",
+            CloseReason::ProtocolError => "protocol_error",
+            CloseReason::BinaryNotSupported => "binary_not_supported",
+            CloseReason::Unauthorized => "unauthorized",
+            CloseReason::TokenExpired => "token_expired",
+            CloseReason::ConnectionLimit => "connection_limit",
+            CloseReason::ForbiddenOrigin => "forbidden_origin",
+            CloseReason::RateLimit => "rate_limit",
+            CloseReason::Kicked => "kicked",
+            CloseReason::MessageTooBig => "message_too_big",
+            CloseReason::InternalError => "internal_error",
+            CloseReason::Overloaded => "overloaded",
+            CloseReason::SlowConsumer => "slow_consumer",
+            CloseReason::Unavailable => "unavailable",
+        }
+    }
+
+    pub fn to_ws(self) -> actix_ws::CloseReason {
+        let description = match self.reason() {
+            "" => None,
+            r => Some(r.to_owned()),
+        };
+        actix_ws::CloseReason {
+            code: actix_ws::CloseCode::from(self.code()),
+            description,
+        }
+    }
+}

@@ -1,0 +1,282 @@
+//! The Session actor: one per WebSocket connection, from the moment it is
+//! authenticated to its close.
+//!
+//! Reading: the actor consumes the connection's frame stream, enforces the
+//! size limit (1009), binary frames (1003), the token bucket with strikes,
+//! and hands each client frame to its handler: one file per frame of
+//! contract section 3 ([`join`], [`leave`], [`publish`] (publish and
+//! direct), [`presence`], [`task`], [`refresh`], [`ping`]), all answering
+//! through [`reply`].
+//!
+//! Writing: everything for the client — the session's own replies and the
+//! hub's deliveries — goes through one bounded queue of
+//! `limits.max_outbound_queue` items to the socket writer ([`writer`]).
+//! When the queue is full the session is closed with 1013 `slow consumer`
+//! instead of growing. A close is signalled to the writer out of band.
+//!
+//! Lifetime: heartbeat pings every `server.heartbeat_s`; a client silent for
+//! `server.client_timeout_s` is closed; the token's `exp` closes the session
+//! with 1008 `token expired` unless a `refresh` moved it.
+
+mod join;
+mod leave;
+mod ping;
+mod presence;
+mod publish;
+mod refresh;
+mod reply;
+mod task;
+mod writer;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use actix_ws::{AggregatedMessage, ProtocolError};
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::auth::Claims;
+use crate::hub::{CloseSession, Connect, Disconnect, Hub, Outbound};
+use crate::metrics::metrics;
+use crate::protocol::{
+    parse_client_frame, ClientFrame, CloseReason, ErrorCode, ErrorReply, Ref, RoomName,
+};
+use crate::ratelimit::TokenBucket;
+use crate::state::{AppState, ConnectionSlot};
+
+pub struct Session {
+    key: u64,
+    connection_id: Arc<str>,
+    user: Arc<str>,
+    claims: Claims,
+    state: Arc<AppState>,
+    hub: Addr<Hub>,
+    outbound: mpsc::Sender<Outbound>,
+    close: Option<oneshot::Sender<CloseReason>>,
+    rooms: HashSet<RoomName>,
+    bucket: TokenBucket,
+    strikes: u32,
+    last_seen: Instant,
+    expiry: Option<SpawnHandle>,
+    _slot: ConnectionSlot,
+}
+
+/// What an accepted connection brings to its session.
+pub struct Accepted {
+    pub claims: Claims,
+    pub connection_id: String,
+    pub slot: ConnectionSlot,
+}
+
+impl Session {
+    /// Starts the actor and its socket writer for an accepted connection.
+    pub fn start(
+        state: Arc<AppState>,
+        hub: Addr<Hub>,
+        accepted: Accepted,
+        ws: actix_ws::Session,
+        stream: actix_ws::MessageStream,
+    ) {
+        let limits = &state.config.limits;
+        let (outbound, rx) = mpsc::channel(limits.max_outbound_queue);
+        let (close, close_rx) = oneshot::channel();
+        // A client that reads nothing for the client timeout gets no close
+        // frame: the connection is dropped without one.
+        let close_wait = Duration::from_secs(state.config.server.client_timeout_s);
+        state.spawn_socket_task(writer::write_loop(ws, rx, close_rx, close_wait));
+        let max_bytes = limits.max_message_bytes;
+        let stream = stream
+            .max_frame_size(max_bytes)
+            .aggregate_continuations()
+            .max_continuation_size(max_bytes);
+        let bucket = TokenBucket::new(limits.messages_per_second, limits.burst);
+        let key = state.next_session_key();
+        let Accepted {
+            claims,
+            connection_id,
+            slot,
+        } = accepted;
+        Session::create(move |ctx| {
+            ctx.add_stream(stream);
+            Session {
+                key,
+                connection_id: connection_id.into(),
+                user: claims.sub.clone().into(),
+                claims,
+                state,
+                hub,
+                outbound,
+                close: Some(close),
+                rooms: HashSet::new(),
+                bucket,
+                strikes: 0,
+                last_seen: Instant::now(),
+                expiry: None,
+                _slot: slot,
+            }
+        });
+    }
+
+    /// Queues an item for this client; a full queue closes the session.
+    fn send(&mut self, item: Outbound, ctx: &mut Context<Self>) {
+        if let Err(TrySendError::Full(_)) = self.outbound.try_send(item) {
+            self.close(CloseReason::SlowConsumer, ctx);
+        }
+    }
+
+    fn close(&mut self, reason: CloseReason, ctx: &mut Context<Self>) {
+        let Some(close) = self.close.take() else {
+            return;
+        };
+        metrics()
+            .connections_closed
+            .with_label_values(&[reason.label()])
+            .inc();
+        if reason == CloseReason::SlowConsumer {
+            metrics().slow_consumer_closes.inc();
+        }
+        tracing::debug!(connection_id = %self.connection_id, reason = reason.label(), "closing session");
+        let _ = close.send(reason);
+        ctx.stop();
+    }
+
+    fn schedule_expiry(&mut self, ctx: &mut Context<Self>) {
+        if let Some(handle) = self.expiry.take() {
+            ctx.cancel_future(handle);
+        }
+        let left = (self.claims.exp * 1000).saturating_sub(crate::clock::now_ms());
+        self.expiry = Some(ctx.run_later(Duration::from_millis(left), |this, ctx| {
+            this.close(CloseReason::TokenExpired, ctx);
+        }));
+    }
+
+    /// Takes a token from the bucket; refuses (and after too many strikes
+    /// closes) when there is none.
+    fn within_rate(&mut self, reference: &Ref, ctx: &mut Context<Self>) -> bool {
+        if self.bucket.try_take() {
+            self.strikes = 0;
+            return true;
+        }
+        self.strikes += 1;
+        let limits = &self.state.config.limits;
+        if self.strikes >= limits.rate_limit_strikes {
+            self.close(CloseReason::RateLimit, ctx);
+        } else {
+            let message = format!("over {} messages per second", limits.messages_per_second);
+            let err = ErrorReply::new(ErrorCode::RateLimited, message);
+            self.reply_error(err, reference, ctx);
+        }
+        false
+    }
+
+    fn on_text(&mut self, text: &str, ctx: &mut Context<Self>) {
+        let parsed = parse_client_frame(text);
+        let (kind, reference) = match &parsed {
+            Ok((frame, r)) => (frame.kind(), r.clone()),
+            Err((_, r)) => ("invalid", r.clone()),
+        };
+        metrics().frames_received.with_label_values(&[kind]).inc();
+        if !self.within_rate(&reference, ctx) {
+            return;
+        }
+        match parsed {
+            Ok((frame, reference)) => self.on_frame(frame, reference, ctx),
+            Err((err, reference)) => self.reply_error(err, &reference, ctx),
+        }
+    }
+
+    /// One handler per client frame.
+    fn on_frame(&mut self, frame: ClientFrame, reference: Ref, ctx: &mut Context<Self>) {
+        match frame {
+            ClientFrame::Join { room, since } => self.on_join(&room, since, reference, ctx),
+            ClientFrame::Leave { room } => self.on_leave(&room, reference, ctx),
+            ClientFrame::Publish { room, data } => self.on_publish(&room, data, reference, ctx),
+            ClientFrame::Direct { to, data } => self.on_direct(to, data, reference, ctx),
+            ClientFrame::Presence { room } => self.on_presence(&room, reference, ctx),
+            ClientFrame::Task { name, .. } => self.on_task(&name, reference, ctx),
+            ClientFrame::Refresh { token } => self.on_refresh(&token, reference, ctx),
+            ClientFrame::Ping => self.on_ping(reference, ctx),
+        }
+    }
+}
+
+impl Actor for Session {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        let state = self.state.clone();
+        let cfg = &state.config;
+        let welcome = crate::protocol::welcome_frame(
+            &self.connection_id,
+            &self.user,
+            &state.instance_id,
+            cfg.server.heartbeat_s,
+        );
+        self.send(Outbound::Frame(welcome), ctx);
+        self.hub.do_send(Connect {
+            key: self.key,
+            user: self.user.clone(),
+            connection_id: self.connection_id.clone(),
+            outbound: self.outbound.clone(),
+            session: ctx.address().recipient(),
+        });
+        let timeout = Duration::from_secs(cfg.server.client_timeout_s);
+        ctx.run_interval(
+            Duration::from_secs(cfg.server.heartbeat_s),
+            move |this, ctx| {
+                if this.last_seen.elapsed() >= timeout {
+                    this.close(CloseReason::ClientTimeout, ctx);
+                } else {
+                    // A full queue already means trouble; the ping can wait.
+                    let _ = this.outbound.try_send(Outbound::Ping);
+                }
+            },
+        );
+        self.schedule_expiry(ctx);
+        metrics().connections_open.inc();
+        metrics().connections_accepted.inc();
+    }
+
+    fn stopped(&mut self, _: &mut Self::Context) {
+        // Ends the writer if no close was sent (the client went away).
+        self.close.take();
+        self.hub.do_send(Disconnect { key: self.key });
+        metrics().connections_open.dec();
+        let broker = self.state.broker.clone();
+        broker.subscriptions.unwatch_user(&self.user);
+        let (id, user) = (self.connection_id.clone(), self.user.clone());
+        actix::spawn(async move { broker.registry.unregister(&id, &user).await });
+    }
+}
+
+impl Handler<CloseSession> for Session {
+    type Result = ();
+
+    fn handle(&mut self, msg: CloseSession, ctx: &mut Self::Context) {
+        self.close(msg.0, ctx);
+    }
+}
+
+impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for Session {
+    fn handle(&mut self, item: Result<AggregatedMessage, ProtocolError>, ctx: &mut Self::Context) {
+        self.last_seen = Instant::now();
+        match item {
+            Ok(AggregatedMessage::Text(text)) => self.on_text(&text, ctx),
+            Ok(AggregatedMessage::Binary(_)) => self.close(CloseReason::BinaryNotSupported, ctx),
+            Ok(AggregatedMessage::Ping(payload)) => self.send(Outbound::Pong(payload), ctx),
+            Ok(AggregatedMessage::Pong(_)) => {}
+            Ok(AggregatedMessage::Close(_)) => self.close(CloseReason::Normal, ctx),
+            Err(ProtocolError::Overflow) => self.close(CloseReason::MessageTooBig, ctx),
+            Err(e) => {
+                tracing::debug!(error = %e, connection_id = %self.connection_id, "websocket protocol error");
+                self.close(CloseReason::ProtocolError, ctx);
+            }
+        }
+    }
+
+    fn finished(&mut self, ctx: &mut Self::Context) {
+        ctx.stop();
+    }
+}

@@ -1,0 +1,62 @@
+//! The one way a session answers a client frame: an `ack`, an `error`, or
+//! another direct reply, each carrying the request's `ref`.
+
+use actix::Context;
+use bytestring::ByteString;
+
+use super::Session;
+use crate::broker::BrokerError;
+use crate::hub::Outbound;
+use crate::metrics::metrics;
+use crate::protocol::{error_frame, Ack, ErrorReply, Ref, RoomName};
+
+impl Session {
+    /// A direct reply (ack, presence, pong) for this client.
+    pub(super) fn reply(&mut self, frame: ByteString, ctx: &mut Context<Self>) {
+        self.send(Outbound::Frame(frame), ctx);
+    }
+
+    pub(super) fn ack(&mut self, ack: Ack<'_>, ctx: &mut Context<Self>) {
+        self.reply(ack.encode(), ctx);
+    }
+
+    pub(super) fn reply_error(
+        &mut self,
+        err: ErrorReply,
+        reference: &Ref,
+        ctx: &mut Context<Self>,
+    ) {
+        metrics()
+            .errors
+            .with_label_values(&[err.code.as_str()])
+            .inc();
+        self.reply(error_frame(&err, reference), ctx);
+    }
+
+    /// A broker failure: `internal` to the client, the details to the log.
+    pub(super) fn reply_broker_error(
+        &mut self,
+        err: BrokerError,
+        reference: &Ref,
+        ctx: &mut Context<Self>,
+    ) {
+        tracing::error!(error = %err, connection_id = %self.connection_id, "broker call failed");
+        self.reply_error(ErrorReply::internal(), reference, ctx);
+    }
+
+    /// A room name from the client, or `bad_request` sent and `None`.
+    pub(super) fn room_arg(
+        &mut self,
+        room: &str,
+        reference: &Ref,
+        ctx: &mut Context<Self>,
+    ) -> Option<RoomName> {
+        match RoomName::parse(room) {
+            Ok(room) => Some(room),
+            Err(e) => {
+                self.reply_error(ErrorReply::bad_request(e), reference, ctx);
+                None
+            }
+        }
+    }
+}
