@@ -4,6 +4,9 @@ FROM rust:1-slim-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+# The workspace's other member must be present for Cargo to load the
+# workspace, though only the server is built.
+COPY crates ./crates
 RUN cargo build --release --locked --bin switchboard
 
 FROM debian:bookworm-slim

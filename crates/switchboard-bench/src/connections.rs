@@ -1,0 +1,279 @@
+//! The `connections` scenario: open `--count` authenticated connections
+//! (distinct users, `--concurrency` at a time), measure the time to
+//! `welcome`, hold them all for `--hold-s`, close them cleanly, and report.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::task::JoinHandle;
+
+use crate::client::{self, mint_token, ReadEnd};
+use crate::clock::{collect_outcomes, run_id};
+use crate::cpu::{cores, CpuMeter};
+use crate::latency::{Latency, P50_P90_P99, P50_P99};
+use crate::report::{count_into, fmt_counts, per_s, print_result, Counts};
+use crate::server_stats::ServerStats;
+use crate::ConnectionsArgs;
+
+/// How one connection went.
+struct ConnectionResult {
+    welcome: Result<Duration, String>,
+    welcomed_at: Option<Instant>,
+    server_close: Option<String>,
+    stream_error: Option<String>,
+    closed_cleanly: bool,
+    close_took: Option<Duration>,
+}
+
+impl ConnectionResult {
+    fn failed(error: String) -> Self {
+        ConnectionResult {
+            welcome: Err(error),
+            welcomed_at: None,
+            server_close: None,
+            stream_error: None,
+            closed_cleanly: false,
+            close_took: None,
+        }
+    }
+}
+
+/// What every connection task shares.
+struct Shared {
+    limit: Duration,
+    read_buffer_bytes: usize,
+    slots: Semaphore,
+}
+
+/// One connection: connect in a free slot, wait for welcome, read (which
+/// answers pings) until stop, close cleanly.
+async fn hold_connection(
+    url: String,
+    shared: Arc<Shared>,
+    ready: mpsc::UnboundedSender<bool>,
+    mut stop: watch::Receiver<bool>,
+) -> ConnectionResult {
+    let Ok(slot) = shared.slots.acquire().await else {
+        let _ = ready.send(false);
+        return ConnectionResult::failed("not started".into());
+    };
+    let started = Instant::now();
+    let ws = client::connect_and_welcome(&url, shared.limit, shared.read_buffer_bytes).await;
+    drop(slot);
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(e) => {
+            let _ = ready.send(false);
+            return ConnectionResult::failed(e);
+        }
+    };
+    let welcome = Ok(started.elapsed());
+    let welcomed_at = Some(Instant::now());
+    let _ = ready.send(true);
+    let (mut sink, mut stream) = ws.split();
+    let end = client::read_until_stop(&mut stream, &mut stop, |_| {}).await;
+    let (mut closed_cleanly, mut close_took) = (false, None);
+    if let ReadEnd::Stopped = end {
+        let started = Instant::now();
+        closed_cleanly = client::close_cleanly(&mut sink, &mut stream).await;
+        close_took = Some(started.elapsed());
+    }
+    ConnectionResult {
+        welcome,
+        welcomed_at,
+        server_close: end.server_close(),
+        stream_error: end.stream_error(),
+        closed_cleanly,
+        close_took,
+    }
+}
+
+/// Run the scenario; whether every connection was welcomed and closed
+/// cleanly.
+pub async fn run(args: ConnectionsArgs) -> Result<bool, String> {
+    let common = &args.common;
+    let deadline = Instant::now() + Duration::from_secs(common.duration_s);
+    let stats = ServerStats::new(&common.url, common.api_key.clone())?;
+    println!(
+        "scenario: connections: {} connections (distinct users) to {}, {} at a time, held {} s",
+        args.count, common.url, args.concurrency, args.hold_s
+    );
+    stats.report_connections("before connecting", 0).await;
+    let urls = connection_urls(&args)?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut opened = open_all(&args, urls, stop_rx, deadline).await;
+    stats
+        .report_connections("with all connections open", opened.opened)
+        .await;
+    let hold_until = (Instant::now() + Duration::from_secs(args.hold_s)).min(deadline);
+    tokio::time::sleep_until(hold_until.into()).await;
+    let close_started = Instant::now();
+    let _ = stop_tx.send(true);
+    let mut results = Vec::with_capacity(args.count);
+    for t in std::mem::take(&mut opened.tasks) {
+        results.push(
+            t.await
+                .map_err(|e| format!("a connection task failed: {e}"))?,
+        );
+    }
+    let tally = Tally::of(&results, opened.started);
+    tally.print(&args, &opened, close_started.elapsed());
+    stats.await_connections(0, Duration::from_secs(10)).await;
+    let ok = tally.welcome.total() as usize == args.count
+        && tally.clean == args.count
+        && tally.server_closes.is_empty()
+        && tally.stream_errors.is_empty();
+    print_result(ok, "every connection welcomed and closed cleanly");
+    Ok(ok)
+}
+
+/// One URL with its own token per connection, each for a distinct user.
+fn connection_urls(args: &ConnectionsArgs) -> Result<Vec<String>, String> {
+    let run_id = run_id();
+    let endpoint = client::ws_endpoint(&args.common.url);
+    (0..args.count)
+        .map(|i| {
+            let token = mint_token(&args.common.secret, &format!("bench-conn-{run_id}-{i}"))?;
+            Ok(client::ws_url_with_token(&endpoint, &token))
+        })
+        .collect()
+}
+
+/// The connecting phase as it ended.
+struct Opened {
+    tasks: Vec<JoinHandle<ConnectionResult>>,
+    started: Instant,
+    /// Until every attempt settled (or the deadline).
+    elapsed: Duration,
+    cpu: String,
+    opened: usize,
+}
+
+/// Start every connection and wait (until the deadline) for every attempt
+/// to settle.
+async fn open_all(
+    args: &ConnectionsArgs,
+    urls: Vec<String>,
+    stop: watch::Receiver<bool>,
+    deadline: Instant,
+) -> Opened {
+    let shared = Arc::new(Shared {
+        limit: Duration::from_secs(args.common.connect_timeout_s),
+        read_buffer_bytes: args.common.read_buffer_bytes,
+        slots: Semaphore::new(args.concurrency.max(1)),
+    });
+    let (ready_tx, mut ready_rx) = mpsc::unbounded_channel();
+    let cpu = CpuMeter::read();
+    let started = Instant::now();
+    let tasks: Vec<_> = urls
+        .into_iter()
+        .map(|url| {
+            let task = hold_connection(url, shared.clone(), ready_tx.clone(), stop.clone());
+            tokio::spawn(task)
+        })
+        .collect();
+    let (settled, opened) = collect_outcomes(&mut ready_rx, args.count, deadline).await;
+    let elapsed = started.elapsed();
+    let cpu = cpu.since(cores());
+    if settled < args.count {
+        println!(
+            "TIMED OUT: only {settled} of {} attempts settled",
+            args.count
+        );
+    }
+    Opened {
+        tasks,
+        started,
+        elapsed,
+        cpu,
+        opened,
+    }
+}
+
+/// Every connection's result, added up.
+struct Tally {
+    welcome: Latency,
+    close: Latency,
+    failures: Counts,
+    server_closes: Counts,
+    stream_errors: Counts,
+    /// From the start to the last welcome.
+    window_s: f64,
+    clean: usize,
+}
+
+impl Tally {
+    fn of(results: &[ConnectionResult], started: Instant) -> Self {
+        let mut t = Tally {
+            welcome: Latency::new(),
+            close: Latency::new(),
+            failures: Counts::new(),
+            server_closes: Counts::new(),
+            stream_errors: Counts::new(),
+            window_s: 0.0,
+            clean: 0,
+        };
+        let mut last_welcome = started;
+        for r in results {
+            match &r.welcome {
+                Ok(d) => t.welcome.record(d.as_micros() as u64),
+                Err(e) => count_into(&mut t.failures, e.clone()),
+            }
+            if let Some(at) = r.welcomed_at {
+                last_welcome = last_welcome.max(at);
+            }
+            if let Some(c) = &r.server_close {
+                count_into(&mut t.server_closes, c.clone());
+            }
+            if let Some(e) = &r.stream_error {
+                count_into(&mut t.stream_errors, e.clone());
+            }
+            if let Some(d) = r.close_took {
+                t.close.record(d.as_micros() as u64);
+            }
+            t.clean += usize::from(r.closed_cleanly);
+        }
+        t.window_s = last_welcome.duration_since(started).as_secs_f64();
+        t
+    }
+
+    fn print(&self, args: &ConnectionsArgs, opened: &Opened, close_elapsed: Duration) {
+        let welcomed = self.welcome.total();
+        println!();
+        println!(
+            "connected:   {welcomed} of {} welcomed in {:.2} s: {} (all attempts settled after {:.2} s)",
+            args.count,
+            self.window_s,
+            per_s(welcomed, self.window_s, "connects"),
+            opened.elapsed.as_secs_f64()
+        );
+        println!(
+            "  time to welcome (TCP connect + upgrade + welcome): {}",
+            self.welcome.summary_ms(&P50_P90_P99)
+        );
+        println!("  cpu while connecting: {}", opened.cpu);
+        if !self.failures.is_empty() {
+            println!("  FAILURES: {}", fmt_counts(&self.failures));
+        }
+        if !self.server_closes.is_empty() {
+            println!(
+                "  CLOSED BY SERVER while held: {}",
+                fmt_counts(&self.server_closes)
+            );
+        }
+        if !self.stream_errors.is_empty() {
+            println!(
+                "  STREAM ERRORS while held: {}",
+                fmt_counts(&self.stream_errors)
+            );
+        }
+        println!(
+            "closed:      {} of {welcomed} with a completed close handshake in {:.2} s; per connection {}",
+            self.clean,
+            close_elapsed.as_secs_f64(),
+            self.close.summary_ms(&P50_P99)
+        );
+    }
+}
