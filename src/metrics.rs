@@ -29,6 +29,7 @@ pub struct Metrics {
     pub published: IntCounterVec,
     pub redis_reconnects: IntCounterVec,
     pub redis_malformed: IntCounter,
+    pub fanout_dropped: IntCounter,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
@@ -134,6 +135,11 @@ impl Metrics {
                 "switchboard_redis_reconnects_total",
                 "Times a Redis connection came back after an outage, by connection (subscriber, commands).",
                 "connection",
+            ),
+            fanout_dropped: counter(
+                &registry,
+                "switchboard_fanout_dropped_total",
+                "Fan-outs dropped for a hub whose mailbox was full (their recipients are closed 1013).",
             ),
             redis_malformed: counter(
                 &registry,

@@ -42,7 +42,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
-    let state = Arc::new(start_state(config)?);
+    let state = Arc::new(start_state(config).await?);
     let workers = match state.config.server.workers {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
@@ -81,7 +81,7 @@ pub async fn run(
 }
 
 /// Everything the workers share, with the broker started.
-fn start_state(config: Config) -> Result<AppState, ServerError> {
+async fn start_state(config: Config) -> Result<AppState, ServerError> {
     let instance_id = config.instance_id();
     if config.uses_dev_secret() {
         tracing::warn!(
@@ -90,7 +90,7 @@ fn start_state(config: Config) -> Result<AppState, ServerError> {
         );
     }
     let verifier = Verifier::new(&config.auth)?;
-    let broker = Broker::start(&config, &instance_id)?;
+    let broker = Broker::start(&config, &instance_id).await?;
     Ok(AppState::new(config, instance_id, verifier, broker))
 }
 

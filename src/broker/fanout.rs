@@ -6,21 +6,31 @@
 //! An [`Envelope`] is built once per publish, with its frame already
 //! serialized by [`crate::protocol`], and sent as one `Arc` to every hub
 //! ([`HubSet::send`]); hubs hand the same bytes to every local recipient.
+//!
+//! **When a hub's mailbox is full** ([`crate::hub::MAILBOX`] fan-outs: the
+//! worker cannot keep up), the envelope is not queued anywhere else: it is
+//! dropped for that hub (`switchboard_fanout_dropped_total`), and so is
+//! every later envelope for the same target, until the hub has taken a
+//! [`Target::Lost`] marker, on which it closes the local recipients of
+//! those targets with 1013 `slow consumer`. So no member ever sees a gap:
+//! it gets every message in order, or is closed and recovers with `since`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+use actix::dev::SendError;
 use actix::{Message, Recipient};
 use bytestring::ByteString;
 use serde::Serialize;
 
 use crate::clock::{now_ms, now_us};
+use crate::metrics::metrics;
 use crate::protocol::{
     broadcast_frame, direct_frame, message_frame, presence_change_frame, MessageId, RoomName,
 };
 
 /// Who an envelope is for.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Target {
     /// Every member of the room.
     Room(RoomName),
@@ -30,6 +40,9 @@ pub enum Target {
     All,
     /// Close every connection of the user with 1008 `kicked`; never a frame.
     Kick(String),
+    /// Envelopes for these targets were dropped for this hub: close their
+    /// local recipients with 1013 `slow consumer`; never a frame.
+    Lost(Vec<Target>),
 }
 
 /// One publish, serialized once, shared by every recipient on every hub.
@@ -139,6 +152,16 @@ impl Envelope {
         }
     }
 
+    /// A history message replayed after a lost subscription.
+    pub fn replayed(room: RoomName, id: MessageId, frame: ByteString) -> Envelope {
+        Envelope {
+            target: Target::Room(room),
+            frame,
+            id: Some(id),
+            published_us: id.ms.saturating_mul(1000),
+        }
+    }
+
     /// Closes every connection of `user` with 1008 `kicked`.
     pub fn kick(user: String) -> Envelope {
         Envelope {
@@ -155,31 +178,85 @@ impl Envelope {
 #[rtype(result = "()")]
 pub struct Fanout(pub Arc<Envelope>);
 
+/// One hub and what was dropped for it.
+struct HubLink {
+    hub: Recipient<Fanout>,
+    /// Targets whose envelopes are dropped until the hub took the marker.
+    lost: HashSet<Target>,
+}
+
+impl HubLink {
+    /// Hands the pending [`Target::Lost`] marker over, if the hub has room.
+    fn flush(&mut self) {
+        if self.lost.is_empty() {
+            return;
+        }
+        let targets: Vec<Target> = self.lost.iter().cloned().collect();
+        let marker = Envelope {
+            target: Target::Lost(targets),
+            frame: ByteString::default(),
+            id: None,
+            published_us: 0,
+        };
+        if self.hub.try_send(Fanout(Arc::new(marker))).is_ok() {
+            self.lost.clear();
+        }
+    }
+
+    fn send(&mut self, envelope: &Arc<Envelope>) {
+        self.flush();
+        if self.lost.contains(&envelope.target) {
+            metrics().fanout_dropped.inc();
+            return;
+        }
+        match self.hub.try_send(Fanout(envelope.clone())) {
+            Ok(()) => {}
+            Err(SendError::Full(_)) => {
+                metrics().fanout_dropped.inc();
+                self.lost.insert(envelope.target.clone());
+            }
+            Err(SendError::Closed(_)) => {}
+        }
+    }
+}
+
 /// This instance's hubs, one per worker thread.
 #[derive(Default)]
-pub struct HubSet(Vec<Recipient<Fanout>>);
+pub struct HubSet(Vec<HubLink>);
 
 impl HubSet {
     pub fn attach(&mut self, hub: Recipient<Fanout>) {
-        self.0.push(hub);
+        self.0.push(HubLink {
+            hub,
+            lost: HashSet::new(),
+        });
     }
 
     /// Sends the envelope to every hub: one `Arc` each, never a copy.
     pub fn send(&mut self, envelope: Envelope) {
         let envelope = Arc::new(envelope);
-        self.0.retain(|hub| hub.connected());
-        for hub in &self.0 {
-            hub.do_send(Fanout(envelope.clone()));
+        self.0.retain(|link| link.hub.connected());
+        for link in &mut self.0 {
+            link.send(&envelope);
+        }
+    }
+
+    /// Hands pending [`Target::Lost`] markers over (call it on a timer).
+    pub fn flush(&mut self) {
+        for link in &mut self.0 {
+            link.flush();
         }
     }
 }
 
 /// Ids an instance gives on its own, strictly increasing: per room (for
 /// room messages that come without one) and one sequence for direct and
-/// broadcast frames.
+/// broadcast frames. Also the last history id seen per room, where a
+/// catch-up after a lost subscription starts.
 #[derive(Default)]
 pub struct LocalIds {
     rooms: HashMap<RoomName, MessageId>,
+    history: HashMap<RoomName, MessageId>,
     other: MessageId,
 }
 
@@ -191,10 +268,24 @@ impl LocalIds {
         *last
     }
 
-    /// An id that reached `room` from elsewhere: later local ids follow it.
+    /// A history id that reached `room` from elsewhere: later local ids
+    /// follow it.
     pub fn seen_room(&mut self, room: &RoomName, id: MessageId) {
         let last = self.rooms.entry(room.clone()).or_default();
         *last = (*last).max(id);
+        let seen = self.history.entry(room.clone()).or_default();
+        *seen = (*seen).max(id);
+    }
+
+    /// The newest history id seen in `room`.
+    pub fn last_history_id(&self, room: &RoomName) -> Option<MessageId> {
+        self.history.get(room).copied()
+    }
+
+    /// The room has no local member any more: forget it (bounded memory).
+    pub fn forget_room(&mut self, room: &RoomName) {
+        self.rooms.remove(room);
+        self.history.remove(room);
     }
 
     /// The next id for a direct or broadcast frame.

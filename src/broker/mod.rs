@@ -24,6 +24,7 @@ use std::sync::Arc;
 use actix::Recipient;
 use async_trait::async_trait;
 use bytestring::ByteString;
+use futures_util::future::BoxFuture;
 use serde_json::Value;
 
 pub use self::fanout::{Envelope, Fanout, Target};
@@ -63,6 +64,8 @@ pub struct BrokerStats {
     pub users: u64,
     /// Connections in the registry.
     pub connections: u64,
+    /// Rooms with at least one member on this instance.
+    pub local_rooms: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -144,17 +147,20 @@ pub trait Registry: Send + Sync {
 }
 
 /// Which fan-out reaches this instance's hubs.
-#[async_trait]
+///
+/// `watch_*` take a reference at once, when called (so a watch and an
+/// unwatch issued in that order are counted in that order), and return a
+/// future that resolves once deliveries are guaranteed.
 pub trait Subscriptions: Send + Sync {
     /// A hub (one per worker thread) asks to receive every fan-out.
     fn attach_hub(&self, hub: Recipient<Fanout>);
     /// Called by a hub before it relies on receiving a room's fan-out (a
     /// no-op in memory mode; a Redis SUBSCRIBE, confirmed, in cluster mode).
-    async fn watch_room(&self, room: &RoomName) -> BrokerResult<()>;
-    /// The hub's last local member of the room left.
+    fn watch_room(&self, room: &RoomName) -> BoxFuture<'static, BrokerResult<()>>;
+    /// Gives back one reference taken by `watch_room`.
     fn unwatch_room(&self, room: &RoomName);
     /// Same for a user's direct messages.
-    async fn watch_user(&self, user: &str) -> BrokerResult<()>;
+    fn watch_user(&self, user: &str) -> BoxFuture<'static, BrokerResult<()>>;
     fn unwatch_user(&self, user: &str);
 }
 
@@ -203,11 +209,12 @@ impl Broker {
 
     /// Starts the configured broker. Must be called inside a running actix
     /// system.
-    pub fn start(config: &Config, instance_id: &str) -> Result<Broker, StartError> {
+    pub async fn start(config: &Config, instance_id: &str) -> Result<Broker, StartError> {
         Ok(match config.broker.kind {
             BrokerKind::Memory => Broker::from_parts("memory", memory::MemoryBroker::start(config)),
             BrokerKind::Redis => {
-                Broker::from_parts("redis", redis::RedisBroker::start(config, instance_id)?)
+                let redis = redis::RedisBroker::start(config, instance_id).await?;
+                Broker::from_parts("redis", redis)
             }
         })
     }

@@ -213,6 +213,7 @@ pub async fn stats(state: web::Data<AppState>) -> ApiResult {
         "broker": state.broker.kind,
         "connections": state.open_connections(),
         "rooms": stats.rooms,
+        "local_rooms": stats.local_rooms,
         "users": stats.users,
         "cluster_connections": stats.connections,
         "uptime_s": state.started_at.elapsed().as_secs(),

@@ -1,23 +1,28 @@
 //! Joins and the replay/live seam.
 //!
 //! A joining member is first *pending*: live frames for the room are
-//! buffered while the hub makes sure the broker will deliver the room here
-//! (`watch_room`), reads the history after `since` and records presence.
-//! Then it sends the ack, the replay, and the buffered live frames newer
-//! than the last replayed id, and the member turns live. So nothing is lost
-//! or doubled at the seam.
+//! buffered while the hub makes sure the broker delivers the room here
+//! (the room's watch, shared by every join that arrives while it is in
+//! flight), reads the history after `since` and records presence. Then it
+//! sends the ack, the replay, and the buffered live frames newer than the
+//! last replayed id, and the member turns live with that id as its floor:
+//! a live delivery at or below it (a lagging subscriber's copy of a
+//! replayed message) is dropped. So nothing is lost or doubled at the seam.
 
 use std::sync::Arc;
 
 use actix::prelude::*;
+use futures_util::future::{BoxFuture, FutureExt, Shared};
+use tokio::sync::oneshot;
 
 use super::{Hub, Join, Outbound};
 use crate::broker::{Broker, BrokerError, Envelope, History};
-use crate::protocol::{Ack, MessageId, RoomName};
+use crate::protocol::{Ack, ErrorReply, MessageId, RoomName};
 
 /// A member's delivery state in one room.
 pub(super) enum Membership {
-    Live,
+    /// Receives the room's deliveries newer than `floor`.
+    Live { floor: Option<MessageId> },
     /// Join in progress: live frames wait here until the ack and replay are out.
     Pending {
         join_seq: u64,
@@ -25,115 +30,133 @@ pub(super) enum Membership {
     },
 }
 
-/// Who is joining: what the join needs of the session, kept in case the
-/// session is gone by the time the join completes.
-struct Joiner {
-    user: Arc<str>,
-    connection_id: Arc<str>,
+/// A watch in flight or done, shared by the joins that wait for it.
+type Watched = Shared<BoxFuture<'static, Result<(), String>>>;
+
+/// One room's members on this hub and the hub's subscription to it.
+pub(super) struct Room {
+    pub members: std::collections::HashMap<u64, Membership>,
+    watched: Watched,
+    /// References this hub holds on the room's channel (one, plus one per
+    /// watch retried after a failure), all given back with the last member.
+    pub watch_refs: usize,
 }
 
-/// Subscribed before history is read (nothing lost at the seam), and
-/// presence recorded before the ack (a client sees itself present).
+fn watch(broker: &Broker, room: &RoomName) -> Watched {
+    broker
+        .subscriptions
+        .watch_room(room)
+        .map(|r| r.map_err(|e| e.to_string()))
+        .boxed()
+        .shared()
+}
+
+/// How a join's preparation ended.
+enum Prepared {
+    Ready(History),
+    /// The broker is away: a local join, `recovered: false`.
+    Local(String),
+    /// A request failed: the join is refused with `internal`.
+    Failed(BrokerError),
+}
+
+/// Waits for the room's watch (nothing lost at the seam), reads history,
+/// and waits for presence (a client sees itself present once acked).
 async fn prepare(
     broker: Broker,
-    first_here: bool,
+    watched: Watched,
     room: RoomName,
     since: Option<MessageId>,
-    joiner: &Joiner,
-) -> Result<History, BrokerError> {
-    let watched = if first_here {
-        broker.subscriptions.watch_room(&room).await
-    } else {
-        Ok(())
-    };
-    let history = match (watched, since) {
-        (Err(e), _) => Err(e),
+    presence_recorded: oneshot::Receiver<()>,
+) -> Prepared {
+    let prepared = match (watched.await, since) {
+        (Err(e), _) => Prepared::Local(e),
+        (Ok(()), None) => Prepared::Ready(History::default()),
         (Ok(()), Some(since)) => {
-            broker
+            match broker
                 .messages
                 .history(&room, Some(since), usize::MAX)
                 .await
+            {
+                Ok(history) => Prepared::Ready(history),
+                Err(BrokerError::Unavailable(e)) => Prepared::Local(e),
+                Err(e) => Prepared::Failed(e),
+            }
         }
-        (Ok(()), None) => Ok(History::default()),
     };
-    let presence = broker
-        .presence
-        .join(&room, &joiner.user, &joiner.connection_id);
-    if let Err(e) = presence.await {
-        tracing::warn!(error = %e, room = %room, "presence join not recorded");
-    }
-    history
+    let _ = presence_recorded.await;
+    prepared
 }
 
 impl Hub {
-    /// Finishes a join: ack, replay, buffered live frames, then live.
-    fn complete_join(
-        &mut self,
-        join: &Join,
-        join_seq: u64,
-        history: Result<History, BrokerError>,
-        joiner: Joiner,
-    ) {
-        let (key, room) = (join.key, &join.room);
-        let still_pending = matches!(
-            self.rooms.get(room).and_then(|m| m.get(&key)),
-            Some(Membership::Pending { join_seq: seq, .. }) if *seq == join_seq
-        );
-        if !still_pending {
-            // Left (or left and joined again) while this join was pending.
-            let member_now = self.rooms.get(room).is_some_and(|m| m.contains_key(&key));
-            if !member_now {
-                self.record_presence_leave(room, joiner.user, joiner.connection_id);
-            }
-            return;
+    /// The room's watch for one more join: a new room's first, the one in
+    /// flight, or a fresh one when the last failed.
+    fn room_watch(&mut self, room: &RoomName) -> Watched {
+        let broker = self.broker.clone();
+        let state = self.rooms.entry(room.clone()).or_insert_with(|| Room {
+            members: Default::default(),
+            watched: watch(&broker, room),
+            watch_refs: 1,
+        });
+        if matches!(state.watched.peek(), Some(Err(_))) {
+            state.watched = watch(&broker, room);
+            state.watch_refs += 1;
         }
-        let Some(Membership::Pending { buffered, .. }) = self
+        state.watched.clone()
+    }
+
+    /// Finishes a join: ack, replay, buffered live frames, then live.
+    fn complete_join(&mut self, join: &Join, join_seq: u64, prepared: Prepared) {
+        let (key, room) = (join.key, &join.room);
+        let pending = self
             .rooms
             .get_mut(room)
-            .and_then(|m| m.insert(key, Membership::Live))
+            .and_then(|r| r.members.get_mut(&key));
+        let Some(membership) = pending else {
+            return; // Left (the session is gone) while the join was pending.
+        };
+        if !matches!(membership, Membership::Pending { join_seq: seq, .. } if *seq == join_seq) {
+            return;
+        }
+        let history = match prepared {
+            Prepared::Ready(history) => history,
+            Prepared::Local(e) => {
+                tracing::warn!(error = %e, room = %room, "join without history: broker unavailable");
+                History::default()
+            }
+            Prepared::Failed(e) => return self.refuse_join(join, e),
+        };
+        let last = history.messages.last().map(|m| m.id).or(join.since);
+        let Membership::Pending { buffered, .. } =
+            std::mem::replace(membership, Membership::Live { floor: last })
         else {
             return;
         };
-        // Without the broker (Redis away) the join still works locally; the
-        // client is told it may have missed messages.
-        let history = history.unwrap_or_else(|e| {
-            tracing::warn!(error = %e, room = %room, "join without history: broker unavailable");
-            History {
-                messages: Vec::new(),
-                recovered: false,
-            }
-        });
         let recovered = join.since.map(|_| history.recovered);
         let ack = Ack::to(&join.reference)
             .room(room.as_str())
             .recovered(recovered);
         self.push(key, Outbound::Frame(ack.encode()));
-        self.send_replay(key, join.since, history, buffered);
-    }
-
-    /// The replayed messages, then the live frames that arrived meanwhile,
-    /// without those already replayed.
-    fn send_replay(
-        &self,
-        key: u64,
-        since: Option<MessageId>,
-        history: History,
-        buffered: Vec<Arc<Envelope>>,
-    ) {
-        let mut last = since;
         for entry in history.messages {
-            last = Some(entry.id);
             self.push(key, Outbound::Frame(entry.frame));
         }
         for envelope in buffered {
-            let newer = match (envelope.id, last) {
-                (Some(id), Some(last)) => id > last,
-                _ => true,
-            };
-            if newer {
+            if envelope.id.is_none() || envelope.id > last {
                 self.push(key, Outbound::Delivery(envelope));
             }
         }
+    }
+
+    /// The join could not be prepared: no membership, `internal` to the client.
+    fn refuse_join(&mut self, join: &Join, e: BrokerError) {
+        tracing::error!(error = %e, room = %join.room, "join failed");
+        self.remove_membership(join.key, &join.room);
+        let frame = crate::protocol::error_frame(&ErrorReply::internal(), &join.reference);
+        crate::metrics::metrics()
+            .errors
+            .with_label_values(&[ErrorReply::internal().code.as_str()])
+            .inc();
+        self.push(join.key, Outbound::Frame(frame));
     }
 }
 
@@ -141,40 +164,47 @@ impl Handler<Join> for Hub {
     type Result = ();
 
     fn handle(&mut self, msg: Join, ctx: &mut Self::Context) {
-        let Some(member) = self.sessions.get(&msg.key) else {
+        if !self.sessions.contains_key(&msg.key) {
+            return;
+        }
+        let watched = self.room_watch(&msg.room);
+        let Some(state) = self.rooms.get_mut(&msg.room) else {
             return;
         };
-        let joiner = Joiner {
-            user: member.user.clone(),
-            connection_id: member.connection_id.clone(),
-        };
-        let members = self.rooms.entry(msg.room.clone()).or_default();
-        let first_here = members.is_empty();
-        if let Some(Membership::Live) = members.get(&msg.key) {
+        if let Some(Membership::Live { .. }) = state.members.get(&msg.key) {
             // Already a member: nothing was missed while connected.
             let recovered = msg.since.map(|_| true);
             let ack = Ack::to(&msg.reference)
                 .room(msg.room.as_str())
                 .recovered(recovered);
             self.push(msg.key, Outbound::Frame(ack.encode()));
+            let _ = msg.done.send(());
             return;
         }
         self.next_join_seq += 1;
         let join_seq = self.next_join_seq;
-        // A join while an earlier one is pending takes over its buffer, so
-        // frames that arrived in between are not dropped.
-        let buffered = match members.remove(&msg.key) {
+        // A join while an earlier one is pending takes over its buffer.
+        let buffered = match state.members.remove(&msg.key) {
             Some(Membership::Pending { buffered, .. }) => buffered,
             _ => Vec::new(),
         };
-        members.insert(msg.key, Membership::Pending { join_seq, buffered });
+        state
+            .members
+            .insert(msg.key, Membership::Pending { join_seq, buffered });
+        if let Some(member) = self.sessions.get_mut(&msg.key) {
+            member.rooms.insert(msg.room.clone());
+        }
+        let (recorded, presence_recorded) = oneshot::channel();
+        let subscribed = watched.clone().map(|_| ()).boxed();
+        self.record_presence(msg.key, true, &msg.room, Some(recorded), Some(subscribed));
         let (broker, room, since) = (self.broker.clone(), msg.room.clone(), msg.since);
-        let work = async move {
-            let history = prepare(broker, first_here, room, since, &joiner).await;
-            (history, joiner)
-        };
-        ctx.spawn(work.into_actor(self).map(move |(history, joiner), hub, _| {
-            hub.complete_join(&msg, join_seq, history, joiner);
+        let work = prepare(broker, watched, room, since, presence_recorded);
+        ctx.spawn(work.into_actor(self).map(move |prepared, hub, _| {
+            let Join { done, .. } = {
+                hub.complete_join(&msg, join_seq, prepared);
+                msg
+            };
+            let _ = done.send(());
         }));
     }
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use actix::{Message, Recipient};
 use bytestring::ByteString;
 use tokio::sync::mpsc::Sender;
+use tokio::sync::oneshot;
 
 use crate::broker::Envelope;
 use crate::protocol::{CloseReason, MessageId, Ref, RoomName};
@@ -47,8 +48,8 @@ pub struct Disconnect {
     pub key: u64,
 }
 
-/// Session → hub: make the session a member of `room`, ack it (with the
-/// replay after `since` when given).
+/// Session → hub: make the session a member of `room` and answer it (the
+/// ack and the replay after `since`, or an error), then tell `done`.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Join {
@@ -56,15 +57,20 @@ pub struct Join {
     pub room: RoomName,
     pub since: Option<MessageId>,
     pub reference: Ref,
+    pub done: oneshot::Sender<()>,
 }
 
-/// Session → hub: leave `room` and ack it.
+/// Session → hub: end the session's membership of `room`; ack it unless
+/// `reference` is `None` and `quiet` (a membership ended by the server),
+/// then tell `done`.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Leave {
     pub key: u64,
     pub room: RoomName,
     pub reference: Ref,
+    pub quiet: bool,
+    pub done: oneshot::Sender<()>,
 }
 
 /// Server → hub: the instance is shutting down; close every session, and

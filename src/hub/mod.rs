@@ -6,40 +6,56 @@
 //! (an `Arc`'d frame serialized once); the hub hands the same bytes to every
 //! local recipient's bounded outbound queue with `try_send`. A full queue
 //! closes that session with 1013 `slow consumer`; nobody else waits for it.
-//! Joins and their replay/live seam are in [`join`].
+//! Joins and their replay/live seam are in [`join`]; presence changes go
+//! through per-connection ordered lanes ([`presence`]).
+//!
+//! Subscriptions: the first local member of a room takes the hub's
+//! reference to the room's channel, in the handler itself, and the last one
+//! gives it back there too, so a watch and an unwatch are always counted in
+//! the order the hub saw the join and the leave.
 
 mod join;
 mod messages;
+mod presence;
 
 use std::collections::hash_map::Entry;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::mpsc::Sender;
+use tokio::sync::oneshot;
 
-use self::join::Membership;
+use self::join::{Membership, Room};
 pub use self::messages::{CloseSession, Connect, Disconnect, Join, Leave, Outbound, Shutdown};
+use self::presence::{Change, Lanes};
 use crate::broker::{Broker, Envelope, Fanout, Target};
 use crate::metrics;
 use crate::protocol::{Ack, CloseReason, RoomName};
+
+/// How many fan-out messages a hub's mailbox holds; past it the broker's
+/// fan-out policy applies (see [`crate::broker::fanout`]).
+pub const MAILBOX: usize = 16 * 1024;
 
 struct Member {
     user: Arc<str>,
     connection_id: Arc<str>,
     outbound: Sender<Outbound>,
     session: Recipient<CloseSession>,
+    /// The rooms it is a member of (live or joining) on this hub.
+    rooms: HashSet<RoomName>,
 }
 
 pub struct Hub {
     broker: Broker,
     max_outbound_queue: usize,
     sessions: HashMap<u64, Member>,
-    rooms: HashMap<RoomName, HashMap<u64, Membership>>,
+    rooms: HashMap<RoomName, Room>,
     users: HashMap<Arc<str>, Vec<u64>>,
     next_join_seq: u64,
+    presence: Option<Lanes>,
     /// Set by [`Shutdown`]: sessions that connect later are closed at once.
     closing: Option<CloseReason>,
 }
@@ -53,6 +69,7 @@ impl Hub {
             rooms: HashMap::new(),
             users: HashMap::new(),
             next_join_seq: 0,
+            presence: None,
             closing: None,
         }
     }
@@ -76,13 +93,17 @@ impl Hub {
     }
 
     fn deliver_room(&mut self, room: &RoomName, envelope: &Arc<Envelope>) {
-        let Some(members) = self.rooms.get_mut(room) else {
+        let Some(room) = self.rooms.get_mut(room) else {
             return;
         };
         let mut overflowing = Vec::new();
-        for (key, membership) in members.iter_mut() {
+        for (key, membership) in room.members.iter_mut() {
             match membership {
-                Membership::Live => {
+                Membership::Live { floor } => {
+                    // Already replayed to this member at its join.
+                    if envelope.id.is_some() && envelope.id <= *floor {
+                        continue;
+                    }
                     let Some(member) = self.sessions.get(key) else {
                         continue;
                     };
@@ -107,33 +128,50 @@ impl Hub {
         }
     }
 
-    /// Records in the broker that a connection left a room (in the
-    /// background: the session may be gone already).
-    fn record_presence_leave(&self, room: &RoomName, user: Arc<str>, conn: Arc<str>) {
-        let (presence, room) = (self.broker.presence.clone(), room.clone());
-        actix::spawn(async move {
-            if let Err(e) = presence.leave(&room, &user, &conn).await {
-                tracing::warn!(error = %e, room = %room, "presence leave not recorded");
-            }
-        });
+    /// Queues a presence change of session `key` behind its earlier ones.
+    fn record_presence(
+        &self,
+        key: u64,
+        joined: bool,
+        room: &RoomName,
+        done: Option<oneshot::Sender<()>>,
+        after: Option<futures_util::future::BoxFuture<'static, ()>>,
+    ) {
+        let (Some(lanes), Some(member)) = (&self.presence, self.sessions.get(&key)) else {
+            return;
+        };
+        let change = Change {
+            joined,
+            room: room.clone(),
+            user: member.user.clone(),
+            connection_id: member.connection_id.clone(),
+            done,
+            after,
+        };
+        lanes.push(key, change);
     }
 
-    /// Removes `key` from `room`; records the presence change.
+    /// Ends `key`'s membership of `room` (live or joining): presence leave
+    /// queued, and the room's subscription given back with its last member.
     fn remove_membership(&mut self, key: u64, room: &RoomName) -> bool {
-        let Some(members) = self.rooms.get_mut(room) else {
+        let Some(state) = self.rooms.get_mut(room) else {
             return false;
         };
-        let Some(membership) = members.remove(&key) else {
+        if state.members.remove(&key).is_none() {
             return false;
-        };
-        if members.is_empty() {
-            self.rooms.remove(room);
-            self.broker.subscriptions.unwatch_room(room);
         }
-        // A pending join records its presence when it completes, and sees
-        // then that the member has gone.
-        if let (Membership::Live, Some(member)) = (membership, self.sessions.get(&key)) {
-            self.record_presence_leave(room, member.user.clone(), member.connection_id.clone());
+        if state.members.is_empty() {
+            if let Some(state) = self.rooms.remove(room) {
+                for _ in 0..state.watch_refs {
+                    self.broker.subscriptions.unwatch_room(room);
+                }
+            }
+        }
+        // The join's presence change went down the lane when the join
+        // began, so this leave follows it there.
+        self.record_presence(key, false, room, None, None);
+        if let Some(member) = self.sessions.get_mut(&key) {
+            member.rooms.remove(room);
         }
         true
     }
@@ -143,6 +181,8 @@ impl Actor for Hub {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(MAILBOX);
+        self.presence = Some(Lanes::start(self.broker.presence.clone()));
         self.broker
             .subscriptions
             .attach_hub(ctx.address().recipient());
@@ -168,6 +208,7 @@ impl Handler<Connect> for Hub {
                 connection_id: msg.connection_id,
                 outbound: msg.outbound,
                 session: msg.session,
+                rooms: HashSet::new(),
             },
         );
     }
@@ -178,11 +219,10 @@ impl Handler<Disconnect> for Hub {
 
     fn handle(&mut self, msg: Disconnect, _: &mut Self::Context) {
         let rooms: Vec<RoomName> = self
-            .rooms
-            .iter()
-            .filter(|(_, members)| members.contains_key(&msg.key))
-            .map(|(room, _)| room.clone())
-            .collect();
+            .sessions
+            .get(&msg.key)
+            .map(|m| m.rooms.iter().cloned().collect())
+            .unwrap_or_default();
         for room in rooms {
             self.remove_membership(msg.key, &room);
         }
@@ -202,8 +242,11 @@ impl Handler<Leave> for Hub {
 
     fn handle(&mut self, msg: Leave, _: &mut Self::Context) {
         self.remove_membership(msg.key, &msg.room);
-        let ack = Ack::to(&msg.reference).room(msg.room.as_str()).encode();
-        self.push(msg.key, Outbound::Frame(ack));
+        if !msg.quiet {
+            let ack = Ack::to(&msg.reference).room(msg.room.as_str()).encode();
+            self.push(msg.key, Outbound::Frame(ack));
+        }
+        let _ = msg.done.send(());
     }
 }
 
@@ -228,6 +271,29 @@ impl Handler<Fanout> for Hub {
                     self.close(*key, CloseReason::Kicked);
                 }
             }
+            Target::Lost(targets) => {
+                for target in targets {
+                    for key in self.recipients(target) {
+                        self.close(key, CloseReason::SlowConsumer);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Hub {
+    /// The local sessions a target reaches.
+    fn recipients(&self, target: &Target) -> Vec<u64> {
+        match target {
+            Target::Room(room) => self
+                .rooms
+                .get(room)
+                .map(|r| r.members.keys().copied().collect())
+                .unwrap_or_default(),
+            Target::User(user) => self.users.get(user.as_str()).cloned().unwrap_or_default(),
+            Target::All => self.sessions.keys().copied().collect(),
+            Target::Kick(_) | Target::Lost(_) => Vec::new(),
         }
     }
 }

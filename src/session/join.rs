@@ -1,7 +1,8 @@
 //! `join`: `room`, `since`? — membership checks here, the replay/live seam
-//! in the hub.
+//! in the hub; the session reads its next frame once the hub has answered.
 
 use actix::Context;
+use tokio::sync::oneshot;
 
 use super::Session;
 use crate::hub::Join;
@@ -33,11 +34,14 @@ impl Session {
             return self.reply_error(err, &reference, ctx);
         }
         self.rooms.insert(room.clone());
+        let (done, answered) = oneshot::channel();
         self.hub.do_send(Join {
             key: self.key,
             room,
             since,
             reference,
+            done,
         });
+        self.wait_for(answered, ctx);
     }
 }

@@ -2,6 +2,7 @@
 //! for a room not joined).
 
 use actix::Context;
+use tokio::sync::oneshot;
 
 use super::Session;
 use crate::hub::Leave;
@@ -13,10 +14,14 @@ impl Session {
             return;
         };
         self.rooms.remove(&room);
+        let (done, answered) = oneshot::channel();
         self.hub.do_send(Leave {
             key: self.key,
             room,
             reference,
+            quiet: false,
+            done,
         });
+        self.wait_for(answered, ctx);
     }
 }

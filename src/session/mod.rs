@@ -12,7 +12,8 @@
 //! hub's deliveries — goes through one bounded queue of
 //! `limits.max_outbound_queue` items to the socket writer ([`writer`]).
 //! When the queue is full the session is closed with 1013 `slow consumer`
-//! instead of growing. A close is signalled to the writer out of band.
+//! instead of growing. A close is signalled to the writer, which sends it
+//! behind what is already queued (except for `slow consumer`).
 //!
 //! Lifetime: heartbeat pings every `server.heartbeat_s`; a client silent for
 //! `server.client_timeout_s` is closed; the token's `exp` closes the session
@@ -60,10 +61,10 @@ pub struct Session {
     strikes: u32,
     last_seen: Instant,
     expiry: Option<SpawnHandle>,
-    _slot: ConnectionSlot,
 }
 
-/// What an accepted connection brings to its session.
+/// What an accepted connection brings to its session. The slot goes to
+/// the socket writer: it is given back when the socket is gone.
 pub struct Accepted {
     pub claims: Claims,
     pub connection_id: String,
@@ -82,10 +83,12 @@ impl Session {
         let limits = &state.config.limits;
         let (outbound, rx) = mpsc::channel(limits.max_outbound_queue);
         let (close, close_rx) = oneshot::channel();
-        // A client that reads nothing for the client timeout gets no close
-        // frame: the connection is dropped without one.
-        let close_wait = Duration::from_secs(state.config.server.client_timeout_s);
-        state.spawn_socket_task(writer::write_loop(ws, rx, close_rx, close_wait));
+        let Accepted {
+            claims,
+            connection_id,
+            slot,
+        } = accepted;
+        state.spawn_socket_task(writer::write_loop(ws, rx, close_rx, slot));
         let max_bytes = limits.max_message_bytes;
         let stream = stream
             .max_frame_size(max_bytes)
@@ -93,11 +96,6 @@ impl Session {
             .max_continuation_size(max_bytes);
         let bucket = TokenBucket::new(limits.messages_per_second, limits.burst);
         let key = state.next_session_key();
-        let Accepted {
-            claims,
-            connection_id,
-            slot,
-        } = accepted;
         Session::create(move |ctx| {
             ctx.add_stream(stream);
             Session {
@@ -114,7 +112,6 @@ impl Session {
                 strikes: 0,
                 last_seen: Instant::now(),
                 expiry: None,
-                _slot: slot,
             }
         });
     }

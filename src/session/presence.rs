@@ -19,7 +19,7 @@ impl Session {
             let users = presence.list(&room).await;
             (room, users)
         };
-        ctx.spawn(
+        ctx.wait(
             list.into_actor(self)
                 .map(move |(room, result), this, ctx| match result {
                     Ok(users) => this.reply(presence_frame(room.as_str(), &users, &reference), ctx),

@@ -1,8 +1,11 @@
 //! The one way a session answers a client frame: an `ack`, an `error`, or
-//! another direct reply, each carrying the request's `ref`.
+//! another direct reply, each carrying the request's `ref`. A frame whose
+//! answer takes a round trip holds the session's next frame back until it
+//! is answered (`ctx.wait`), so every request gets one reply, in order.
 
-use actix::Context;
+use actix::prelude::*;
 use bytestring::ByteString;
+use tokio::sync::oneshot;
 
 use super::Session;
 use crate::broker::BrokerError;
@@ -42,6 +45,17 @@ impl Session {
     ) {
         tracing::error!(error = %err, connection_id = %self.connection_id, "broker call failed");
         self.reply_error(ErrorReply::internal(), reference, ctx);
+    }
+
+    /// Reads no further frame until `answered` resolves (the hub has put
+    /// its answer in the queue), so replies come in the order of requests.
+    pub(super) fn wait_for(&mut self, answered: oneshot::Receiver<()>, ctx: &mut Context<Self>) {
+        ctx.wait(
+            async move {
+                let _ = answered.await;
+            }
+            .into_actor(self),
+        );
     }
 
     /// A room name from the client, or `bad_request` sent and `None`.

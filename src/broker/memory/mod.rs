@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use async_trait::async_trait;
+use futures_util::future::BoxFuture;
 
 use self::messages::HistoryStore;
 use self::presence::PresenceTable;
@@ -29,6 +30,8 @@ use crate::config::Config;
 use crate::protocol::RoomName;
 
 const MAILBOX: usize = 1024;
+/// How often markers for fan-outs dropped at a full hub are retried.
+const FLUSH_EVERY: Duration = Duration::from_millis(50);
 
 /// Handle to the memory broker actor; cheap to share across workers.
 pub struct MemoryBroker {
@@ -93,6 +96,7 @@ impl Actor for BrokerActor {
     fn started(&mut self, ctx: &mut Self::Context) {
         let every = (self.history.ttl() / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
         ctx.run_interval(every, |this, _| this.history.expire());
+        ctx.run_interval(FLUSH_EVERY, |this, _| this.hubs.flush());
     }
 }
 
@@ -106,7 +110,6 @@ impl<R: Send + 'static> Handler<Call<R>> for BrokerActor {
 
 /// One process: every publish reaches every hub, so there is nothing to
 /// subscribe to.
-#[async_trait]
 impl Subscriptions for MemoryBroker {
     fn attach_hub(&self, hub: Recipient<Fanout>) {
         self.addr.do_send(Call(Box::new(move |b: &mut BrokerActor| {
@@ -114,14 +117,14 @@ impl Subscriptions for MemoryBroker {
         })));
     }
 
-    async fn watch_room(&self, _room: &RoomName) -> BrokerResult<()> {
-        Ok(())
+    fn watch_room(&self, _room: &RoomName) -> BoxFuture<'static, BrokerResult<()>> {
+        Box::pin(std::future::ready(Ok(())))
     }
 
     fn unwatch_room(&self, _room: &RoomName) {}
 
-    async fn watch_user(&self, _user: &str) -> BrokerResult<()> {
-        Ok(())
+    fn watch_user(&self, _user: &str) -> BoxFuture<'static, BrokerResult<()>> {
+        Box::pin(std::future::ready(Ok(())))
     }
 
     fn unwatch_user(&self, _user: &str) {}

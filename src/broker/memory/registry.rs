@@ -76,6 +76,7 @@ impl Registry for MemoryBroker {
     async fn stats(&self) -> BrokerResult<BrokerStats> {
         self.call(|b| BrokerStats {
             rooms: b.presence.rooms() as u64,
+            local_rooms: b.presence.rooms() as u64,
             users: b.registry.per_user.len() as u64,
             connections: b.registry.connections.len() as u64,
         })

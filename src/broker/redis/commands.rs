@@ -1,7 +1,11 @@
 //! Redis commands: the deadpool-redis pool, the Lua scripts, one timeout
-//! for every command, and the instance's view of whether Redis is
-//! reachable (a failed command marks an outage until the maintenance task
-//! reaches Redis again).
+//! for every command, and batches of script calls in one round trip.
+//!
+//! A failed command is that request's failure, never the instance's: an
+//! error reply is [`BrokerError::Internal`], a lost connection, an empty
+//! pool or a time-out is [`BrokerError::Unavailable`]. Whether Redis is
+//! reachable is the watchdog's call ([`Health`], set by
+//! `watchdog.rs`), from a probe on its own connection.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -9,42 +13,106 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use deadpool_redis::{Pool, Runtime};
-use redis::Script;
+use redis::{RedisError, Script};
 
 use crate::broker::{BrokerError, BrokerResult, StartError};
 use crate::config::RedisConfig;
 
-/// Every Redis command gives up after this long (and counts as an outage).
+/// Every Redis command gives up after this long.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// One Lua script: its source (for `SCRIPT LOAD` in pipelines) and the
+/// redis-rs handle (EVALSHA, loading it when Redis lost it).
+pub struct Lua {
+    script: Script,
+    source: &'static str,
+}
+
+impl Lua {
+    fn new(source: &'static str) -> Lua {
+        Lua {
+            script: Script::new(source),
+            source,
+        }
+    }
+}
+
+impl std::ops::Deref for Lua {
+    type Target = Script;
+    fn deref(&self) -> &Script {
+        &self.script
+    }
+}
 
 /// The Lua scripts of `scripts/`, each one atomic step.
 pub struct Scripts {
-    pub publish_room: Script,
-    pub register: Script,
-    pub presence_join: Script,
-    pub presence_leave: Script,
-    pub drop_connection: Script,
+    pub publish_room: Lua,
+    pub register: Lua,
+    pub presence_join: Lua,
+    pub presence_leave: Lua,
+    pub drop_connection: Lua,
 }
 
 impl Scripts {
     fn load() -> Scripts {
         Scripts {
-            publish_room: Script::new(include_str!("scripts/publish_room.lua")),
-            register: Script::new(include_str!("scripts/register.lua")),
-            presence_join: Script::new(include_str!("scripts/presence_join.lua")),
-            presence_leave: Script::new(include_str!("scripts/presence_leave.lua")),
-            drop_connection: Script::new(include_str!("scripts/drop_connection.lua")),
+            publish_room: Lua::new(include_str!("scripts/publish_room.lua")),
+            register: Lua::new(include_str!("scripts/register.lua")),
+            presence_join: Lua::new(include_str!("scripts/presence_join.lua")),
+            presence_leave: Lua::new(include_str!("scripts/presence_leave.lua")),
+            drop_connection: Lua::new(include_str!("scripts/drop_connection.lua")),
         }
     }
 }
 
-/// The pool and the outage state every part of the Redis broker shares.
+/// Whether Redis is reachable, as the watchdog last saw it.
+#[derive(Default)]
+pub struct Health {
+    up: AtomicBool,
+    reason: Mutex<String>,
+}
+
+impl Health {
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+
+    /// Records the probe's result; true when the state changed.
+    pub fn set(&self, up: bool, reason: &str) -> bool {
+        if let Ok(mut r) = self.reason.lock() {
+            reason.clone_into(&mut r);
+        }
+        self.up.swap(up, Ordering::AcqRel) != up
+    }
+
+    /// Why Redis is down (for logs; never shown to clients).
+    pub fn reason(&self) -> String {
+        self.reason.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+}
+
+/// A failed command as a broker error: the connection's failures are
+/// `Unavailable`, Redis's error replies `Internal`.
+pub fn classify(e: &RedisError) -> BrokerError {
+    if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout() {
+        BrokerError::Unavailable(e.to_string())
+    } else {
+        BrokerError::Internal(format!("redis: {e}"))
+    }
+}
+
+/// One script call in a batch.
+pub struct ScriptCall<'a> {
+    pub script: &'a Lua,
+    pub keys: Vec<String>,
+    pub args: Vec<String>,
+}
+
+/// The pool and the scripts every part of the Redis broker shares.
 pub struct Commands {
     pool: Pool,
     pub scripts: Scripts,
-    /// False from a failed command until the maintenance task reaches Redis again.
-    ok: AtomicBool,
-    last_error: Mutex<String>,
+    pub health: Health,
 }
 
 impl Commands {
@@ -65,56 +133,42 @@ impl Commands {
         Ok(Commands {
             pool,
             scripts: Scripts::load(),
-            ok: AtomicBool::new(true),
-            last_error: Mutex::new(String::new()),
+            health: Health::default(),
         })
     }
 
-    /// Whether Redis answered the last command.
+    /// Whether the watchdog last found Redis reachable.
     pub fn available(&self) -> bool {
-        self.ok.load(Ordering::Acquire)
+        self.health.is_up()
     }
 
-    /// Redis answered again (the maintenance task's heartbeat).
-    pub fn mark_available(&self) {
-        self.ok.store(true, Ordering::Release);
-    }
-
-    /// Why Redis is unavailable: the last failure.
-    pub fn last_error(&self) -> String {
-        self.last_error
-            .lock()
-            .map(|e| e.clone())
-            .unwrap_or_default()
-    }
-
-    /// Records a failure as an outage.
-    pub fn failed(&self, e: &dyn std::fmt::Display) -> BrokerError {
-        if self.ok.swap(false, Ordering::AcqRel) {
-            tracing::warn!(error = %e, "redis command failed; serving local traffic until it is back");
+    /// Runs `f` on a pooled connection within `limit`.
+    pub async fn exec_within<T, F, Fut>(&self, limit: Duration, f: F) -> BrokerResult<T>
+    where
+        F: FnOnce(deadpool_redis::Connection) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let work = async {
+            let conn = self
+                .pool
+                .get()
+                .await
+                .map_err(|e| BrokerError::Unavailable(format!("redis pool: {e}")))?;
+            f(conn).await.map_err(|e| classify(&e))
+        };
+        match tokio::time::timeout(limit, work).await {
+            Ok(result) => result,
+            Err(_) => Err(BrokerError::Unavailable("redis command timed out".into())),
         }
-        if let Ok(mut last) = self.last_error.lock() {
-            *last = e.to_string();
-        }
-        BrokerError::Unavailable(e.to_string())
     }
 
-    /// Runs `f` on a pooled connection with the command timeout; a failure
-    /// or a time-out counts as an outage.
+    /// Runs `f` on a pooled connection with the command timeout.
     pub async fn exec<T, F, Fut>(&self, f: F) -> BrokerResult<T>
     where
         F: FnOnce(deadpool_redis::Connection) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
-        let conn = match self.pool.get().await {
-            Ok(conn) => conn,
-            Err(e) => return Err(self.failed(&e)),
-        };
-        match tokio::time::timeout(COMMAND_TIMEOUT, f(conn)).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => Err(self.failed(&e)),
-            Err(_) => Err(self.failed(&"redis command timed out")),
-        }
+        self.exec_within(COMMAND_TIMEOUT, f).await
     }
 
     /// Runs one of our Lua scripts (string arguments) with the command timeout.
@@ -133,6 +187,38 @@ impl Commands {
                 invocation.arg(arg);
             }
             invocation.invoke_async(&mut c).await
+        })
+        .await
+    }
+
+    /// Runs many script calls in one round trip (the scripts loaded first
+    /// in the same pipeline); one reply per call, error replies included.
+    pub async fn run_scripts(&self, calls: &[ScriptCall<'_>]) -> BrokerResult<Vec<redis::Value>> {
+        if calls.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        let mut loaded: Vec<&str> = Vec::new();
+        for call in calls {
+            if !loaded.contains(&call.script.get_hash()) {
+                loaded.push(call.script.get_hash());
+                pipe.cmd("SCRIPT")
+                    .arg("LOAD")
+                    .arg(call.script.source)
+                    .ignore();
+            }
+        }
+        for call in calls {
+            pipe.cmd("EVALSHA")
+                .arg(call.script.get_hash())
+                .arg(call.keys.len())
+                .arg(&call.keys)
+                .arg(&call.args);
+        }
+        let limit = COMMAND_TIMEOUT * 2;
+        self.exec_within(limit, move |mut c| async move {
+            pipe.query_async::<Vec<redis::Value>>(&mut c).await
         })
         .await
     }

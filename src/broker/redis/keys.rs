@@ -34,6 +34,12 @@ impl Keys {
         self.key(&["room", room.as_str()])
     }
 
+    /// The room of a room channel name.
+    pub fn room_of_channel(&self, channel: &str) -> Option<RoomName> {
+        let name = channel.strip_prefix(&self.prefix)?.strip_prefix(":room:")?;
+        RoomName::parse(name).ok()
+    }
+
     /// `{prefix}:user:{user}`: the user's pub/sub channel.
     pub fn user_channel(&self, user: &str) -> String {
         self.key(&["user", user])
@@ -54,9 +60,9 @@ impl Keys {
         self.key(&["presence", room.as_str()])
     }
 
-    /// The `SCAN` pattern matching every room's presence hash.
-    pub fn presence_pattern(&self) -> String {
-        self.key(&["presence", "*"])
+    /// `{prefix}:rooms`: the rooms with at least one member, cluster-wide.
+    pub fn rooms(&self) -> String {
+        self.key(&["rooms"])
     }
 
     /// `{prefix}:connections`: connection id → registry entry.
@@ -77,6 +83,11 @@ impl Keys {
     /// `{prefix}:instance:{id}`: an instance's heartbeat.
     pub fn instance(&self, instance_id: &str) -> String {
         self.key(&["instance", instance_id])
+    }
+
+    /// `{prefix}:instance_conns:{id}`: the connections an instance registered.
+    pub fn instance_conns(&self, instance_id: &str) -> String {
+        self.key(&["instance_conns", instance_id])
     }
 
     /// `{prefix}:instances`: every instance that has heartbeated.

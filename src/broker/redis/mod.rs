@@ -23,6 +23,8 @@
 //! [`subscriber`] (subscriptions), [`maintenance`] (heartbeat, reaping dead
 //! instances, restoring this one's registry after an outage).
 //!
+//! Whether Redis is away is the [`watchdog`]'s call, from a probe on its
+//! own connection; a failed command is only that request's failure.
 //! While Redis is away: sessions stay open; room, direct and broadcast
 //! messages reach members on this instance through the subscriber
 //! ([`subscriber::LocalPublish`]); new connections are refused with 1013
@@ -36,8 +38,9 @@ pub mod payload;
 mod presence;
 mod registry;
 pub mod subscriber;
+mod watchdog;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use actix::prelude::*;
@@ -47,11 +50,12 @@ use self::commands::Commands;
 use self::keys::Keys;
 use self::registry::LocalRegistry;
 use self::subscriber::RedisSubscriber;
+use self::watchdog::Probe;
 use super::{BrokerResult, Lifecycle, StartError};
 use crate::config::Config;
 
 pub struct RedisBroker {
-    cmd: Commands,
+    cmd: Arc<Commands>,
     keys: Keys,
     instance_id: String,
     history_size: usize,
@@ -59,28 +63,39 @@ pub struct RedisBroker {
     instance_ttl_s: u64,
     subscriber: Addr<RedisSubscriber>,
     subscriber_connected: Arc<AtomicBool>,
-    /// Set by `shutdown`: the maintenance task stops heartbeating.
+    /// Rooms with members on this instance (the subscriber's room channels).
+    local_rooms: Arc<AtomicUsize>,
+    /// Set by `shutdown`: the watchdog and the maintenance task stop.
     stopping: AtomicBool,
-    /// This instance's own connections and rooms, for restores.
+    /// This instance's own connections and rooms: what reconciles restore.
     local: Mutex<LocalRegistry>,
+    /// A reconcile is due (after an outage or a failed clean-up).
+    dirty: AtomicBool,
+    reconcile_wanted: tokio::sync::Notify,
     _arbiter: ArbiterHandle,
 }
 
 impl RedisBroker {
-    /// Connects the pool, starts the subscriber and the maintenance task.
-    /// Must be called inside a running actix system. Fails only on bad
-    /// settings: an unreachable Redis is an outage, retried in the background.
-    pub fn start(config: &Config, instance_id: &str) -> Result<Arc<RedisBroker>, StartError> {
+    /// Connects the pool, probes Redis once, starts the subscriber, the
+    /// watchdog and the maintenance task. Must be called inside a running
+    /// actix system. Fails only on bad settings: an unreachable Redis is an
+    /// outage, retried in the background.
+    pub async fn start(config: &Config, instance_id: &str) -> Result<Arc<RedisBroker>, StartError> {
         let redis = &config.redis;
         let client = redis::Client::open(redis.url.as_str()).map_err(StartError::RedisUrl)?;
-        let cmd = Commands::new(redis)?;
+        let cmd = Arc::new(Commands::new(redis)?);
         let keys = Keys::new(&redis.prefix);
         let arbiter = Arbiter::new().handle();
         let connected = Arc::new(AtomicBool::new(false));
-        let (sub_keys, sub_connected) = (keys.clone(), connected.clone());
-        let subscriber = RedisSubscriber::start_in_arbiter(&arbiter, move |_| {
-            RedisSubscriber::new(client, sub_keys, sub_connected)
-        });
+        let local_rooms = Arc::new(AtomicUsize::new(0));
+        let subscriber = {
+            let (client, keys, cmd) = (client.clone(), keys.clone(), cmd.clone());
+            let (connected, rooms) = (connected.clone(), local_rooms.clone());
+            let history_size = config.history.size;
+            RedisSubscriber::start_in_arbiter(&arbiter, move |_| {
+                RedisSubscriber::new(client, keys, cmd, connected, rooms, history_size)
+            })
+        };
         let broker = Arc::new(RedisBroker {
             cmd,
             keys,
@@ -90,26 +105,34 @@ impl RedisBroker {
             instance_ttl_s: redis.instance_ttl_s,
             subscriber,
             subscriber_connected: connected,
+            local_rooms,
             stopping: AtomicBool::new(false),
             local: Mutex::new(LocalRegistry::default()),
+            dirty: AtomicBool::new(true),
+            reconcile_wanted: tokio::sync::Notify::new(),
             _arbiter: arbiter.clone(),
         });
-        let maintained = broker.clone();
+        let mut probe = Probe::new(client);
+        broker.first_probe(&mut probe).await;
+        let (watched, maintained) = (broker.clone(), broker.clone());
+        arbiter.spawn(async move { watched.watchdog(probe).await });
         arbiter.spawn(async move { maintained.maintain().await });
         Ok(broker)
     }
 
     /// The outage as an error, for calls refused without trying.
     fn unavailable(&self) -> super::BrokerError {
-        super::BrokerError::Unavailable(self.cmd.last_error())
+        super::BrokerError::Unavailable(self.cmd.health.reason())
     }
 }
 
 #[async_trait]
 impl Lifecycle for RedisBroker {
     async fn ready(&self) -> Result<(), String> {
+        // The reason stays in the log: Redis's error text is not for
+        // whoever can reach the health endpoint.
         if !self.cmd.available() {
-            return Err(format!("redis unreachable: {}", self.cmd.last_error()));
+            return Err("redis unreachable".into());
         }
         if !self.subscriber_connected.load(Ordering::Acquire) {
             return Err("redis pub/sub connection is down".into());

@@ -12,7 +12,7 @@ use serde_json::value::RawValue;
 
 use crate::broker::fanout::{Envelope, LocalIds, Stamp};
 use crate::clock::now_ms;
-use crate::protocol::{message_frame, MessageId, RoomName};
+use crate::protocol::{message_frame, valid_user_id, MessageId, RoomName};
 
 /// A channel message that is not one of ours, nor a backend's `{"data":…}`.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -59,12 +59,38 @@ pub fn history_frame(id: MessageId, body: &str) -> Option<ByteString> {
     ))
 }
 
+/// The envelopes of a history range (oldest first), for a catch-up.
+pub fn history_envelopes(
+    room: &RoomName,
+    reply: redis::streams::StreamRangeReply,
+) -> Vec<Envelope> {
+    reply
+        .ids
+        .into_iter()
+        .filter_map(|entry| {
+            let id = entry.id.parse::<MessageId>().ok()?;
+            let body = entry.map.get("b")?;
+            let body = redis::from_redis_value::<String>(body.clone()).ok()?;
+            let frame = history_frame(id, &body)?;
+            Some(Envelope::replayed(room.clone(), id, frame))
+        })
+        .collect()
+}
+
+/// `data` present, `null` included (a plain `Option` would take `null` for
+/// absent).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Box<RawValue>>, D::Error> {
+    Box::<RawValue>::deserialize(d).map(Some)
+}
+
 #[derive(Deserialize)]
 struct RoomPayload {
     #[serde(rename = "type")]
     kind: Option<String>,
     id: Option<String>,
     from: Option<String>,
+    user: Option<String>,
+    #[serde(default, deserialize_with = "present")]
     data: Option<Box<RawValue>>,
     ts: Option<u64>,
 }
@@ -80,6 +106,7 @@ struct BroadcastPayload {
 struct UserPayload {
     #[serde(rename = "type")]
     kind: Option<String>,
+    #[serde(default, deserialize_with = "present")]
     data: Option<Box<RawValue>>,
     ts: Option<u64>,
 }
@@ -120,12 +147,18 @@ fn decode_broadcast(payload: &[u8], ids: &mut LocalIds) -> Result<Envelope, Malf
 fn decode_room(room: RoomName, payload: &[u8], ids: &mut LocalIds) -> Result<Envelope, Malformed> {
     let p: RoomPayload = serde_json::from_slice(payload).map_err(|_| Malformed)?;
     if let Some(kind) = p.kind.as_deref() {
-        // `joined` / `left`, already a complete frame.
-        if !matches!(kind, "joined" | "left") {
-            return Err(Malformed);
-        }
-        let frame = std::str::from_utf8(payload).map_err(|_| Malformed)?;
-        return Ok(Envelope::room_frame(room, frame.to_owned().into()));
+        // `joined` / `left` (from the presence scripts), encoded here again.
+        let joined = match kind {
+            "joined" => true,
+            "left" => false,
+            _ => return Err(Malformed),
+        };
+        let user = p
+            .user
+            .as_deref()
+            .filter(|u| valid_user_id(u))
+            .ok_or(Malformed)?;
+        return Ok(Envelope::presence_change(room, joined, user));
     }
     let data = p.data.ok_or(Malformed)?;
     let id = match p.id.as_deref().map(str::parse::<MessageId>) {
@@ -220,10 +253,10 @@ mod tests {
     #[test]
     fn presence_changes_are_relayed_as_they_are() {
         let mut ids = LocalIds::default();
-        let payload = br#"{"type":"joined","room":"r","user":"bob"}"#;
+        let payload = br#"{"user":"bob","type":"left","room":"r"}"#;
         let e = decode("sb", "sb:room:r", payload, &mut ids).unwrap();
         assert_eq!(e.id, None);
-        assert_eq!(e.frame.as_bytes().as_ref(), &payload[..]);
+        assert_eq!(&*e.frame, r#"{"type":"left","room":"r","user":"bob"}"#);
         let other = br#"{"type":"message","data":1}"#;
         assert_eq!(
             decode("sb", "sb:room:r", other, &mut ids).unwrap_err(),
@@ -263,12 +296,31 @@ mod tests {
     }
 
     #[test]
+    fn any_json_data_is_data_null_included() {
+        let mut ids = LocalIds::default();
+        for data in ["null", "false", "0", "\"\"", "[]", "{}"] {
+            let payload = format!(r#"{{"id":"1-0","room":"r","from":"a","data":{data},"ts":1}}"#);
+            let e = decode("sb", "sb:room:r", payload.as_bytes(), &mut ids).unwrap();
+            assert_eq!(
+                frame(&e)["data"],
+                serde_json::from_str::<Value>(data).unwrap()
+            );
+            let raw = format!(r#"{{"data":{data}}}"#);
+            assert!(
+                decode("sb", "sb:user:u", raw.as_bytes(), &mut ids).is_ok(),
+                "{raw}"
+            );
+        }
+    }
+
+    #[test]
     fn what_does_not_fit_is_malformed() {
         let mut ids = LocalIds::default();
         for (channel, payload) in [
             ("sb:room:r", &b"not json"[..]),
             ("sb:room:r", br#"{"id":"x-1","data":1}"#),
             ("sb:room:r", br#"{"from":"a"}"#),
+            ("sb:room:r", br#"{"type":"joined","room":"r"}"#),
             ("sb:room:bad room", br#"{"data":1}"#),
             ("sb:broadcast", br#"{"id":"1-0"}"#),
             ("sb:user:u", br#"[1]"#),

@@ -9,53 +9,44 @@ use redis::AsyncCommands;
 
 use super::RedisBroker;
 use crate::broker::{BrokerResult, Presence};
-use crate::protocol::{presence_change_frame, PresenceEntry, RoomName};
+use crate::protocol::{PresenceEntry, RoomName};
 
 impl RedisBroker {
-    /// Runs `presence_join.lua` or `presence_leave.lua` for one connection.
-    pub(super) async fn presence_script(
+    /// Runs `presence_join.lua` or `presence_leave.lua` for one connection;
+    /// a failure leaves it to the next reconcile.
+    async fn presence_script(
         &self,
         join: bool,
         room: &RoomName,
         user: &str,
         conn: &str,
     ) -> BrokerResult<()> {
-        let keys = vec![
-            self.keys.presence(room),
-            self.keys.conn_rooms(conn),
-            self.keys.room_channel(room),
-        ];
-        let frame = presence_change_frame(join, room.as_str(), user).to_string();
-        let script = if join {
-            &self.cmd.scripts.presence_join
-        } else {
-            &self.cmd.scripts.presence_leave
-        };
-        let args = vec![user.to_owned(), room.as_str().to_owned(), frame];
-        let _: i64 = self.cmd.run_script(script, keys, args).await?;
-        Ok(())
+        let call = self.presence_call(join, room, user, conn);
+        let result: BrokerResult<i64> =
+            self.cmd.run_script(call.script, call.keys, call.args).await;
+        if result.is_err() {
+            self.want_reconcile();
+        }
+        result.map(|_| ())
     }
 }
 
 #[async_trait]
 impl Presence for RedisBroker {
     async fn join(&self, room: &RoomName, user: &str, connection_id: &str) -> BrokerResult<()> {
-        if let Ok(mut local) = self.local.lock() {
-            local
-                .rooms
-                .entry(connection_id.to_owned())
-                .or_default()
-                .insert(room.clone());
-        }
+        self.update_local(|local| {
+            let rooms = local.rooms.entry(connection_id.to_owned()).or_default();
+            rooms.insert(room.clone());
+        });
         self.presence_script(true, room, user, connection_id).await
     }
 
     async fn leave(&self, room: &RoomName, user: &str, connection_id: &str) -> BrokerResult<()> {
-        if let Ok(mut local) = self.local.lock() {
+        self.update_local(|local| {
             if let Some(rooms) = local.rooms.get_mut(connection_id) {
                 rooms.remove(room);
             }
-        }
+        });
         self.presence_script(false, room, user, connection_id).await
     }
 

@@ -13,17 +13,36 @@ use super::RedisBroker;
 use crate::broker::{BrokerError, BrokerResult, BrokerStats, ConnectionInfo, Registry};
 use crate::protocol::RoomName;
 
+/// One of this instance's connections.
+#[derive(Clone)]
+pub(super) struct LocalConnection {
+    pub user: String,
+    /// Its registry entry (JSON).
+    pub entry: String,
+    /// False while its registration is in flight: a reconcile neither
+    /// removes nor restores it (the limit check is the registration's).
+    pub registered: bool,
+}
+
 /// This instance's own connections, kept so they can be re-registered when
-/// Redis comes back empty. Touched on connect, disconnect, join and leave.
+/// Redis comes back empty. Touched on connect, disconnect, join and leave,
+/// always before the Redis command, so it never holds less than Redis
+/// holds for this instance.
 #[derive(Default, Clone)]
 pub(super) struct LocalRegistry {
-    /// connection id → (user, registry entry JSON).
-    pub connections: HashMap<String, (String, String)>,
+    pub connections: HashMap<String, LocalConnection>,
     /// connection id → rooms it is a member of.
     pub rooms: HashMap<String, HashSet<RoomName>>,
 }
 
 impl RedisBroker {
+    /// Changes the local registry (a poisoned lock changes nothing).
+    pub(super) fn update_local(&self, f: impl FnOnce(&mut LocalRegistry)) {
+        if let Ok(mut local) = self.local.lock() {
+            f(&mut local);
+        }
+    }
+
     fn registry_entry(&self, conn: &ConnectionInfo) -> String {
         serde_json::json!({
             "user": conn.user,
@@ -33,45 +52,36 @@ impl RedisBroker {
         .to_string()
     }
 
-    /// Adds the connection unless the user is at `max` (`restore`: no
-    /// limit check, idempotent). True when it is registered.
-    pub(super) async fn register_entry(
+    /// The keys of `register.lua` for this instance.
+    pub(super) fn register_keys(&self) -> Vec<String> {
+        vec![
+            self.keys.connections(),
+            self.keys.user_connections(),
+            self.keys.instance_conns(&self.instance_id),
+        ]
+    }
+
+    /// Adds the connection unless the user is at `max`. True when it is
+    /// registered.
+    async fn register_entry(
         &self,
         id: &str,
         user: &str,
         entry: &str,
         max: usize,
-        restore: bool,
     ) -> BrokerResult<bool> {
-        let keys = vec![self.keys.connections(), self.keys.user_connections()];
         let args = vec![
             id.to_owned(),
             user.to_owned(),
             entry.to_owned(),
             max.to_string(),
-            if restore { "1" } else { "0" }.to_owned(),
+            "0".to_owned(),
         ];
         let added: i64 = self
             .cmd
-            .run_script(&self.cmd.scripts.register, keys, args)
+            .run_script(&self.cmd.scripts.register, self.register_keys(), args)
             .await?;
         Ok(added == 1)
-    }
-
-    /// Removes a connection from the registry, the per-user counts and the
-    /// presence of its rooms (one script; idempotent).
-    pub(super) async fn drop_connection(&self, conn: &str) -> BrokerResult<()> {
-        let keys = vec![
-            self.keys.connections(),
-            self.keys.user_connections(),
-            self.keys.conn_rooms(conn),
-        ];
-        let args = vec![conn.to_owned(), self.keys.prefix().to_owned()];
-        let _: i64 = self
-            .cmd
-            .run_script(&self.cmd.scripts.drop_connection, keys, args)
-            .await?;
-        Ok(())
     }
 
     /// Drops every connection of this instance (shutdown).
@@ -83,8 +93,8 @@ impl RedisBroker {
             }
             Err(_) => Vec::new(),
         };
-        for id in ids {
-            self.drop_connection(&id).await?;
+        for batch in ids.chunks(500) {
+            self.drop_connections(batch, &self.instance_id).await?;
         }
         Ok(())
     }
@@ -97,27 +107,50 @@ impl Registry for RedisBroker {
             return Err(self.unavailable());
         }
         let entry = self.registry_entry(conn);
-        if !self
-            .register_entry(&conn.connection_id, &conn.user, &entry, max_per_user, false)
-            .await?
-        {
-            return Err(BrokerError::ConnectionLimit);
+        let id = conn.connection_id.clone();
+        let pending = LocalConnection {
+            user: conn.user.clone(),
+            entry: entry.clone(),
+            registered: false,
+        };
+        self.update_local(|local| {
+            local.connections.insert(id.clone(), pending);
+        });
+        let registered = self
+            .register_entry(&id, &conn.user, &entry, max_per_user)
+            .await;
+        self.update_local(|local| match registered {
+            Ok(true) => {
+                if let Some(c) = local.connections.get_mut(&id) {
+                    c.registered = true;
+                }
+            }
+            _ => {
+                local.connections.remove(&id);
+            }
+        });
+        match registered {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(BrokerError::ConnectionLimit),
+            Err(e) => {
+                // The script may have run: the next reconcile removes it.
+                self.want_reconcile();
+                Err(e)
+            }
         }
-        if let Ok(mut local) = self.local.lock() {
-            local
-                .connections
-                .insert(conn.connection_id.clone(), (conn.user.clone(), entry));
-        }
-        Ok(())
     }
 
     async fn unregister(&self, connection_id: &str, _user: &str) {
-        if let Ok(mut local) = self.local.lock() {
+        self.update_local(|local| {
             local.connections.remove(connection_id);
             local.rooms.remove(connection_id);
-        }
-        if let Err(e) = self.drop_connection(connection_id).await {
-            tracing::debug!(error = %e, "connection not removed from the registry (the reaper or a restore will)");
+        });
+        if let Err(e) = self
+            .drop_connections(&[connection_id], &self.instance_id)
+            .await
+        {
+            tracing::debug!(error = %e, "connection not removed from the registry yet; the next reconcile will");
+            self.want_reconcile();
         }
     }
 
@@ -140,27 +173,26 @@ impl Registry for RedisBroker {
         Ok(n)
     }
 
+    /// Three O(1) commands: nothing scans the keyspace.
     async fn stats(&self) -> BrokerResult<BrokerStats> {
         let (conns, users) = (self.keys.connections(), self.keys.user_connections());
-        let pattern = self.keys.presence_pattern();
+        let rooms = self.keys.rooms();
         let (connections, users, rooms): (u64, u64, u64) = self
             .cmd
             .exec(move |mut c| async move {
-                let connections: u64 = c.hlen(&conns).await?;
-                let users: u64 = c.hlen(&users).await?;
-                let mut rooms = 0u64;
-                let mut iter: redis::AsyncIter<String> = c.scan_match(&pattern).await?;
-                while let Some(key) = futures_util::StreamExt::next(&mut iter).await {
-                    key?;
-                    rooms += 1;
-                }
-                Ok((connections, users, rooms))
+                redis::pipe()
+                    .hlen(&conns)
+                    .hlen(&users)
+                    .scard(&rooms)
+                    .query_async(&mut c)
+                    .await
             })
             .await?;
         Ok(BrokerStats {
             rooms,
             users,
             connections,
+            local_rooms: self.local_rooms.load(std::sync::atomic::Ordering::Relaxed) as u64,
         })
     }
 }

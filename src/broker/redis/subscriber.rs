@@ -13,30 +13,44 @@
 //! When the connection drops, the actor reconnects with exponential backoff
 //! and jitter and resubscribes to everything still referenced; while it is
 //! away, watches succeed at once (they are restored on return) and
-//! [`LocalPublish`] delivers to this instance's members only.
+//! [`LocalPublish`] delivers to this instance's members only. Once back,
+//! each room with local members *catches up*: what reached its history
+//! after the last id delivered here (or since it was subscribed) is read
+//! and delivered, then the live messages that arrived meanwhile, newer
+//! ones only, so connected members miss nothing that history kept.
+//!
+//! Bounds: the pub/sub intake is drained as fast as it arrives (redis-rs
+//! buffers it unbounded, so the actor never waits on it); a room's live
+//! messages wait at most `CATCH_UP_BUFFER` during a catch-up; fan-out to a
+//! full hub follows [`crate::broker::fanout`]'s policy.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use async_trait::async_trait;
+use futures_util::future::BoxFuture;
 use futures_util::StreamExt;
 use redis::aio::{PubSubSink, PubSubStream};
 use serde_json::value::RawValue;
 use tokio::sync::oneshot;
 
-use super::commands::COMMAND_TIMEOUT;
+use super::commands::{Commands, COMMAND_TIMEOUT};
 use super::keys::Keys;
 use super::payload;
 use super::RedisBroker;
 use crate::broker::fanout::{Envelope, HubSet, LocalIds, Stamp};
-use crate::broker::{BrokerError, BrokerResult, Fanout, Subscriptions};
+use crate::broker::{BrokerError, BrokerResult, Fanout, Subscriptions, Target};
+use crate::clock::now_ms;
 use crate::metrics::metrics;
 use crate::protocol::RoomName;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Live messages of one room held back while it catches up.
+const CATCH_UP_BUFFER: usize = 4096;
+/// How often markers for fan-outs dropped at a full hub are retried.
+const FLUSH_EVERY: Duration = Duration::from_millis(50);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
@@ -44,11 +58,21 @@ struct Channel {
     refs: usize,
     confirmed: bool,
     waiters: Vec<oneshot::Sender<()>>,
+    /// The room, for a room channel.
+    room: Option<RoomName>,
+    /// When Redis first confirmed it: a catch-up without a seen id starts here.
+    subscribed_at_ms: Option<u64>,
 }
 
 pub struct RedisSubscriber {
     client: redis::Client,
     keys: Keys,
+    cmd: Arc<Commands>,
+    history_size: usize,
+    /// Rooms with local members, for `/api/stats`.
+    local_rooms: Arc<AtomicUsize>,
+    /// Rooms catching up after a reconnect, with the live messages held back.
+    catching_up: HashMap<RoomName, Vec<Envelope>>,
     hubs: HubSet,
     channels: HashMap<String, Channel>,
     to_subscribe: HashSet<String>,
@@ -65,10 +89,21 @@ pub struct RedisSubscriber {
 }
 
 impl RedisSubscriber {
-    pub fn new(client: redis::Client, keys: Keys, connected: Arc<AtomicBool>) -> Self {
+    pub fn new(
+        client: redis::Client,
+        keys: Keys,
+        cmd: Arc<Commands>,
+        connected: Arc<AtomicBool>,
+        local_rooms: Arc<AtomicUsize>,
+        history_size: usize,
+    ) -> Self {
         RedisSubscriber {
             client,
             keys,
+            cmd,
+            history_size,
+            local_rooms,
+            catching_up: HashMap::new(),
             hubs: HubSet::default(),
             channels: HashMap::new(),
             to_subscribe: HashSet::new(),
@@ -128,6 +163,7 @@ impl RedisSubscriber {
         for name in channels {
             if let Some(channel) = self.channels.get_mut(&name) {
                 channel.confirmed = true;
+                channel.subscribed_at_ms.get_or_insert_with(now_ms);
                 for waiter in channel.waiters.drain(..) {
                     let _ = waiter.send(());
                 }
@@ -200,8 +236,12 @@ impl RedisSubscriber {
         self.sink = Some(sink);
         self.backoff = BACKOFF_MIN;
         self.connected.store(true, Ordering::Release);
+        let reconnect = generation > 1;
         self.confirm(channels);
         ctx.add_stream(stream.map(move |msg| (generation, msg)));
+        if reconnect {
+            self.catch_up_all(ctx);
+        }
         // Channels referenced while the connection was being made.
         let missing: Vec<String> = self
             .channels
@@ -216,11 +256,97 @@ impl RedisSubscriber {
     }
 }
 
+/// Catching up after a reconnect.
+impl RedisSubscriber {
+    /// Starts a catch-up of every room with local members.
+    fn catch_up_all(&mut self, ctx: &mut Context<Self>) {
+        let rooms: Vec<(RoomName, String)> = self
+            .channels
+            .values()
+            .filter_map(|c| {
+                let room = c.room.clone()?;
+                let start = match self.ids.last_history_id(&room) {
+                    Some(id) => format!("({id}"),
+                    None => format!("{}-0", c.subscribed_at_ms?),
+                };
+                Some((room, start))
+            })
+            .collect();
+        for (room, start) in rooms {
+            if self.catching_up.contains_key(&room) {
+                continue;
+            }
+            self.catching_up.insert(room.clone(), Vec::new());
+            self.catch_up(room, start, ctx);
+        }
+    }
+
+    /// Reads the room's history after `start` and delivers it, then the
+    /// live messages held back meanwhile.
+    fn catch_up(&mut self, room: RoomName, start: String, ctx: &mut Context<Self>) {
+        let (cmd, key, count) = (
+            self.cmd.clone(),
+            self.keys.history(&room),
+            self.history_size,
+        );
+        let read = async move {
+            let reply: redis::streams::StreamRangeReply = cmd
+                .exec(move |mut c| async move {
+                    redis::AsyncCommands::xrange_count(&mut c, &key, &start, "+", count).await
+                })
+                .await?;
+            Ok::<_, crate::broker::BrokerError>(reply)
+        };
+        ctx.spawn(read.into_actor(self).map(move |result, this, _| {
+            let replay = match result {
+                Ok(reply) => payload::history_envelopes(&room, reply),
+                Err(e) => {
+                    tracing::warn!(error = %e, room = %room, "catch-up after reconnect failed; members may have missed messages");
+                    Vec::new()
+                }
+            };
+            this.finish_catch_up(room, replay);
+        }));
+    }
+
+    fn finish_catch_up(&mut self, room: RoomName, replay: Vec<Envelope>) {
+        let held = self.catching_up.remove(&room).unwrap_or_default();
+        let mut last = None;
+        for envelope in replay.into_iter().chain(held) {
+            if envelope.id.is_some() && envelope.id <= last {
+                continue;
+            }
+            if let Some(id) = envelope.id {
+                self.ids.seen_room(&room, id);
+                last = Some(id);
+            }
+            self.hubs.send(envelope);
+        }
+    }
+
+    /// Delivers an envelope, or holds it back while its room catches up.
+    fn deliver(&mut self, envelope: Envelope) {
+        if let Target::Room(room) = &envelope.target {
+            if let Some(held) = self.catching_up.get_mut(room) {
+                if held.len() < CATCH_UP_BUFFER {
+                    held.push(envelope);
+                    return;
+                }
+                tracing::warn!(room = %room, "catch-up too slow; delivering live messages without it");
+                let room = room.clone();
+                self.finish_catch_up(room, Vec::new());
+            }
+        }
+        self.hubs.send(envelope);
+    }
+}
+
 impl Actor for RedisSubscriber {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(4096);
+        ctx.run_interval(FLUSH_EVERY, |this, _| this.hubs.flush());
         self.connect(ctx);
     }
 }
@@ -233,7 +359,7 @@ impl StreamHandler<(u64, redis::Msg)> for RedisSubscriber {
         let channel = msg.get_channel_name();
         let bytes = msg.get_payload_bytes();
         match payload::decode(self.keys.prefix(), channel, bytes, &mut self.ids) {
-            Ok(envelope) => self.hubs.send(envelope),
+            Ok(envelope) => self.deliver(envelope),
             Err(payload::Malformed) => {
                 metrics().redis_malformed.inc();
                 // The payload may carry user data: log its size, not its content.
@@ -279,10 +405,19 @@ impl Handler<Watch> for RedisSubscriber {
     type Result = ();
 
     fn handle(&mut self, msg: Watch, ctx: &mut Self::Context) {
-        let channel = self.channels.entry(msg.channel.clone()).or_insert(Channel {
-            refs: 0,
-            confirmed: false,
-            waiters: Vec::new(),
+        let room = self.keys.room_of_channel(&msg.channel);
+        let local_rooms = &self.local_rooms;
+        let channel = self.channels.entry(msg.channel.clone()).or_insert_with(|| {
+            if room.is_some() {
+                local_rooms.fetch_add(1, Ordering::Relaxed);
+            }
+            Channel {
+                refs: 0,
+                confirmed: false,
+                waiters: Vec::new(),
+                room,
+                subscribed_at_ms: None,
+            }
         });
         channel.refs += 1;
         // During an outage (connected before, not now) a watch succeeds at
@@ -316,7 +451,11 @@ impl Handler<Unwatch> for RedisSubscriber {
         };
         channel.refs = channel.refs.saturating_sub(1);
         if channel.refs == 0 {
-            self.channels.remove(&msg.0);
+            if let Some(room) = self.channels.remove(&msg.0).and_then(|c| c.room) {
+                self.local_rooms.fetch_sub(1, Ordering::Relaxed);
+                self.ids.forget_room(&room);
+                self.catching_up.remove(&room);
+            }
             self.to_subscribe.remove(&msg.0);
             self.to_unsubscribe.insert(msg.0);
             self.schedule_flush(ctx);
@@ -371,28 +510,30 @@ impl Handler<LocalPublish> for RedisSubscriber {
 }
 
 impl RedisBroker {
-    async fn watch(&self, channel: String) -> BrokerResult<()> {
+    /// Takes the reference now; the future resolves once Redis confirmed
+    /// the subscription (at once while Redis is away; a connection that
+    /// dies mid-subscribe is restored by the reconnect).
+    fn watch(&self, channel: String) -> BoxFuture<'static, BrokerResult<()>> {
         let (confirmed, rx) = oneshot::channel();
         self.subscriber.do_send(Watch { channel, confirmed });
-        // The subscriber answers at once while Redis is away; a connection
-        // that dies mid-subscribe is restored by the reconnect.
-        match tokio::time::timeout(COMMAND_TIMEOUT, rx).await {
-            Ok(Ok(())) => Ok(()),
-            _ => Err(BrokerError::Unavailable(
-                "subscription not confirmed".into(),
-            )),
-        }
+        Box::pin(async move {
+            match tokio::time::timeout(COMMAND_TIMEOUT, rx).await {
+                Ok(Ok(())) => Ok(()),
+                _ => Err(BrokerError::Unavailable(
+                    "subscription not confirmed".into(),
+                )),
+            }
+        })
     }
 }
 
-#[async_trait]
 impl Subscriptions for RedisBroker {
     fn attach_hub(&self, hub: Recipient<Fanout>) {
         self.subscriber.do_send(AttachHub(hub));
     }
 
-    async fn watch_room(&self, room: &RoomName) -> BrokerResult<()> {
-        self.watch(self.keys.room_channel(room)).await
+    fn watch_room(&self, room: &RoomName) -> BoxFuture<'static, BrokerResult<()>> {
+        self.watch(self.keys.room_channel(room))
     }
 
     fn unwatch_room(&self, room: &RoomName) {
@@ -400,8 +541,8 @@ impl Subscriptions for RedisBroker {
             .do_send(Unwatch(self.keys.room_channel(room)));
     }
 
-    async fn watch_user(&self, user: &str) -> BrokerResult<()> {
-        self.watch(self.keys.user_channel(user)).await
+    fn watch_user(&self, user: &str) -> BoxFuture<'static, BrokerResult<()>> {
+        self.watch(self.keys.user_channel(user))
     }
 
     fn unwatch_user(&self, user: &str) {

@@ -1,13 +1,14 @@
 //! The seam, in process: a join whose subscription is held back while
 //! messages are published must deliver each message once, in order.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use actix::prelude::*;
 use async_trait::async_trait;
+use futures_util::future::BoxFuture;
 use serde_json::{json, Value};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::broker::memory::MemoryBroker;
 use crate::broker::{Broker, BrokerResult, Fanout, Presence, Subscriptions};
@@ -20,22 +21,28 @@ use crate::protocol::{MessageId, PresenceEntry, RoomName};
 struct Gated {
     inner: Arc<MemoryBroker>,
     gate: Arc<Semaphore>,
+    /// `watch` / `unwatch`, in the order the hub called them.
+    calls: Arc<Mutex<Vec<&'static str>>>,
 }
 
-#[async_trait]
 impl Subscriptions for Gated {
     fn attach_hub(&self, hub: Recipient<Fanout>) {
         self.inner.attach_hub(hub);
     }
-    async fn watch_room(&self, room: &RoomName) -> BrokerResult<()> {
-        let _permit = self.gate.acquire().await;
-        self.inner.watch_room(room).await
+    fn watch_room(&self, room: &RoomName) -> BoxFuture<'static, BrokerResult<()>> {
+        self.calls.lock().unwrap().push("watch");
+        let (gate, inner) = (self.gate.clone(), self.inner.watch_room(room));
+        Box::pin(async move {
+            let _permit = gate.acquire().await;
+            inner.await
+        })
     }
     fn unwatch_room(&self, room: &RoomName) {
+        self.calls.lock().unwrap().push("unwatch");
         self.inner.unwatch_room(room);
     }
-    async fn watch_user(&self, user: &str) -> BrokerResult<()> {
-        self.inner.watch_user(user).await
+    fn watch_user(&self, user: &str) -> BoxFuture<'static, BrokerResult<()>> {
+        self.inner.watch_user(user)
     }
     fn unwatch_user(&self, user: &str) {
         self.inner.unwatch_user(user);
@@ -82,6 +89,7 @@ impl Handler<CloseSession> for FakeSession {
 struct Setup {
     broker: Broker,
     gate: Arc<Semaphore>,
+    calls: Arc<Mutex<Vec<&'static str>>>,
     presence_events: mpsc::UnboundedReceiver<&'static str>,
     hub: Addr<Hub>,
     room: RoomName,
@@ -92,9 +100,11 @@ async fn setup() -> Setup {
     let gate = Arc::new(Semaphore::new(0));
     let (events, presence_events) = mpsc::unbounded_channel();
     let mut broker = Broker::from_parts("memory", memory.clone());
+    let calls = Arc::new(Mutex::new(Vec::new()));
     broker.subscriptions = Arc::new(Gated {
         inner: memory.clone(),
         gate: gate.clone(),
+        calls: calls.clone(),
     });
     broker.presence = Arc::new(Reported {
         inner: memory,
@@ -104,6 +114,7 @@ async fn setup() -> Setup {
     Setup {
         broker,
         gate,
+        calls,
         presence_events,
         hub,
         room: RoomName::parse("seam").unwrap(),
@@ -123,6 +134,31 @@ impl Setup {
         };
         self.hub.send(connect).await.unwrap();
         rx
+    }
+
+    /// Sends a join; the receiver tells when the hub has answered it.
+    fn join(&self, key: u64, since: Option<MessageId>, r: u64) -> oneshot::Receiver<()> {
+        let (done, answered) = oneshot::channel();
+        self.hub.do_send(Join {
+            key,
+            room: self.room.clone(),
+            since,
+            reference: Some(json!(r)),
+            done,
+        });
+        answered
+    }
+
+    fn leave(&self, key: u64, r: u64) -> oneshot::Receiver<()> {
+        let (done, answered) = oneshot::channel();
+        self.hub.do_send(Leave {
+            key,
+            room: self.room.clone(),
+            reference: Some(json!(r)),
+            quiet: false,
+            done,
+        });
+        answered
     }
 
     async fn publish(&self, n: u64) -> MessageId {
@@ -172,13 +208,7 @@ async fn a_message_published_while_the_join_is_pending_arrives_once_in_order() {
     let first = s.publish(1).await;
     let second = s.publish(2).await;
     let mut rx = s.connect(1, "alice").await;
-    let join = Join {
-        key: 1,
-        room: s.room.clone(),
-        since: Some(first),
-        reference: Some(json!(7)),
-    };
-    s.hub.send(join).await.unwrap();
+    let _answered = s.join(1, Some(first), 7);
     // Published while the subscription is held back: it is both in the
     // history the join will read and in the live buffer.
     let third = s.publish(3).await;
@@ -201,19 +231,8 @@ async fn a_message_published_while_the_join_is_pending_arrives_once_in_order() {
 async fn a_leave_while_the_join_is_pending_leaves_no_presence_behind() {
     let mut s = setup().await;
     let mut rx = s.connect(1, "alice").await;
-    let join = Join {
-        key: 1,
-        room: s.room.clone(),
-        since: None,
-        reference: Some(json!(1)),
-    };
-    s.hub.send(join).await.unwrap();
-    let leave = Leave {
-        key: 1,
-        room: s.room.clone(),
-        reference: Some(json!(2)),
-    };
-    s.hub.send(leave).await.unwrap();
+    let _answered = s.join(1, None, 1);
+    s.leave(1, 2).await.unwrap();
     assert_eq!(next(&mut rx).await["ref"], 2);
     s.gate.add_permits(1);
     // The pending join records alice's presence, then sees she has left.
@@ -225,4 +244,39 @@ async fn a_leave_while_the_join_is_pending_leaves_no_presence_behind() {
     assert_eq!(events, ["join", "leave"]);
     let users = s.broker.presence.list(&s.room).await.unwrap();
     assert!(users.is_empty(), "alice still present: {users:?}");
+}
+
+#[actix_rt::test]
+async fn a_second_joiner_waits_for_the_first_joiners_subscription() {
+    let s = setup().await;
+    let mut first = s.connect(1, "alice").await;
+    let mut second = s.connect(2, "bob").await;
+    let first_answered = s.join(1, None, 1);
+    let mut second_answered = s.join(2, None, 2);
+    s.hub.send(Disconnect { key: u64::MAX }).await.unwrap();
+    assert!(
+        second_answered.try_recv().is_err(),
+        "bob acked before the room was watched"
+    );
+    assert!(second.try_recv().is_err());
+    s.gate.add_permits(1);
+    first_answered.await.unwrap();
+    second_answered.await.unwrap();
+    assert_eq!(next(&mut first).await["ref"], 1);
+    assert_eq!(next(&mut second).await["ref"], 2);
+    assert_eq!(
+        *s.calls.lock().unwrap(),
+        ["watch"],
+        "one watch for the room"
+    );
+}
+
+#[actix_rt::test]
+async fn a_join_and_a_leave_in_one_turn_give_the_subscription_back() {
+    let s = setup().await;
+    let _rx = s.connect(1, "alice").await;
+    let _joined = s.join(1, None, 1);
+    s.leave(1, 2).await.unwrap();
+    s.gate.add_permits(1);
+    assert_eq!(*s.calls.lock().unwrap(), ["watch", "unwatch"]);
 }
