@@ -78,6 +78,8 @@ pub struct Claims {
     pub rooms: Vec<String>,
     /// Glob patterns of rooms the user may publish to.
     pub publish: Vec<String>,
+    /// Glob patterns of user ids the user may send `direct` frames to.
+    pub direct: Vec<String>,
 }
 
 impl Claims {
@@ -87,6 +89,10 @@ impl Claims {
 
     pub fn may_publish(&self, room: &str) -> bool {
         self.publish.iter().any(|p| glob_match(p, room))
+    }
+
+    pub fn may_direct(&self, user: &str) -> bool {
+        self.direct.iter().any(|p| glob_match(p, user))
     }
 }
 
@@ -106,6 +112,8 @@ struct RawClaims {
     rooms: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     publish: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    direct: Option<Vec<String>>,
 }
 
 fn algorithm(alg: JwtAlgorithm) -> Algorithm {
@@ -130,6 +138,7 @@ pub struct Verifier {
     key: DecodingKey,
     validation: Validation,
     default_rooms: Vec<String>,
+    default_direct: Vec<String>,
 }
 
 impl Verifier {
@@ -173,6 +182,7 @@ impl Verifier {
             key,
             validation,
             default_rooms: cfg.default_rooms.clone(),
+            default_direct: cfg.default_direct.clone(),
         })
     }
 
@@ -203,11 +213,13 @@ impl Verifier {
         }
         let rooms = claims.rooms.unwrap_or_else(|| self.default_rooms.clone());
         let publish = claims.publish.unwrap_or_else(|| rooms.clone());
+        let direct = claims.direct.unwrap_or_else(|| self.default_direct.clone());
         Ok(Claims {
             sub: claims.sub,
             exp: claims.exp,
             rooms,
             publish,
+            direct,
         })
     }
 }
@@ -237,6 +249,7 @@ pub fn mint(
         iss: (!cfg.issuer.is_empty()).then(|| cfg.issuer.clone()),
         rooms,
         publish,
+        direct: None,
     };
     encode(&Header::new(algorithm(cfg.jwt_algorithm)), &claims, &key).map_err(MintError::Sign)
 }

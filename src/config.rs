@@ -82,6 +82,8 @@ pub struct AuthConfig {
     pub audience: String,
     pub issuer: String,
     pub default_rooms: Vec<String>,
+    /// User-id globs a token without a `direct` claim may send `direct` to.
+    pub default_direct: Vec<String>,
     pub api_keys: Vec<String>,
 }
 
@@ -103,6 +105,8 @@ pub struct LimitsConfig {
 pub struct HistoryConfig {
     pub size: usize,
     pub ttl_s: u64,
+    /// The memory broker's budget for all rooms' history together.
+    pub max_bytes: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -158,6 +162,7 @@ impl Default for AuthConfig {
             audience: String::new(),
             issuer: String::new(),
             default_rooms: vec!["*".into()],
+            default_direct: vec!["*".into()],
             api_keys: Vec::new(),
         }
     }
@@ -183,6 +188,7 @@ impl Default for HistoryConfig {
         HistoryConfig {
             size: 100,
             ttl_s: 3600,
+            max_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -351,6 +357,9 @@ impl Config {
                 return bad(key, 0, "at least 1");
             }
         }
+        if self.history.max_bytes < 4096 {
+            return bad("history.max_bytes", self.history.max_bytes, "at least 4096");
+        }
         if l.max_message_bytes < 64 {
             return bad(
                 "limits.max_message_bytes",
@@ -389,12 +398,31 @@ impl Config {
         for key in &mut c.auth.api_keys {
             *key = "***".into();
         }
+        c.redis.url = mask_url_password(&c.redis.url);
         c
     }
 
     pub fn to_toml_string(&self) -> String {
         toml::to_string(self).unwrap_or_default()
     }
+}
+
+/// `redis://user:secret@host` → `redis://user:***@host` (a userinfo
+/// without `:` may be a password too: all of it is masked).
+fn mask_url_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_owned();
+    };
+    let userinfo = &rest[..at];
+    let masked = match userinfo.split_once(':') {
+        Some((user, _)) => format!("{user}:***"),
+        None => "***".to_owned(),
+    };
+    format!("{scheme}://{masked}{}", &rest[at..])
 }
 
 /// Applies one `SWITCHBOARD__SECTION__KEY=value`, typed after the default.
@@ -551,5 +579,14 @@ mod tests {
         let c = load("[auth]\napi_keys = [\"k\"]\n", &[]).unwrap().masked();
         assert_eq!(c.auth.jwt_secret, "***");
         assert_eq!(c.auth.api_keys, vec!["***"]);
+        for (url, shown) in [
+            ("redis://u:pa:ss@h:6379/0", "redis://u:***@h:6379/0"),
+            ("redis://:secret@h", "redis://:***@h"),
+            ("rediss://token@h", "rediss://***@h"),
+            ("redis://h:6379", "redis://h:6379"),
+            ("unix:///tmp/r.sock", "unix:///tmp/r.sock"),
+        ] {
+            assert_eq!(mask_url_password(url), shown);
+        }
     }
 }

@@ -61,6 +61,8 @@ pub async fn run(
             .configure(crate::http::routes)
     })
     .workers(workers)
+    // actix's own cap is per worker (25,600 by default): never below ours.
+    .max_connections(state.config.limits.max_connections.max(1))
     // Small frames (acks, a chat line) go out at once instead of waiting
     // for the client's delayed ACK (up to 40 ms on Linux).
     .tcp_nodelay(true)

@@ -4,6 +4,7 @@
 
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
+use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -42,6 +43,14 @@ impl ApiError {
 
     pub fn bad_request(message: impl ToString) -> ApiError {
         Self::new(StatusCode::BAD_REQUEST, "bad_request", message.to_string())
+    }
+
+    pub fn too_large(limit: usize) -> ApiError {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("data over limits.max_message_bytes ({limit} bytes)"),
+        )
     }
 
     pub fn unauthorized() -> ApiError {
@@ -100,10 +109,32 @@ struct PublishBody {
     data: Value,
 }
 
+/// What a publish body may hold beyond its `data`.
+const BODY_OVERHEAD: usize = 1024;
+
+/// The request body, refused with a JSON 413 past `limit` bytes.
+async fn read_body(mut payload: web::Payload, limit: usize) -> Result<web::BytesMut, ApiError> {
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| ApiError::bad_request(format!("reading the body: {e}")))?;
+        if body.len() + chunk.len() > limit {
+            return Err(ApiError::too_large(limit));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
 /// `POST /api/publish` with exactly one of `room`, `user`, `broadcast: true`.
-pub async fn publish(state: web::Data<AppState>, body: web::Bytes) -> ApiResult {
+/// `data` may take `limits.max_message_bytes`, like a client frame.
+pub async fn publish(state: web::Data<AppState>, payload: web::Payload) -> ApiResult {
+    let max = state.config.limits.max_message_bytes;
+    let body = read_body(payload, max + BODY_OVERHEAD).await?;
     let body: PublishBody = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("invalid body: {e}")))?;
+    if serde_json::to_string(&body.data).map_or(0, |d| d.len()) > max {
+        return Err(ApiError::too_large(max));
+    }
     let messages = &state.broker.messages;
     let id = match (body.room, body.user, body.broadcast) {
         (Some(room), None, None | Some(false)) => {

@@ -60,6 +60,10 @@ pub struct Ack<'a> {
     id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     task_id: Option<&'a str>,
+    /// For refresh: the rooms whose membership ended because the new token
+    /// does not allow them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    left: Option<&'a [String]>,
 }
 
 impl<'a> Ack<'a> {
@@ -86,6 +90,11 @@ impl<'a> Ack<'a> {
     }
     pub fn task_id(mut self, task_id: &'a str) -> Self {
         self.task_id = Some(task_id);
+        self
+    }
+    /// Left out when empty.
+    pub fn left(mut self, rooms: &'a [String]) -> Self {
+        self.left = (!rooms.is_empty()).then_some(rooms);
         self
     }
     pub fn encode(&self) -> ByteString {

@@ -47,6 +47,9 @@ use crate::protocol::{
 use crate::ratelimit::TokenBucket;
 use crate::state::{AppState, ConnectionSlot};
 
+/// The longest a session timer waits (a year).
+const MAX_TIMER_MS: u64 = 365 * 24 * 3600 * 1000;
+
 pub struct Session {
     key: u64,
     connection_id: Arc<str>,
@@ -143,10 +146,22 @@ impl Session {
         if let Some(handle) = self.expiry.take() {
             ctx.cancel_future(handle);
         }
-        let left = (self.claims.exp * 1000).saturating_sub(crate::clock::now_ms());
-        self.expiry = Some(ctx.run_later(Duration::from_millis(left), |this, ctx| {
-            this.close(CloseReason::TokenExpired, ctx);
-        }));
+        // A far `exp` waits at most a year per timer (and no time overflows).
+        let left = self
+            .claims
+            .exp
+            .saturating_mul(1000)
+            .saturating_sub(crate::clock::now_ms())
+            .min(MAX_TIMER_MS);
+        let expired = left < MAX_TIMER_MS;
+        self.expiry = Some(
+            ctx.run_later(Duration::from_millis(left), move |this, ctx| {
+                if !expired {
+                    return this.schedule_expiry(ctx);
+                }
+                this.close(CloseReason::TokenExpired, ctx);
+            }),
+        );
     }
 
     /// Takes a token from the bucket; refuses (and after too many strikes

@@ -50,6 +50,10 @@ impl Session {
             let err = ErrorReply::bad_request("`to` must be a user id of 1-256 bytes");
             return self.reply_error(err, &reference, ctx);
         }
+        if !self.claims.may_direct(&to) {
+            let err = ErrorReply::forbidden("not allowed to send direct messages to that user");
+            return self.reply_error(err, &reference, ctx);
+        }
         metrics().published.with_label_values(&["user"]).inc();
         let (messages, user) = (self.state.broker.messages.clone(), self.user.clone());
         let publish = async move { messages.publish_user(&to, &user, &data).await };

@@ -1,7 +1,10 @@
 //! Publishing and history in memory: each room keeps its last
-//! `history.size` messages, dropped `history.ttl_s` after its last publish.
+//! `history.size` messages, dropped `history.ttl_s` after its last publish,
+//! and all rooms together stay within `history.max_bytes`: past it, the
+//! least recently published rooms lose their history first (a join with
+//! `since` into such a room is told `recovered: false`).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -13,27 +16,51 @@ use crate::broker::fanout::{Envelope, Stamp};
 use crate::broker::{BrokerResult, History, HistoryEntry, Messages};
 use crate::protocol::{MessageId, RoomName};
 
+/// What one retained message costs beyond its frame (deque slot, id, `Arc`).
+const ENTRY_OVERHEAD: usize = 64;
+/// What one room with history costs beyond its messages.
+const ROOM_OVERHEAD: usize = 192;
+
 struct RoomHistory {
     last_id: MessageId,
-    /// The newest id dropped from `messages` by the size cap, if any.
-    trimmed_through: Option<MessageId>,
     messages: VecDeque<HistoryEntry>,
     last_publish: Instant,
+    /// What its messages cost, overheads included.
+    bytes: usize,
+    /// Its place in the least-recently-published order.
+    lru: u64,
 }
 
-/// Every room's retained messages.
+fn entry_cost(entry: &HistoryEntry) -> usize {
+    entry.frame.len() + ENTRY_OVERHEAD
+}
+
+fn room_cost(room: &RoomName) -> usize {
+    room.as_str().len() + ROOM_OVERHEAD
+}
+
+/// Every room's retained messages, within a byte budget.
 pub(super) struct HistoryStore {
     size: usize,
     ttl: Duration,
+    max_bytes: usize,
+    bytes: usize,
     rooms: HashMap<RoomName, RoomHistory>,
+    /// Rooms by last publish, oldest first.
+    lru: BTreeMap<u64, RoomName>,
+    next_lru: u64,
 }
 
 impl HistoryStore {
-    pub(super) fn new(size: usize, ttl: Duration) -> HistoryStore {
+    pub(super) fn new(size: usize, ttl: Duration, max_bytes: usize) -> HistoryStore {
         HistoryStore {
             size,
             ttl,
+            max_bytes,
+            bytes: 0,
             rooms: HashMap::new(),
+            lru: BTreeMap::new(),
+            next_lru: 0,
         }
     }
 
@@ -41,10 +68,31 @@ impl HistoryStore {
         self.ttl
     }
 
+    /// What all history costs now.
+    #[cfg(test)]
+    fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    fn remove(&mut self, room: &RoomName) {
+        if let Some(h) = self.rooms.remove(room) {
+            self.bytes -= h.bytes + room_cost(room);
+            self.lru.remove(&h.lru);
+        }
+    }
+
     /// Drops the history of every room without a publish for the TTL.
     pub(super) fn expire(&mut self) {
         let ttl = self.ttl;
-        self.rooms.retain(|_, h| h.last_publish.elapsed() < ttl);
+        let expired: Vec<RoomName> = self
+            .rooms
+            .iter()
+            .filter(|(_, h)| h.last_publish.elapsed() >= ttl)
+            .map(|(room, _)| room.clone())
+            .collect();
+        for room in expired {
+            self.remove(&room);
+        }
     }
 
     /// The room's live history, dropping it first if it has expired.
@@ -54,7 +102,7 @@ impl HistoryStore {
             .get(room)
             .is_some_and(|h| h.last_publish.elapsed() >= self.ttl)
         {
-            self.rooms.remove(room);
+            self.remove(room);
         }
         self.rooms.get_mut(room)
     }
@@ -65,29 +113,57 @@ impl HistoryStore {
         last.next(now_ms)
     }
 
-    /// Appends the room's next message (its id from [`Self::next_id`]).
+    /// Appends the room's next message (its id from [`Self::next_id`]),
+    /// then trims the room to `history.size` and all rooms to the budget.
     fn append(&mut self, room: &RoomName, entry: HistoryEntry) {
+        if !self.rooms.contains_key(room) {
+            self.bytes += room_cost(room);
+        }
+        let lru = self.next_lru;
+        self.next_lru += 1;
         let history = self
             .rooms
             .entry(room.clone())
             .or_insert_with(|| RoomHistory {
                 last_id: MessageId::default(),
-                trimmed_through: None,
                 messages: VecDeque::new(),
                 last_publish: Instant::now(),
+                bytes: 0,
+                lru,
             });
+        self.lru.remove(&history.lru);
+        self.lru.insert(lru, room.clone());
+        history.lru = lru;
         history.last_id = entry.id;
         history.last_publish = Instant::now();
+        history.bytes += entry_cost(&entry);
+        self.bytes += entry_cost(&entry);
         history.messages.push_back(entry);
         while history.messages.len() > self.size {
             if let Some(dropped) = history.messages.pop_front() {
-                history.trimmed_through = Some(dropped.id);
+                history.bytes -= entry_cost(&dropped);
+                self.bytes -= entry_cost(&dropped);
+            }
+        }
+        self.evict(room);
+    }
+
+    /// Drops the least recently published rooms (never `keep`) until all
+    /// history fits the budget.
+    fn evict(&mut self, keep: &RoomName) {
+        while self.bytes > self.max_bytes {
+            let oldest = self.lru.values().find(|r| *r != keep).cloned();
+            match oldest {
+                Some(room) => self.remove(&room),
+                None => return,
             }
         }
     }
 
-    /// The retained messages after `since`, at most `limit` (the latest);
-    /// `recovered` is false when anything after `since` is gone.
+    /// The retained messages after `since`, at most `limit` (the latest).
+    /// `recovered`: nothing after `since` is gone, i.e. `since` is at or
+    /// after the first retained message (anything older may have been
+    /// trimmed, evicted or expired) and `limit` left nothing out.
     pub(super) fn after(
         &mut self,
         room: &RoomName,
@@ -108,13 +184,14 @@ impl HistoryStore {
             .filter(|m| since.is_none_or(|s| m.id > s))
             .collect();
         let skip = after.len().saturating_sub(limit);
-        let recovered = match (since, h.trimmed_through) {
-            (Some(s), Some(t)) => s >= t && skip == 0,
-            _ => skip == 0,
+        let first = h.messages.front().map(|m| m.id);
+        let kept_since = match since {
+            None => true,
+            Some(s) => first.is_some_and(|first| s >= first),
         };
         History {
             messages: after.into_iter().skip(skip).cloned().collect(),
-            recovered,
+            recovered: kept_since && skip == 0,
         }
     }
 }
@@ -183,21 +260,18 @@ impl Messages for MemoryBroker {
 mod tests {
     use super::*;
 
+    fn publish(store: &mut HistoryStore, room: &RoomName, at: u64, bytes: usize) -> MessageId {
+        let id = store.next_id(room, at);
+        let frame = "x".repeat(bytes).into();
+        store.append(room, HistoryEntry { id, frame });
+        id
+    }
+
     fn store_with(n: u64, size: usize) -> (HistoryStore, RoomName, Vec<MessageId>) {
-        let mut store = HistoryStore::new(size, Duration::from_secs(60));
+        let mut store = HistoryStore::new(size, Duration::from_secs(60), 1 << 20);
         let room = RoomName::parse("r").unwrap();
         let ids = (0..n)
-            .map(|i| {
-                let id = store.next_id(&room, 1000 + i);
-                store.append(
-                    &room,
-                    HistoryEntry {
-                        id,
-                        frame: id.to_string().into(),
-                    },
-                );
-                id
-            })
+            .map(|i| publish(&mut store, &room, 1000 + i, 10))
             .collect();
         (store, room, ids)
     }
@@ -223,10 +297,13 @@ mod tests {
         let h = store.after(&room, Some(all[1]), usize::MAX);
         assert!(!h.recovered);
         assert_eq!(ids(&h), all[3..]);
-        // Since the newest trimmed id: nothing after it is lost.
+        // Since the newest trimmed id: nothing after it is lost, but the
+        // store cannot tell that from an older one, so it errs on the safe side.
         let h = store.after(&room, Some(all[2]), usize::MAX);
-        assert!(h.recovered);
+        assert!(!h.recovered);
         assert_eq!(ids(&h), all[3..]);
+        // Since the first retained id: recovered.
+        assert!(store.after(&room, Some(all[3]), usize::MAX).recovered);
     }
 
     #[tokio::test(start_paused = true)]
@@ -238,6 +315,41 @@ mod tests {
         let h = store.after(&room, Some(all[2]), 2);
         assert!(h.recovered);
         assert_eq!(ids(&h), all[3..]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn history_stays_within_its_budget_evicting_the_least_recently_published() {
+        let budget = 20 * (1000 + ENTRY_OVERHEAD + ROOM_OVERHEAD + 8);
+        let mut store = HistoryStore::new(100, Duration::from_secs(60), budget);
+        let rooms: Vec<RoomName> = (0..100)
+            .map(|i| RoomName::parse(&format!("room-{i}")).unwrap())
+            .collect();
+        let first: Vec<MessageId> = rooms
+            .iter()
+            .enumerate()
+            .map(|(i, room)| publish(&mut store, room, 1000 + i as u64, 1000))
+            .collect();
+        assert!(store.bytes() <= budget, "{} > {budget}", store.bytes());
+        // The oldest rooms were evicted: a join with since is not recovered.
+        let h = store.after(&rooms[0], Some(first[0]), usize::MAX);
+        assert!(!h.recovered && h.messages.is_empty());
+        // The newest are kept.
+        assert!(
+            store
+                .after(&rooms[99], Some(first[99]), usize::MAX)
+                .recovered
+        );
+        // A room published again moves to the back of the queue.
+        publish(&mut store, &rooms[85], 5000, 1000);
+        for (i, room) in rooms.iter().enumerate().take(10) {
+            publish(&mut store, room, 6000 + i as u64, 1000);
+        }
+        assert!(store.after(&rooms[85], None, usize::MAX).messages.len() == 2);
+        assert!(store
+            .after(&rooms[86], None, usize::MAX)
+            .messages
+            .is_empty());
+        assert!(store.bytes() <= budget);
     }
 
     #[tokio::test(start_paused = true)]

@@ -44,14 +44,14 @@ impl MemoryBroker {
     /// called inside a running actix system.
     pub fn start(config: &Config) -> Arc<MemoryBroker> {
         let arbiter = Arbiter::new().handle();
-        let size = config.history.size;
+        let (size, max_bytes) = (config.history.size, config.history.max_bytes);
         let ttl = Duration::from_secs(config.history.ttl_s);
         let addr = BrokerActor::start_in_arbiter(&arbiter, move |ctx| {
             ctx.set_mailbox_capacity(MAILBOX);
             BrokerActor {
                 hubs: HubSet::default(),
                 ids: LocalIds::default(),
-                history: HistoryStore::new(size, ttl),
+                history: HistoryStore::new(size, ttl, max_bytes),
                 presence: PresenceTable::default(),
                 registry: ConnectionTable::default(),
             }

@@ -19,31 +19,20 @@ use crate::clock::now_ms;
 use crate::protocol::{direct_frame, MessageId, RoomName};
 
 /// What `XINFO STREAM` says of a room's history, as far as `recovered`
-/// needs it.
+/// needs it: the first id it still holds.
 #[derive(Debug, Default, Clone, Copy)]
 pub(super) struct StreamInfo {
-    pub entries_added: u64,
-    pub length: u64,
     pub first_id: MessageId,
 }
 
 impl StreamInfo {
     fn from_reply(info: &HashMap<String, redis::Value>) -> StreamInfo {
-        let int = |k: &str| {
-            info.get(k)
-                .and_then(|v| redis::from_redis_value::<u64>(v.clone()).ok())
-                .unwrap_or(0)
-        };
         let first_id = info
             .get("recorded-first-entry-id")
             .and_then(|v| redis::from_redis_value::<String>(v.clone()).ok())
             .and_then(|s| s.parse::<MessageId>().ok())
             .unwrap_or_default();
-        StreamInfo {
-            entries_added: int("entries-added"),
-            length: int("length"),
-            first_id,
-        }
+        StreamInfo { first_id }
     }
 }
 
@@ -51,22 +40,37 @@ impl StreamInfo {
 /// expired or was never written) and how many of at most `limit` entries
 /// the read returned.
 ///
-/// Trimming drops the oldest entries, and Redis does not update
-/// `max-deleted-entry-id` for it: something after `since` may be lost when
-/// entries were trimmed and `since` is older than the first one retained.
-/// When `since` is exactly the last trimmed id this errs on the safe side
-/// (`recovered: false`).
+/// The same rule as the memory broker's: anything older than the first
+/// retained message may have been trimmed, or lost with an earlier
+/// incarnation of the room's history (expired, then written again), so
+/// only a `since` at or after the first retained id is recovered. When
+/// `since` is exactly the last trimmed id this errs on the safe side.
 pub(super) fn recovered(
     since: MessageId,
     stream: Option<StreamInfo>,
     returned: usize,
     limit: usize,
 ) -> bool {
-    let Some(info) = stream else {
-        return false;
-    };
-    let trimmed = info.entries_added > info.length;
-    (!trimmed || since >= info.first_id) && returned < limit
+    stream.is_some_and(|info| since >= info.first_id) && returned < limit
+}
+
+/// The first id a stream read after `since` starts at (inclusive); `None`
+/// when no id can follow `since`. Redis would refuse an exclusive range
+/// from the largest id.
+fn first_after(since: MessageId) -> Option<MessageId> {
+    if since.seq < u64::MAX {
+        Some(MessageId {
+            ms: since.ms,
+            seq: since.seq + 1,
+        })
+    } else if since.ms < u64::MAX {
+        Some(MessageId {
+            ms: since.ms + 1,
+            seq: 0,
+        })
+    } else {
+        None
+    }
 }
 
 fn to_raw(data: &Value) -> BrokerResult<Box<RawValue>> {
@@ -149,7 +153,11 @@ impl RedisBroker {
         limit: usize,
     ) -> BrokerResult<Vec<HistoryEntry>> {
         let key = self.keys.history(room);
-        let start = since.map_or_else(|| "-".to_owned(), |s| format!("({s}"));
+        let start = match since.map(first_after) {
+            None => "-".to_owned(),
+            Some(Some(first)) => first.to_string(),
+            Some(None) => return Ok(Vec::new()),
+        };
         let reply: redis::streams::StreamRangeReply = self
             .cmd
             .exec(move |mut c| async move { c.xrevrange_count(&key, "+", &start, limit).await })
@@ -264,23 +272,13 @@ mod tests {
         MessageId { ms, seq }
     }
 
-    fn stream(added: u64, length: u64, first: MessageId) -> Option<StreamInfo> {
-        Some(StreamInfo {
-            entries_added: added,
-            length,
-            first_id: first,
-        })
+    fn stream(first: MessageId) -> Option<StreamInfo> {
+        Some(StreamInfo { first_id: first })
     }
 
     #[test]
-    fn an_untrimmed_stream_recovers_everything() {
-        assert!(recovered(id(1, 0), stream(5, 5, id(2, 0)), 3, usize::MAX));
-        assert!(recovered(id(0, 0), stream(5, 5, id(2, 0)), 5, usize::MAX));
-    }
-
-    #[test]
-    fn a_trimmed_stream_recovers_only_from_its_first_retained_id() {
-        let s = stream(300, 100, id(50, 0));
+    fn a_since_at_or_after_the_first_retained_id_recovers() {
+        let s = stream(id(50, 0));
         assert!(recovered(id(50, 0), s, 99, usize::MAX));
         assert!(recovered(id(70, 3), s, 10, usize::MAX));
         assert!(!recovered(id(49, 9), s, 100, usize::MAX));
@@ -289,13 +287,19 @@ mod tests {
     #[test]
     fn no_stream_or_a_full_page_is_not_recovered() {
         assert!(!recovered(id(1, 0), None, 0, usize::MAX));
-        assert!(!recovered(id(1, 0), stream(5, 5, id(2, 0)), 2, 2));
+        assert!(!recovered(id(3, 0), stream(id(2, 0)), 2, 2));
+    }
+
+    #[test]
+    fn reads_start_after_since_without_overflow() {
+        assert_eq!(first_after(id(5, 1)), Some(id(5, 2)));
+        assert_eq!(first_after(id(5, u64::MAX)), Some(id(6, 0)));
+        assert_eq!(first_after(id(u64::MAX, u64::MAX)), None);
     }
 
     #[test]
     fn xinfo_fields_are_read_by_name() {
         let info: HashMap<String, redis::Value> = [
-            ("entries-added", redis::Value::Int(7)),
             ("length", redis::Value::Int(4)),
             (
                 "recorded-first-entry-id",
@@ -306,6 +310,6 @@ mod tests {
         .map(|(k, v)| (k.to_owned(), v))
         .collect();
         let s = StreamInfo::from_reply(&info);
-        assert_eq!((s.entries_added, s.length, s.first_id), (7, 4, id(10, 2)));
+        assert_eq!(s.first_id, id(10, 2));
     }
 }
