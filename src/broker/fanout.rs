@@ -268,6 +268,20 @@ impl LocalIds {
         *last
     }
 
+    /// The next id for a message this instance delivers on its own while
+    /// Redis is away: in the millisecond of the last id seen there, so
+    /// Redis's own next ids (later milliseconds) still come after it.
+    pub fn next_room_offline(&mut self, room: &RoomName) -> MessageId {
+        let Some(last) = self.rooms.get_mut(room) else {
+            return self.next_room(room);
+        };
+        *last = MessageId {
+            ms: last.ms,
+            seq: last.seq.saturating_add(1),
+        };
+        *last
+    }
+
     /// A history id that reached `room` from elsewhere: later local ids
     /// follow it.
     pub fn seen_room(&mut self, room: &RoomName, id: MessageId) {
@@ -275,6 +289,11 @@ impl LocalIds {
         *last = (*last).max(id);
         let seen = self.history.entry(room.clone()).or_default();
         *seen = (*seen).max(id);
+    }
+
+    /// The newest id delivered in `room` (seen or given).
+    pub fn last_room_id(&self, room: &RoomName) -> Option<MessageId> {
+        self.rooms.get(room).copied()
     }
 
     /// The newest history id seen in `room`.

@@ -44,7 +44,7 @@ use crate::broker::fanout::{Envelope, HubSet, LocalIds, Stamp};
 use crate::broker::{BrokerError, BrokerResult, Fanout, Subscriptions, Target};
 use crate::clock::now_ms;
 use crate::metrics::metrics;
-use crate::protocol::RoomName;
+use crate::protocol::{MessageId, RoomName};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Live messages of one room held back while it catches up.
@@ -53,6 +53,16 @@ const CATCH_UP_BUFFER: usize = 4096;
 const FLUSH_EVERY: Duration = Duration::from_millis(50);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// A room catching up after a reconnect.
+struct CatchUp {
+    /// The newest id delivered here when it began: nothing older is sent,
+    /// so members keep receiving in id order (after an outage, messages
+    /// numbered here may be newer than what Redis had not yet delivered).
+    floor: Option<MessageId>,
+    /// Live messages held back meanwhile.
+    held: Vec<Envelope>,
+}
 
 struct Channel {
     refs: usize,
@@ -71,8 +81,8 @@ pub struct RedisSubscriber {
     history_size: usize,
     /// Rooms with local members, for `/api/stats`.
     local_rooms: Arc<AtomicUsize>,
-    /// Rooms catching up after a reconnect, with the live messages held back.
-    catching_up: HashMap<RoomName, Vec<Envelope>>,
+    /// Rooms catching up after a reconnect.
+    catching_up: HashMap<RoomName, CatchUp>,
     hubs: HubSet,
     channels: HashMap<String, Channel>,
     to_subscribe: HashSet<String>,
@@ -276,7 +286,12 @@ impl RedisSubscriber {
             if self.catching_up.contains_key(&room) {
                 continue;
             }
-            self.catching_up.insert(room.clone(), Vec::new());
+            let floor = self.ids.last_room_id(&room);
+            let catch_up = CatchUp {
+                floor,
+                held: Vec::new(),
+            };
+            self.catching_up.insert(room.clone(), catch_up);
             self.catch_up(room, start, ctx);
         }
     }
@@ -310,8 +325,10 @@ impl RedisSubscriber {
     }
 
     fn finish_catch_up(&mut self, room: RoomName, replay: Vec<Envelope>) {
-        let held = self.catching_up.remove(&room).unwrap_or_default();
-        let mut last = None;
+        let Some(CatchUp { floor, held }) = self.catching_up.remove(&room) else {
+            return;
+        };
+        let mut last = floor;
         for envelope in replay.into_iter().chain(held) {
             if envelope.id.is_some() && envelope.id <= last {
                 continue;
@@ -325,11 +342,19 @@ impl RedisSubscriber {
     }
 
     /// Delivers an envelope, or holds it back while its room catches up.
-    fn deliver(&mut self, envelope: Envelope) {
+    /// A room message not newer than the last one delivered here (one that
+    /// an outage's local numbering overtook) is dropped: members receive
+    /// in id order, never twice.
+    fn deliver(&mut self, envelope: Envelope, last: Option<MessageId>) {
         if let Target::Room(room) = &envelope.target {
-            if let Some(held) = self.catching_up.get_mut(room) {
-                if held.len() < CATCH_UP_BUFFER {
-                    held.push(envelope);
+            if envelope.id.is_some() && envelope.id <= last && !self.catching_up.contains_key(room)
+            {
+                tracing::debug!(room = %room, "message older than one already delivered here dropped");
+                return;
+            }
+            if let Some(catch_up) = self.catching_up.get_mut(room) {
+                if catch_up.held.len() < CATCH_UP_BUFFER {
+                    catch_up.held.push(envelope);
                     return;
                 }
                 tracing::warn!(room = %room, "catch-up too slow; delivering live messages without it");
@@ -358,8 +383,12 @@ impl StreamHandler<(u64, redis::Msg)> for RedisSubscriber {
         }
         let channel = msg.get_channel_name();
         let bytes = msg.get_payload_bytes();
+        let last = self
+            .keys
+            .room_of_channel(channel)
+            .and_then(|room| self.ids.last_room_id(&room));
         match payload::decode(self.keys.prefix(), channel, bytes, &mut self.ids) {
-            Ok(envelope) => self.deliver(envelope),
+            Ok(envelope) => self.deliver(envelope, last),
             Err(payload::Malformed) => {
                 metrics().redis_malformed.inc();
                 // The payload may carry user data: log its size, not its content.
@@ -489,7 +518,7 @@ impl Handler<LocalPublish> for RedisSubscriber {
         let at = Stamp::now();
         let (envelope, id) = match msg {
             LocalPublish::Room { room, from, data } => {
-                let id = self.ids.next_room(&room);
+                let id = self.ids.next_room_offline(&room);
                 (
                     Envelope::message(room, id, &from, &*data, at),
                     id.to_string(),
