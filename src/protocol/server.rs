@@ -15,7 +15,13 @@ use super::codes::{ErrorCode, ErrorReply};
 fn to_text<T: Serialize>(value: &T) -> ByteString {
     // Serializing our own frame types cannot fail (string keys, no maps with
     // non-string keys, no non-finite floats).
-    ByteString::from(serde_json::to_string(value).unwrap_or_default())
+    let mut text = serde_json::to_string(value).unwrap_or_default();
+    // The buffer grew by doubling; a frame kept in history must not hold
+    // twice its size (shrinking in place is cheap).
+    if text.capacity() > text.len() + 256 {
+        text.shrink_to_fit();
+    }
+    ByteString::from(text)
 }
 
 /// `{"type":"welcome","connection_id","user","instance","heartbeat_s"}`.

@@ -281,6 +281,11 @@ impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for Session {
             Ok(AggregatedMessage::Pong(_)) => {}
             Ok(AggregatedMessage::Close(_)) => self.close(CloseReason::Normal, ctx),
             Err(ProtocolError::Overflow) => self.close(CloseReason::MessageTooBig, ctx),
+            // The client went away (reset, EOF): there is nobody to close.
+            Err(ProtocolError::Io(e)) => {
+                tracing::debug!(error = %e, connection_id = %self.connection_id, "client connection lost");
+                ctx.stop();
+            }
             Err(e) => {
                 tracing::debug!(error = %e, connection_id = %self.connection_id, "websocket protocol error");
                 self.close(CloseReason::ProtocolError, ctx);
