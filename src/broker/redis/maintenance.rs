@@ -53,23 +53,33 @@ impl RedisBroker {
                 continue;
             }
             let due = last_reconcile.elapsed() >= RECONCILE_EVERY;
-            if self.dirty.swap(false, Ordering::AcqRel) || due {
+            let wanted = self.dirty.swap(false, Ordering::AcqRel);
+            if wanted || due {
                 last_reconcile = tokio::time::Instant::now();
-                let started = std::time::Instant::now();
-                match self.reconcile().await {
-                    Ok(n) => tracing::debug!(
-                        connections = n,
-                        elapsed_ms = started.elapsed().as_millis() as u64,
-                        "registry reconciled"
-                    ),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "reconcile failed; retrying");
-                        self.dirty.store(true, Ordering::Release);
-                    }
-                }
+                self.reconcile_logged(wanted).await;
             }
             if let Err(e) = self.reap().await {
                 tracing::debug!(error = %e, "reaping dead instances failed");
+            }
+        }
+    }
+
+    /// Reconciles; an asked-for reconcile is logged at info, a routine one
+    /// at debug; a failure asks again.
+    async fn reconcile_logged(&self, wanted: bool) {
+        let started = std::time::Instant::now();
+        match self.reconcile().await {
+            Ok(n) => {
+                let elapsed_ms = started.elapsed().as_millis() as u64;
+                if wanted {
+                    tracing::info!(connections = n, elapsed_ms, "registry reconciled");
+                } else {
+                    tracing::debug!(connections = n, elapsed_ms, "registry reconciled");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "reconcile failed; retrying");
+                self.dirty.store(true, Ordering::Release);
             }
         }
     }
