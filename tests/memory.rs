@@ -56,7 +56,11 @@ async fn publishing_to_60000_fresh_rooms_stays_within_the_history_budget() {
     let (_, newest) = api
         .get(&format!("/api/rooms/fresh-{}/history", ROOMS - 1))
         .await;
-    assert_eq!(newest["messages"].as_array().map(Vec::len), Some(1), "{newest}");
+    assert_eq!(
+        newest["messages"].as_array().map(Vec::len),
+        Some(1),
+        "{newest}"
+    );
     let (_, oldest) = api.get("/api/rooms/fresh-0/history").await;
     assert_eq!(oldest["messages"], json!([]));
 }
