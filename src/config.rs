@@ -116,7 +116,32 @@ pub struct TasksConfig {
     pub visibility_timeout_s: u64,
     pub max_attempts: u32,
     pub idempotency_ttl_s: u64,
-    pub handlers: BTreeMap<String, toml::Value>,
+    /// Tasks a user may have queued or running at once.
+    pub max_pending_per_user: usize,
+    /// How long a task's record (status, result) is kept after its last change.
+    pub result_ttl_s: u64,
+    pub handlers: BTreeMap<String, HandlerConfig>,
+}
+
+/// One `[tasks.handlers.NAME]` table.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum HandlerConfig {
+    /// Returns the payload.
+    Echo {},
+    /// POSTs the task to `url`; a 2xx JSON answer is the result.
+    Webhook {
+        url: String,
+        #[serde(default = "default_webhook_timeout")]
+        timeout_s: u64,
+        /// Extra request headers (an `Authorization`, say).
+        #[serde(default)]
+        headers: BTreeMap<String, String>,
+    },
+}
+
+fn default_webhook_timeout() -> u64 {
+    30
 }
 
 impl Default for ServerConfig {
@@ -200,6 +225,8 @@ impl Default for TasksConfig {
             visibility_timeout_s: 60,
             max_attempts: 3,
             idempotency_ttl_s: 86_400,
+            max_pending_per_user: 100,
+            result_ttl_s: 86_400,
             handlers: BTreeMap::new(),
         }
     }
@@ -258,7 +285,52 @@ impl Config {
         self.validate_server()?;
         self.validate_redis()?;
         self.validate_auth()?;
-        self.validate_limits()
+        self.validate_limits()?;
+        self.validate_tasks()
+    }
+
+    fn validate_tasks(&self) -> Result<(), ConfigError> {
+        let t = &self.tasks;
+        for (key, value) in [
+            ("tasks.visibility_timeout_s", t.visibility_timeout_s),
+            ("tasks.max_attempts", u64::from(t.max_attempts)),
+            ("tasks.idempotency_ttl_s", t.idempotency_ttl_s),
+            ("tasks.max_pending_per_user", t.max_pending_per_user as u64),
+            ("tasks.result_ttl_s", t.result_ttl_s),
+        ] {
+            if value == 0 {
+                return bad(key, 0, "at least 1");
+            }
+        }
+        for (name, handler) in &t.handlers {
+            let valid_name = !name.is_empty()
+                && name.len() <= 128
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_.:-".contains(&b));
+            if !valid_name {
+                return bad(
+                    &format!("tasks.handlers.{name}"),
+                    format!("{name:?}"),
+                    "a name of 1-128 characters of [A-Za-z0-9_.:-]",
+                );
+            }
+            if let HandlerConfig::Webhook { url, timeout_s, .. } = handler {
+                let host = url
+                    .strip_prefix("http://")
+                    .or_else(|| url.strip_prefix("https://"))
+                    .unwrap_or_default();
+                if host.is_empty() || host.starts_with('/') {
+                    let key = format!("tasks.handlers.{name}.url");
+                    return bad(&key, format!("{url:?}"), "an http:// or https:// URL");
+                }
+                if *timeout_s == 0 || *timeout_s > 3600 {
+                    let key = format!("tasks.handlers.{name}.timeout_s");
+                    return bad(&key, timeout_s, "1 to 3600");
+                }
+            }
+        }
+        Ok(())
     }
 
     fn validate_server(&self) -> Result<(), ConfigError> {
@@ -399,6 +471,11 @@ impl Config {
             *key = "***".into();
         }
         c.redis.url = mask_url_password(&c.redis.url);
+        for handler in c.tasks.handlers.values_mut() {
+            if let HandlerConfig::Webhook { headers, .. } = handler {
+                headers.values_mut().for_each(|v| *v = "***".into());
+            }
+        }
         c
     }
 

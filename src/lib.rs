@@ -22,6 +22,8 @@
 //! - [`config`]: the TOML file and `SWITCHBOARD__…` overrides.
 //! - [`state`]: what every worker shares; connection places; shutdown.
 //! - [`http`]: `/ws`, the admin API, health and metrics; [`metrics`].
+//! - [`tasks`]: async tasks: the queue (memory, Redis streams), workers,
+//!   handlers.
 //! - [`server`]: [`server::run`]: start, serve, shut down.
 pub mod auth;
 pub mod broker;
@@ -35,3 +37,4 @@ pub mod ratelimit;
 pub mod server;
 pub mod session;
 pub mod state;
+pub mod tasks;

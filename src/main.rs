@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use switchboard::config::Config;
+use switchboard::config::{BrokerKind, Config};
 use switchboard::server::{self, ServerError};
 
 #[derive(Parser)]
@@ -43,8 +43,12 @@ enum Command {
     },
     /// Validate the config and print the effective values (secrets masked).
     CheckConfig,
-    /// Run task workers only (cluster mode).
-    Worker,
+    /// Run task workers only (cluster mode): health and metrics on server.host:server.port.
+    Worker {
+        /// Worker loops (default: tasks.workers, or 4 when that is 0).
+        #[arg(long)]
+        workers: Option<usize>,
+    },
 }
 
 fn load(path: Option<&std::path::Path>) -> Result<Config, ExitCode> {
@@ -109,9 +113,30 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
-        Command::Worker => {
-            eprintln!("switchboard worker: async tasks are not implemented yet in this build");
-            ExitCode::from(2)
+        Command::Worker { workers } => {
+            let config = match load(path) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            if config.broker.kind != BrokerKind::Redis {
+                eprintln!(
+                    "switchboard worker: needs broker.kind = \"redis\" (with the memory broker, tasks run inside the hub: tasks.workers)"
+                );
+                return ExitCode::from(2);
+            }
+            init_tracing();
+            let loops = workers.unwrap_or(match config.tasks.workers {
+                0 => 4,
+                n => n,
+            });
+            match worker(config, loops) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %e, "switchboard worker stopped");
+                    eprintln!("switchboard worker: {e}");
+                    ExitCode::FAILURE
+                }
+            }
         }
     }
 }
@@ -120,6 +145,18 @@ fn main() -> ExitCode {
 fn serve(config: Config) -> Result<(), ServerError> {
     let listener = std::net::TcpListener::bind((config.server.host.as_str(), config.server.port))?;
     actix_web::rt::System::new().block_on(server::run(config, listener, server::signal()))
+}
+
+/// Binds `server.host`:`server.port` (health and metrics) and runs task
+/// workers until SIGTERM or SIGINT.
+fn worker(config: Config, loops: usize) -> Result<(), ServerError> {
+    let listener = std::net::TcpListener::bind((config.server.host.as_str(), config.server.port))?;
+    actix_web::rt::System::new().block_on(server::run_worker(
+        config,
+        listener,
+        loops,
+        server::signal(),
+    ))
 }
 
 fn init_tracing() {

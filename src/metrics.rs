@@ -30,6 +30,16 @@ pub struct Metrics {
     pub redis_reconnects: IntCounterVec,
     pub redis_malformed: IntCounter,
     pub fanout_dropped: IntCounter,
+    pub tasks_submitted: IntCounterVec,
+    pub tasks_started: IntCounterVec,
+    pub tasks_succeeded: IntCounterVec,
+    pub tasks_failed: IntCounterVec,
+    pub tasks_retried: IntCounterVec,
+    pub tasks_dead_lettered: IntCounterVec,
+    pub task_run_seconds: Histogram,
+    pub tasks_queued: IntGauge,
+    pub tasks_running: IntGauge,
+    pub tasks_dead: IntGauge,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
@@ -135,6 +145,63 @@ impl Metrics {
                 "switchboard_redis_reconnects_total",
                 "Times a Redis connection came back after an outage, by connection (subscriber, commands).",
                 "connection",
+            ),
+            tasks_submitted: counter_vec(
+                &registry,
+                "switchboard_tasks_submitted_total",
+                "Tasks submitted (not counting repeated idempotency keys), by name.",
+                "name",
+            ),
+            tasks_started: counter_vec(
+                &registry,
+                "switchboard_tasks_started_total",
+                "Task attempts started by this process's workers, by name.",
+                "name",
+            ),
+            tasks_succeeded: counter_vec(
+                &registry,
+                "switchboard_tasks_succeeded_total",
+                "Tasks done, by name.",
+                "name",
+            ),
+            tasks_failed: counter_vec(
+                &registry,
+                "switchboard_tasks_failed_total",
+                "Task attempts that failed (error, time-out), by name.",
+                "name",
+            ),
+            tasks_retried: counter_vec(
+                &registry,
+                "switchboard_tasks_retried_total",
+                "Failed attempts retried, by name.",
+                "name",
+            ),
+            tasks_dead_lettered: counter_vec(
+                &registry,
+                "switchboard_tasks_dead_lettered_total",
+                "Tasks failed for good and copied to the dead letters, by name.",
+                "name",
+            ),
+            task_run_seconds: histogram(
+                &registry,
+                "switchboard_task_run_seconds",
+                "How long one attempt of a task's handler ran.",
+                vec![0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0],
+            ),
+            tasks_queued: gauge(
+                &registry,
+                "switchboard_tasks_queued",
+                "Tasks waiting for a worker (cluster-wide in cluster mode).",
+            ),
+            tasks_running: gauge(
+                &registry,
+                "switchboard_tasks_running",
+                "Tasks a worker holds (pending in the consumer group).",
+            ),
+            tasks_dead: gauge(
+                &registry,
+                "switchboard_tasks_dead_letters",
+                "Tasks in the dead-letter stream.",
             ),
             fanout_dropped: counter(
                 &registry,

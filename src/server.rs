@@ -21,6 +21,8 @@ use crate::config::Config;
 use crate::hub::Hub;
 use crate::protocol::CloseReason;
 use crate::state::AppState;
+use crate::tasks::worker::WorkerPool;
+use crate::tasks::{TaskStartError, Tasks};
 
 /// Why an instance could not start or serve.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +31,8 @@ pub enum ServerError {
     Key(#[from] KeyError),
     #[error(transparent)]
     Broker(#[from] StartError),
+    #[error(transparent)]
+    Tasks(#[from] TaskStartError),
     #[error("{0}")]
     Io(#[from] io::Error),
 }
@@ -70,14 +74,66 @@ pub async fn run(
     .shutdown_timeout(grace.as_secs())
     .listen(listener)?;
     announce(addr, &state, workers);
+    let tasks = &state.config.tasks;
+    // A worker runs only what it has a handler for: none configured, none run.
+    let loops = if tasks.handlers.is_empty() {
+        0
+    } else {
+        tasks.workers
+    };
+    let pool = WorkerPool::start(state.tasks.clone(), tasks, &state.instance_id, loops)?;
     let server = server.run();
     let handle = server.handle();
     let mut serving = actix_web::rt::spawn(server);
     tokio::select! {
         _ = shutdown => {}
-        stopped = &mut serving => return Ok(stopped.map_err(io::Error::other)??),
+        stopped = &mut serving => {
+            pool.stop(grace).await;
+            return Ok(stopped.map_err(io::Error::other)??);
+        }
     }
     drain(&state, grace).await;
+    pool.stop(grace).await;
+    handle.stop(true).await;
+    Ok(serving.await.map_err(io::Error::other)??)
+}
+
+/// Runs task workers only (`switchboard worker`): `loops` worker loops on
+/// the Redis queue, and `/health/live`, `/health/ready`, `/metrics` on
+/// `listener`, until `shutdown` resolves; then the workers finish what
+/// they hold within `server.shutdown_grace_s`.
+pub async fn run_worker(
+    config: Config,
+    listener: TcpListener,
+    loops: usize,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
+    let tasks = Tasks::start(&config, None).await?;
+    let instance_id = config.instance_id();
+    let grace = Duration::from_secs(config.server.shutdown_grace_s.max(1));
+    let addr = listener.local_addr()?;
+    let app_tasks = tasks.clone();
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(web::Data::new(app_tasks.clone()))
+            .configure(crate::http::worker_routes)
+    })
+    .workers(1)
+    .disable_signals()
+    .shutdown_timeout(grace.as_secs())
+    .listen(listener)?;
+    let pool = WorkerPool::start(tasks, &config.tasks, &instance_id, loops)?;
+    let mut out = io::stdout().lock();
+    let _ = writeln!(out, "listening on {addr}");
+    let _ = out.flush();
+    drop(out);
+    tracing::info!(%addr, instance = %instance_id, workers = loops, "switchboard worker running");
+    let server = server.run();
+    let handle = server.handle();
+    let serving = actix_web::rt::spawn(server);
+    shutdown.await;
+    tracing::info!("stopping: finishing the tasks this worker holds");
+    pool.stop(grace).await;
     handle.stop(true).await;
     Ok(serving.await.map_err(io::Error::other)??)
 }
@@ -93,7 +149,8 @@ async fn start_state(config: Config) -> Result<AppState, ServerError> {
     }
     let verifier = Verifier::new(&config.auth)?;
     let broker = Broker::start(&config, &instance_id).await?;
-    Ok(AppState::new(config, instance_id, verifier, broker))
+    let tasks = Tasks::start(&config, Some(&broker)).await?;
+    Ok(AppState::new(config, instance_id, verifier, broker, tasks))
 }
 
 fn announce(addr: SocketAddr, state: &AppState, workers: usize) {

@@ -19,12 +19,14 @@ use crate::broker::Broker;
 use crate::config::Config;
 use crate::hub::{Hub, Shutdown};
 use crate::protocol::CloseReason;
+use crate::tasks::Tasks;
 
 pub struct AppState {
     pub config: Config,
     pub instance_id: String,
     pub verifier: Verifier,
     pub broker: Broker,
+    pub tasks: Tasks,
     pub started_at: Instant,
     next_session_key: AtomicU64,
     open_connections: AtomicUsize,
@@ -46,12 +48,19 @@ impl Drop for ConnectionSlot {
 }
 
 impl AppState {
-    pub fn new(config: Config, instance_id: String, verifier: Verifier, broker: Broker) -> Self {
+    pub fn new(
+        config: Config,
+        instance_id: String,
+        verifier: Verifier,
+        broker: Broker,
+        tasks: Tasks,
+    ) -> Self {
         AppState {
             config,
             instance_id,
             verifier,
             broker,
+            tasks,
             started_at: Instant::now(),
             next_session_key: AtomicU64::new(1),
             open_connections: AtomicUsize::new(0),

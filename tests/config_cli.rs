@@ -140,10 +140,44 @@ async fn token_command_mints_a_token_the_hub_accepts() {
 }
 
 #[test]
-fn worker_command_says_tasks_are_not_available() {
+fn worker_with_the_memory_broker_is_a_clear_error() {
     let (code, _, err) = switchboard(&["worker"], &[]);
-    assert_ne!(code, 0);
-    assert!(err.contains("not implemented"), "{err}");
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("broker.kind = \"redis\""), "{err}");
+}
+
+#[test]
+fn handler_config_errors_name_the_key() {
+    for (toml, key) in [
+        ("[tasks.handlers.r]\nkind = \"nope\"\n", "tasks.handlers.r"),
+        ("[tasks.handlers.r]\nkind = \"webhook\"\n", "url"),
+        (
+            "[tasks.handlers.r]\nkind = \"webhook\"\nurl = \"ftp://x\"\n",
+            "tasks.handlers.r.url",
+        ),
+        (
+            "[tasks.handlers.r]\nkind = \"webhook\"\nurl = \"http://x\"\ntimeout_s = 0\n",
+            "tasks.handlers.r.timeout_s",
+        ),
+        (
+            "[tasks.handlers.r]\nkind = \"echo\"\nurl = \"http://x\"\n",
+            "tasks.handlers.r",
+        ),
+    ] {
+        let (_dir, path) = config_file(toml);
+        let (code, _, err) = switchboard(&["check-config", "--config", &path], &[]);
+        assert_ne!(code, 0, "{toml}");
+        assert!(err.contains(key), "{toml}: expected {key} in {err}");
+    }
+}
+
+#[test]
+fn check_config_masks_webhook_headers() {
+    let toml = "[tasks.handlers.r]\nkind = \"webhook\"\nurl = \"http://x\"\nheaders = { Authorization = \"Bearer s3cr3t\" }\n";
+    let (_dir, path) = config_file(toml);
+    let (code, out, err) = switchboard(&["check-config", "--config", &path], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.contains("s3cr3t") && out.contains("***"), "{out}");
 }
 
 #[test]

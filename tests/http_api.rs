@@ -223,7 +223,7 @@ both_brokers!(user_connections_and_disconnect, |broker| async move {
     assert_eq!(body, json!({"user": "nobody", "connections": 0}));
 });
 
-both_brokers!(tasks_endpoint_is_404_in_this_build, |broker| async move {
+both_brokers!(an_unknown_task_is_404, |broker| async move {
     let hub = Hub::start(broker);
     let (status, body) = hub.api().await.get("/api/tasks/abc").await;
     assert_eq!(status, 404);

@@ -108,6 +108,8 @@ pub trait Messages: Send + Sync {
     async fn publish_user(&self, user: &str, from: &str, data: &Value) -> BrokerResult<String>;
     /// A `broadcast` frame to every connection. Returns its id.
     async fn broadcast(&self, data: &Value) -> BrokerResult<String>;
+    /// A complete server frame (a task update) to every connection of `user`.
+    async fn send_frame(&self, user: &str, frame: ByteString) -> BrokerResult<()>;
     /// The retained messages after `since` (all when `None`), oldest first,
     /// at most `limit`, the latest ones when more are retained.
     async fn history(

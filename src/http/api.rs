@@ -227,13 +227,79 @@ pub async fn disconnect_user(state: web::Data<AppState>, user: web::Path<String>
     Ok(HttpResponse::Ok().json(json!({"disconnected": n})))
 }
 
-/// `GET /api/tasks/{id}`: async tasks are not in this build.
-pub async fn task() -> ApiResult {
-    Err(ApiError::new(
-        StatusCode::NOT_FOUND,
-        "not_found",
-        "no such task (async tasks are not available in this build)",
-    ))
+impl From<crate::tasks::TaskError> for ApiError {
+    fn from(e: crate::tasks::TaskError) -> ApiError {
+        match e {
+            crate::tasks::TaskError::Unavailable(reason) => {
+                tracing::warn!(error = %reason, "api call failed: task queue unavailable");
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "task queue unavailable",
+                )
+            }
+            e => {
+                tracing::error!(error = %e, "api call failed");
+                Self::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "processing failed",
+                )
+            }
+        }
+    }
+}
+
+fn no_such_task() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such task")
+}
+
+/// `GET /api/tasks/{id}`: the task's record.
+pub async fn task(state: web::Data<AppState>, id: web::Path<String>) -> ApiResult {
+    let record = state
+        .tasks
+        .queue
+        .record(&id)
+        .await?
+        .ok_or_else(no_such_task)?;
+    Ok(HttpResponse::Ok().json(record))
+}
+
+/// The body of a progress report.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProgressBody {
+    progress: u8,
+    message: Option<String>,
+}
+
+/// `POST /api/tasks/{id}/progress` with `{"progress": 0..100, "message"?}`:
+/// a backend reports how far a running task is; its user hears it.
+pub async fn task_progress(
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+    payload: web::Payload,
+) -> ApiResult {
+    let body = read_body(payload, 8 * 1024).await?;
+    let body: ProgressBody = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("invalid body: {e}")))?;
+    if body.progress > 100 {
+        return Err(ApiError::bad_request("progress must be 0 to 100"));
+    }
+    let message = body
+        .message
+        .as_deref()
+        .map(|m| crate::protocol::names::truncate(m, 1024));
+    let queue = &state.tasks.queue;
+    match queue.progress(&id, body.progress, message).await? {
+        crate::tasks::Progressed::Reported => Ok(HttpResponse::Ok().json(json!({"ok": true}))),
+        crate::tasks::Progressed::NotFound => Err(no_such_task()),
+        crate::tasks::Progressed::NotRunning => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            "the task is not running",
+        )),
+    }
 }
 
 /// `GET /api/stats`

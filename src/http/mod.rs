@@ -34,8 +34,18 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                     web::post().to(api::disconnect_user),
                 )
                 .route("/tasks/{id}", web::get().to(api::task))
+                .route("/tasks/{id}/progress", web::post().to(api::task_progress))
                 .route("/stats", web::get().to(api::stats)),
         )
+        .default_service(web::to(not_found));
+}
+
+/// The routes of a `switchboard worker`: health and metrics only.
+pub fn worker_routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/health", web::get().to(health::worker_ready))
+        .route("/health/live", web::get().to(health::live))
+        .route("/health/ready", web::get().to(health::worker_ready))
+        .route("/metrics", web::get().to(health::metrics))
         .default_service(web::to(not_found));
 }
 

@@ -40,6 +40,16 @@ pub enum ClientFrame {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         idempotency_key: Option<String>,
     },
+    /// The record of one of the user's own tasks (after a reconnect).
+    #[serde(rename = "task_status")]
+    TaskStatus {
+        task_id: String,
+    },
+    /// Cancels a task of the user's that has not started.
+    #[serde(rename = "task_cancel")]
+    TaskCancel {
+        task_id: String,
+    },
     Refresh {
         token: String,
     },
@@ -56,6 +66,8 @@ impl ClientFrame {
             ClientFrame::Direct { .. } => "direct",
             ClientFrame::Presence { .. } => "presence",
             ClientFrame::Task { .. } => "task",
+            ClientFrame::TaskStatus { .. } => "task_status",
+            ClientFrame::TaskCancel { .. } => "task_cancel",
             ClientFrame::Refresh { .. } => "refresh",
             ClientFrame::Ping => "ping",
         }

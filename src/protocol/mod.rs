@@ -19,5 +19,5 @@ pub use codes::{CloseReason, ErrorCode, ErrorReply};
 pub use names::{valid_user_id, InvalidMessageId, InvalidRoomName, MessageId, RoomName};
 pub use server::{
     broadcast_frame, direct_frame, error_frame, message_frame, pong_frame, presence_change_frame,
-    presence_frame, welcome_frame, Ack, PresenceEntry,
+    presence_frame, task_record_frame, welcome_frame, Ack, PresenceEntry, TaskEvent, TaskStatus,
 };

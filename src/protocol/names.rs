@@ -93,7 +93,7 @@ impl FromStr for MessageId {
 
 /// At most `max` bytes of `s`, cut on a character boundary (for messages
 /// that quote client input).
-pub(crate) fn truncate(s: &str, max: usize) -> &str {
+pub fn truncate(s: &str, max: usize) -> &str {
     if s.len() <= max {
         return s;
     }

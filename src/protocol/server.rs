@@ -250,6 +250,88 @@ pub fn broadcast_frame<D: Serialize + ?Sized>(id: &str, data: &D, ts: u64) -> By
     })
 }
 
+/// Where a task is in its life, as clients and the API see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskStatus {
+    Queued,
+    Running,
+    /// Only in `task` frames: a progress report while running.
+    Progress,
+    Done,
+    Failed,
+}
+
+impl TaskStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskStatus::Queued => "queued",
+            TaskStatus::Running => "running",
+            TaskStatus::Progress => "progress",
+            TaskStatus::Done => "done",
+            TaskStatus::Failed => "failed",
+        }
+    }
+
+    /// Done or failed: nothing happens to the task any more.
+    pub fn is_final(self) -> bool {
+        matches!(self, TaskStatus::Done | TaskStatus::Failed)
+    }
+}
+
+/// A `task` frame: one step of a task's life, sent to every connection of
+/// the user who submitted it.
+#[derive(Debug, Serialize)]
+pub struct TaskEvent<'a> {
+    pub task_id: &'a str,
+    pub status: TaskStatus,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub progress: Option<u8>,
+    /// With a progress report: what the backend said it is doing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result: Option<&'a serde_json::value::RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<&'a str>,
+}
+
+impl TaskEvent<'_> {
+    /// `{"type":"task","task_id","status",...}`.
+    pub fn encode(&self) -> ByteString {
+        #[derive(Serialize)]
+        struct Tagged<'a, 'b> {
+            #[serde(rename = "type")]
+            kind: &'static str,
+            #[serde(flatten)]
+            event: &'a TaskEvent<'b>,
+        }
+        to_text(&Tagged {
+            kind: "task",
+            event: self,
+        })
+    }
+}
+
+/// The answer to `task_status`: a `task` frame with the whole record
+/// (`record` is the record's JSON object, as `GET /api/tasks/{id}` gives it).
+pub fn task_record_frame(record: &serde_json::Map<String, Value>, reference: &Ref) -> ByteString {
+    #[derive(Serialize)]
+    struct Record<'a> {
+        #[serde(rename = "type")]
+        kind: &'static str,
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: &'a Ref,
+        #[serde(flatten)]
+        record: &'a serde_json::Map<String, Value>,
+    }
+    to_text(&Record {
+        kind: "task",
+        reference,
+        record,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,7 +5,8 @@
 //! size limit (1009), binary frames (1003), the token bucket with strikes,
 //! and hands each client frame to its handler: one file per frame of
 //! contract section 3 ([`join`], [`leave`], [`publish`] (publish and
-//! direct), [`presence`], [`task`], [`refresh`], [`ping`]), all answering
+//! direct), [`presence`], [`task`] (task, task_status, task_cancel),
+//! [`refresh`], [`ping`]), all answering
 //! through [`reply`].
 //!
 //! Writing: everything for the client — the session's own replies and the
@@ -207,7 +208,13 @@ impl Session {
             ClientFrame::Publish { room, data } => self.on_publish(&room, data, reference, ctx),
             ClientFrame::Direct { to, data } => self.on_direct(to, data, reference, ctx),
             ClientFrame::Presence { room } => self.on_presence(&room, reference, ctx),
-            ClientFrame::Task { name, .. } => self.on_task(&name, reference, ctx),
+            ClientFrame::Task {
+                name,
+                payload,
+                idempotency_key,
+            } => self.on_task(name, payload, idempotency_key, reference, ctx),
+            ClientFrame::TaskStatus { task_id } => self.on_task_status(task_id, reference, ctx),
+            ClientFrame::TaskCancel { task_id } => self.on_task_cancel(task_id, reference, ctx),
             ClientFrame::Refresh { token } => self.on_refresh(&token, reference, ctx),
             ClientFrame::Ping => self.on_ping(reference, ctx),
         }

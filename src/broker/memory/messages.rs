@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytestring::ByteString;
 use serde_json::Value;
 use tokio::time::Instant;
 
@@ -242,6 +243,12 @@ impl Messages for MemoryBroker {
             id
         })
         .await
+    }
+
+    async fn send_frame(&self, user: &str, frame: ByteString) -> BrokerResult<()> {
+        let user = user.to_owned();
+        self.call(move |b| b.hubs.send(Envelope::to_user(user, frame, Stamp::now())))
+            .await
     }
 
     async fn history(

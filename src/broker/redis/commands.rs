@@ -29,7 +29,7 @@ pub struct Lua {
 }
 
 impl Lua {
-    fn new(source: &'static str) -> Lua {
+    pub fn new(source: &'static str) -> Lua {
         Lua {
             script: Script::new(source),
             source,

@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 
 use async_trait::async_trait;
+use bytestring::ByteString;
 use redis::AsyncCommands;
 use serde_json::value::{to_raw_value, RawValue};
 use serde_json::Value;
@@ -240,6 +241,17 @@ impl Messages for RedisBroker {
         let local = LocalPublish::Broadcast { data: raw };
         self.publish_or_local(self.keys.broadcast_channel(), payload, id, local)
             .await
+    }
+
+    async fn send_frame(&self, user: &str, frame: ByteString) -> BrokerResult<()> {
+        let local = LocalPublish::Frame {
+            user: user.to_owned(),
+            frame: frame.clone(),
+        };
+        let payload = frame.to_string();
+        self.publish_or_local(self.keys.user_channel(user), payload, String::new(), local)
+            .await
+            .map(|_| ())
     }
 
     async fn history(

@@ -509,6 +509,11 @@ pub enum LocalPublish {
     Broadcast {
         data: Box<RawValue>,
     },
+    /// A complete frame for a user (a task update).
+    Frame {
+        user: String,
+        frame: bytestring::ByteString,
+    },
 }
 
 impl Handler<LocalPublish> for RedisSubscriber {
@@ -531,6 +536,9 @@ impl Handler<LocalPublish> for RedisSubscriber {
             LocalPublish::Broadcast { data } => {
                 let id = self.ids.next_other().to_string();
                 (Envelope::broadcast(&id, &*data, at), id)
+            }
+            LocalPublish::Frame { user, frame } => {
+                (Envelope::to_user(user, frame, at), String::new())
             }
         };
         self.hubs.send(envelope);
