@@ -129,6 +129,9 @@ pub struct TasksConfig {
 pub enum HandlerConfig {
     /// Returns the payload.
     Echo {},
+    /// Run by a worker outside Switchboard (any language, reading the
+    /// stream); Switchboard's own workers must then be off.
+    External {},
     /// POSTs the task to `url`; a 2xx JSON answer is the result.
     Webhook {
         url: String,
@@ -300,6 +303,23 @@ impl Config {
         ] {
             if value == 0 {
                 return bad(key, 0, "at least 1");
+            }
+        }
+        let external = t
+            .handlers
+            .iter()
+            .find(|(_, h)| matches!(h, HandlerConfig::External {}));
+        if let Some((name, _)) = external {
+            let key = format!("tasks.handlers.{name}.kind");
+            if self.broker.kind != BrokerKind::Redis {
+                return bad(&key, "\"external\"", "a kind the memory broker can run (external workers need broker.kind = \"redis\")");
+            }
+            if t.workers > 0 {
+                return bad(
+                    "tasks.workers",
+                    t.workers,
+                    &format!("0 with an external handler ({key}): every worker on a prefix takes every task"),
+                );
             }
         }
         for (name, handler) in &t.handlers {

@@ -109,6 +109,11 @@ pub async fn run_worker(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
     let tasks = Tasks::start(&config, None).await?;
+    if !tasks.handlers.runs_any() {
+        return Err(ServerError::Io(io::Error::other(
+            "no task handler this worker can run (tasks.handlers is empty or external)",
+        )));
+    }
     let instance_id = config.instance_id();
     let grace = Duration::from_secs(config.server.shutdown_grace_s.max(1));
     let addr = listener.local_addr()?;

@@ -1,6 +1,7 @@
 //! Task handlers: what running a task of a given name does. A kind is one
 //! file implementing [`Handler`]; `[tasks.handlers.NAME]` tables pick a
-//! kind per name ([`Handlers::from_config`]).
+//! kind per name ([`Handlers::from_config`]). `kind = "external"` names a
+//! task that workers outside Switchboard run.
 
 mod echo;
 mod webhook;
@@ -29,16 +30,25 @@ pub trait Handler: Send + Sync {
     async fn run(&self, job: &Job) -> Result<Box<RawValue>, String>;
 }
 
-/// The configured handlers by task name.
+/// The configured handlers by task name, and the names external workers
+/// run (`kind = "external"`).
 #[derive(Default)]
-pub struct Handlers(BTreeMap<String, Arc<dyn Handler>>);
+pub struct Handlers {
+    handlers: BTreeMap<String, Arc<dyn Handler>>,
+    external: Vec<String>,
+}
 
 impl Handlers {
     pub fn from_config(config: &TasksConfig) -> Result<Handlers, HandlerError> {
         let mut handlers = BTreeMap::new();
+        let mut external = Vec::new();
         for (name, handler) in &config.handlers {
             let built: Arc<dyn Handler> = match handler {
                 HandlerConfig::Echo {} => Arc::new(echo::Echo),
+                HandlerConfig::External {} => {
+                    external.push(name.clone());
+                    continue;
+                }
                 HandlerConfig::Webhook {
                     url,
                     timeout_s,
@@ -52,24 +62,21 @@ impl Handlers {
             };
             handlers.insert(name.clone(), built);
         }
-        Ok(Handlers(handlers))
+        Ok(Handlers { handlers, external })
     }
 
+    /// The handler this process runs tasks named `name` with.
     pub fn get(&self, name: &str) -> Option<Arc<dyn Handler>> {
-        self.0.get(name).cloned()
+        self.handlers.get(name).cloned()
     }
 
+    /// Whether a task of this name may be submitted.
     pub fn contains(&self, name: &str) -> bool {
-        self.0.contains_key(name)
+        self.handlers.contains_key(name) || self.external.iter().any(|n| n == name)
     }
 
-    /// A fixed set, for tests.
-    pub fn with(handlers: Vec<(&str, Arc<dyn Handler>)>) -> Handlers {
-        Handlers(
-            handlers
-                .into_iter()
-                .map(|(name, h)| (name.to_owned(), h))
-                .collect(),
-        )
+    /// Whether this process has any handler to run.
+    pub fn runs_any(&self) -> bool {
+        !self.handlers.is_empty()
     }
 }
