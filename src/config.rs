@@ -40,6 +40,9 @@ pub struct ServerConfig {
     /// Empty: any origin.
     pub allowed_origins: Vec<String>,
     pub shutdown_grace_s: u64,
+    /// A folder served at `/` (the demo); empty, or a folder that does not
+    /// exist: nothing is served there.
+    pub static_dir: String,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -85,6 +88,8 @@ pub struct AuthConfig {
     /// User-id globs a token without a `direct` claim may send `direct` to.
     pub default_direct: Vec<String>,
     pub api_keys: Vec<String>,
+    /// `POST /dev/token` mints a token for any user name: local use only.
+    pub dev_tokens: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -158,6 +163,7 @@ impl Default for ServerConfig {
             client_timeout_s: 60,
             allowed_origins: Vec::new(),
             shutdown_grace_s: 10,
+            static_dir: "web".into(),
         }
     }
 }
@@ -192,6 +198,7 @@ impl Default for AuthConfig {
             default_rooms: vec!["*".into()],
             default_direct: vec!["*".into()],
             api_keys: Vec::new(),
+            dev_tokens: false,
         }
     }
 }
@@ -407,6 +414,13 @@ impl Config {
                 }
             }
             JwtAlgorithm::RS256 | JwtAlgorithm::ES256 => {
+                if a.dev_tokens {
+                    return bad(
+                        "auth.dev_tokens",
+                        true,
+                        "false with RS256/ES256 (the hub holds no private key to sign with)",
+                    );
+                }
                 if a.jwt_public_key_file.is_empty() {
                     return bad(
                         "auth.jwt_public_key_file",

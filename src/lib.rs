@@ -29,6 +29,7 @@ pub mod auth;
 pub mod broker;
 pub mod clock;
 pub mod config;
+pub mod demo;
 pub mod http;
 pub mod hub;
 pub mod metrics;

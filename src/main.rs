@@ -43,6 +43,21 @@ enum Command {
     },
     /// Validate the config and print the effective values (secrets masked).
     CheckConfig,
+    /// Publish a metric series into a room through the HTTP API (for the demo dashboard).
+    DemoFeed {
+        /// The hub's HTTP address.
+        #[arg(long, default_value = "http://127.0.0.1:8000")]
+        url: String,
+        /// An admin API key (default: the config's first auth.api_keys).
+        #[arg(long, env = "SWITCHBOARD_API_KEY")]
+        api_key: Option<String>,
+        /// The room to publish to.
+        #[arg(long, default_value = "metrics")]
+        room: String,
+        /// Milliseconds between points.
+        #[arg(long, default_value_t = 500)]
+        interval_ms: u64,
+    },
     /// Run task workers only (cluster mode): health and metrics on server.host:server.port.
     Worker {
         /// Worker loops (default: tasks.workers, or 4 when that is 0).
@@ -103,6 +118,35 @@ fn main() -> ExitCode {
                 Err(e) => {
                     eprintln!("switchboard token: {e}");
                     ExitCode::from(2)
+                }
+            }
+        }
+        Command::DemoFeed {
+            url,
+            api_key,
+            room,
+            interval_ms,
+        } => {
+            let config = match load(path) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let Some(key) = api_key.or_else(|| config.auth.api_keys.first().cloned()) else {
+                eprintln!("switchboard demo-feed: give --api-key (or set auth.api_keys)");
+                return ExitCode::from(2);
+            };
+            init_tracing();
+            let feed = switchboard::demo::feed(
+                &url,
+                &key,
+                &room,
+                Duration::from_millis(interval_ms.max(10)),
+            );
+            match tokio::runtime::Runtime::new().map(|rt| rt.block_on(feed)) {
+                Ok(Ok(())) => ExitCode::SUCCESS,
+                Ok(Err(e)) | Err(e) => {
+                    eprintln!("switchboard demo-feed: {e}");
+                    ExitCode::FAILURE
                 }
             }
         }

@@ -62,7 +62,7 @@ pub async fn run(
         App::new()
             .app_data(web::Data::from(app_state.clone()))
             .app_data(web::Data::new(hub))
-            .configure(crate::http::routes)
+            .configure(|cfg| crate::http::routes(cfg, &app_state.config))
     })
     .workers(workers)
     // actix's own cap is per worker (25,600 by default): never below ours.
@@ -146,6 +146,12 @@ pub async fn run_worker(
 /// Everything the workers share, with the broker started.
 async fn start_state(config: Config) -> Result<AppState, ServerError> {
     let instance_id = config.instance_id();
+    if config.auth.dev_tokens {
+        tracing::warn!(
+            "!!! auth.dev_tokens is on: POST /dev/token hands a token for any user name to anyone who asks. \
+             For local demos only. !!!"
+        );
+    }
     if config.uses_dev_secret() {
         tracing::warn!(
             "!!! auth.jwt_secret is the built-in DEVELOPMENT secret: anyone can mint tokens for this hub. \

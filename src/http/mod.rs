@@ -1,10 +1,12 @@
 //! HTTP: the WebSocket upgrade (`/ws`, [`ws`]), the admin API (`/api/...`,
-//! [`api`], behind [`api_key`]), health and metrics ([`health`]). Routes
-//! only; each concern has its own file.
+//! [`api`], behind [`api_key`]), health and metrics ([`health`]),
+//! development tokens ([`dev`], when enabled) and the static demo
+//! (`server.static_dir` at `/`). Routes only; each concern has its own file.
 
 mod api;
 mod api_key;
 mod bearer;
+mod dev;
 mod health;
 mod ws;
 
@@ -13,7 +15,12 @@ use actix_web::middleware::from_fn;
 use actix_web::{web, HttpResponse};
 use serde_json::json;
 
-pub fn routes(cfg: &mut web::ServiceConfig) {
+use crate::config::Config;
+
+pub fn routes(cfg: &mut web::ServiceConfig, config: &Config) {
+    if config.auth.dev_tokens {
+        cfg.route("/dev/token", web::post().to(dev::token));
+    }
     cfg.route("/ws", web::get().to(ws::upgrade))
         .route("/health", web::get().to(health::ready))
         .route("/health/live", web::get().to(health::live))
@@ -36,8 +43,16 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                 .route("/tasks/{id}", web::get().to(api::task))
                 .route("/tasks/{id}/progress", web::post().to(api::task_progress))
                 .route("/stats", web::get().to(api::stats)),
-        )
-        .default_service(web::to(not_found));
+        );
+    let dir = std::path::Path::new(&config.server.static_dir);
+    if !config.server.static_dir.is_empty() && dir.is_dir() {
+        cfg.service(
+            actix_files::Files::new("/", dir)
+                .index_file("index.html")
+                .default_handler(web::to(not_found)),
+        );
+    }
+    cfg.default_service(web::to(not_found));
 }
 
 /// The routes of a `switchboard worker`: health and metrics only.

@@ -1,0 +1,55 @@
+//! `POST /dev/token` (only with `auth.dev_tokens = true`): a development
+//! token for any user name, for the demo chat. Never turn it on where
+//! anyone else can reach the hub: it hands out identities.
+
+use std::time::Duration;
+
+use actix_web::{web, HttpResponse};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::api::ApiError;
+use crate::state::AppState;
+
+const TTL: Duration = Duration::from_secs(3600);
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Body {
+    user: String,
+}
+
+/// A name fit for a demo: 1–64 characters of letters, digits, `_.-`.
+fn demo_name(user: &str) -> bool {
+    !user.is_empty()
+        && user.len() <= 64
+        && user
+            .chars()
+            .all(|c| c.is_alphanumeric() || matches!(c, '_' | '.' | '-'))
+}
+
+pub async fn token(state: web::Data<AppState>, body: web::Bytes) -> Result<HttpResponse, ApiError> {
+    let body: Body = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("invalid body: {e}")))?;
+    if !demo_name(&body.user) {
+        return Err(ApiError::bad_request(
+            "user: 1-64 characters of letters, digits, _ . -",
+        ));
+    }
+    let token = crate::auth::mint(&state.config.auth, &body.user, None, None, TTL, None)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    tracing::info!(user = %body.user, "development token minted");
+    Ok(HttpResponse::Ok()
+        .json(json!({"token": token, "user": body.user, "expires_in": TTL.as_secs()})))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn demo_names() {
+        assert!(super::demo_name("alice_1.x-y"));
+        assert!(!super::demo_name(""));
+        assert!(!super::demo_name("a b"));
+        assert!(!super::demo_name(&"a".repeat(65)));
+    }
+}
