@@ -11,8 +11,8 @@ use std::sync::LazyLock;
 
 use prometheus::local::{LocalHistogram, LocalIntCounter};
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -229,6 +229,51 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 
 pub fn metrics() -> &'static Metrics {
     &METRICS
+}
+
+/// Creates the labelled series a dashboard expects at 0 (Prometheus
+/// clients only export a label value once it was used), and
+/// `switchboard_build_info{version, role}` (`role`: `hub` or `worker`).
+pub fn init(role: &str, task_names: &[String]) {
+    use crate::protocol::{CloseReason, ErrorCode};
+    let m = metrics();
+    let info = IntGaugeVec::new(
+        Opts::new(
+            "switchboard_build_info",
+            "Always 1: the version and the role of this process.",
+        ),
+        &["version", "role"],
+    )
+    .expect("valid metric");
+    if m.registry.register(Box::new(info.clone())).is_ok() {
+        info.with_label_values(&[env!("CARGO_PKG_VERSION"), role])
+            .set(1);
+    }
+    for reason in CloseReason::ALL {
+        m.connections_rejected.with_label_values(&[reason.label()]);
+        m.connections_closed.with_label_values(&[reason.label()]);
+    }
+    for code in ErrorCode::ALL {
+        m.errors.with_label_values(&[code.as_str()]);
+    }
+    for target in ["room", "user", "broadcast"] {
+        m.published.with_label_values(&[target]);
+    }
+    for connection in ["subscriber", "commands"] {
+        m.redis_reconnects.with_label_values(&[connection]);
+    }
+    for name in task_names {
+        for counter in [
+            &m.tasks_submitted,
+            &m.tasks_started,
+            &m.tasks_succeeded,
+            &m.tasks_failed,
+            &m.tasks_retried,
+            &m.tasks_dead_lettered,
+        ] {
+            counter.with_label_values(&[name]);
+        }
+    }
 }
 
 struct LocalMetrics {

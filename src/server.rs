@@ -46,6 +46,8 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
+    let task_names: Vec<String> = config.tasks.handlers.keys().cloned().collect();
+    crate::metrics::init("hub", &task_names);
     let state = Arc::new(start_state(config).await?);
     let workers = match state.config.server.workers {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -108,6 +110,8 @@ pub async fn run_worker(
     loops: usize,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
+    let task_names: Vec<String> = config.tasks.handlers.keys().cloned().collect();
+    crate::metrics::init("worker", &task_names);
     let tasks = Tasks::start(&config, None).await?;
     if !tasks.handlers.runs_any() {
         return Err(ServerError::Io(io::Error::other(

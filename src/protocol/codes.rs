@@ -16,6 +16,15 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    pub const ALL: [ErrorCode; 6] = [
+        ErrorCode::BadRequest,
+        ErrorCode::Forbidden,
+        ErrorCode::LimitExceeded,
+        ErrorCode::RateLimited,
+        ErrorCode::NotFound,
+        ErrorCode::Internal,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::BadRequest => "bad_request",
@@ -76,6 +85,25 @@ pub enum CloseReason {
 }
 
 impl CloseReason {
+    pub const ALL: [CloseReason; 16] = [
+        CloseReason::Normal,
+        CloseReason::GoingAway,
+        CloseReason::ClientTimeout,
+        CloseReason::ProtocolError,
+        CloseReason::BinaryNotSupported,
+        CloseReason::Unauthorized,
+        CloseReason::TokenExpired,
+        CloseReason::ConnectionLimit,
+        CloseReason::ForbiddenOrigin,
+        CloseReason::RateLimit,
+        CloseReason::Kicked,
+        CloseReason::MessageTooBig,
+        CloseReason::InternalError,
+        CloseReason::Overloaded,
+        CloseReason::SlowConsumer,
+        CloseReason::Unavailable,
+    ];
+
     pub fn code(self) -> u16 {
         match self {
             CloseReason::Normal => 1000,
