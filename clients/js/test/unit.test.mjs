@@ -1,0 +1,374 @@
+// The client against a scripted fake socket: the rules that a real hub cannot
+// easily be made to exercise (duplicates, refusals, back-off, queue bounds).
+import assert from "node:assert/strict";
+import { readFileSync } from "node:fs";
+import { test } from "node:test";
+import { Switchboard, SwitchboardError, compareIds, decodeJwt } from "../dist/switchboard.js";
+import { mintToken, nextEvent, record, sleep, waitFor } from "./helpers.mjs";
+
+/** A fake WebSocket class with its own list of instances, driven by the test. */
+function fakeSocketClass({ autoAck = true } = {}) {
+  class FakeSocket {
+    static instances = [];
+    constructor(url) {
+      this.url = url;
+      this.readyState = 0;
+      this.sent = [];
+      this.onopen = this.onmessage = this.onclose = this.onerror = null;
+      FakeSocket.instances.push(this);
+    }
+    send(text) {
+      const f = JSON.parse(text);
+      this.sent.push(f);
+      if (!autoAck) return;
+      if (f.type === "join") this.receive({ type: "ack", ref: f.ref, room: f.room, ...(f.since ? { recovered: true } : {}) });
+      else if (f.type === "leave") this.receive({ type: "ack", ref: f.ref, room: f.room });
+      else if (f.type === "publish") this.receive({ type: "ack", ref: f.ref, id: `${Date.now()}-0` });
+      else if (f.type === "ping") this.receive({ type: "pong", ref: f.ref });
+    }
+    close(code = 1005, reason = "") {
+      if (this.readyState >= 2) return;
+      this.readyState = 3;
+      setTimeout(() => this.onclose?.({ code, reason }), 0);
+    }
+    // --- driven by the test ---
+    welcome(user = "alice") {
+      this.readyState = 1;
+      this.onopen?.({});
+      this.receive({ type: "welcome", connection_id: `c${FakeSocket.instances.length}`, user, instance: "fake", heartbeat_s: 20 });
+    }
+    receive(frame) {
+      this.onmessage?.({ data: JSON.stringify(frame) });
+    }
+    serverClose(code, reason = "") {
+      this.readyState = 3;
+      this.onclose?.({ code, reason });
+    }
+    static get last() {
+      return FakeSocket.instances[FakeSocket.instances.length - 1];
+    }
+  }
+  return FakeSocket;
+}
+
+const fast = { backoffInitialMs: 10, backoffMaxMs: 40 };
+
+async function connected(FakeSocket, sb, user) {
+  await waitFor(() => FakeSocket.last && FakeSocket.last.readyState === 0 && FakeSocket.last, { what: "a socket" });
+  const sock = FakeSocket.last;
+  const ready = sb.ready(2000);
+  sock.welcome(user);
+  await ready;
+  return sock;
+}
+
+test("message ids compare as (ms, seq) numerically", () => {
+  assert.equal(compareIds("1700000000000-2", "1700000000000-10"), -1);
+  assert.equal(compareIds("1700000000001-0", "1700000000000-99"), 1);
+  assert.equal(compareIds("5-5", "5-5"), 0);
+  assert.equal(compareIds("999-0", "1000-0"), -1);
+});
+
+test("decodeJwt reads the claims without verifying", () => {
+  const claims = decodeJwt(mintToken("zoë", { ttlS: 60 }));
+  assert.equal(claims.sub, "zoë");
+  assert.equal(typeof claims.exp, "number");
+  assert.equal(decodeJwt("not-a-jwt"), undefined);
+});
+
+test("the browser bundle is one ES module without imports", () => {
+  const js = readFileSync(new URL("../dist/switchboard.js", import.meta.url), "utf8");
+  assert.doesNotMatch(js, /^\s*import\s/m);
+  assert.doesNotMatch(js, /\brequire\(/);
+  assert.doesNotMatch(js, /^\s*export\s.*\sfrom\s/m);
+  assert.match(js, /export class Switchboard\b/);
+});
+
+test("the token goes in the query string; a bare origin gets /ws", async () => {
+  const FakeSocket = fakeSocketClass();
+  const sb = new Switchboard("http://hub.example:8000", { token: "t0k", WebSocket: FakeSocket });
+  await waitFor(() => FakeSocket.last);
+  assert.equal(FakeSocket.last.url, "ws://hub.example:8000/ws?token=t0k");
+  await sb.close();
+});
+
+test("no duplicates across a reconnect, rejoin with since, recovery event", async () => {
+  const FakeSocket = fakeSocketClass();
+  const sb = new Switchboard("ws://x/ws", { token: "t", WebSocket: FakeSocket, ...fast });
+  const seen = [];
+  sb.on("message", (m) => seen.push(m.id));
+  let sock = await connected(FakeSocket, sb);
+  assert.deepEqual(await sb.join("r"), { room: "r" });
+  for (const id of ["100-0", "100-1", "101-0"]) sock.receive({ type: "message", id, room: "r", from: "a", data: id, ts: 1 });
+  sock.receive({ type: "message", id: "100-1", room: "r", from: "a", data: "dup", ts: 1 });
+  assert.deepEqual(seen, ["100-0", "100-1", "101-0"]);
+  assert.equal(sb.lastMessageId("r"), "101-0");
+
+  const recovery = nextEvent(sb, "recovery");
+  sock.serverClose(1001, "going away");
+  sock = await connected(FakeSocket, sb);
+  const rejoin = sock.sent.find((f) => f.type === "join");
+  assert.deepEqual({ room: rejoin.room, since: rejoin.since }, { room: "r", since: "101-0" });
+  assert.deepEqual(await recovery, { room: "r", recovered: true, since: "101-0" });
+  // A hub that replays too much (or a live copy of a replayed message): dropped.
+  for (const id of ["100-1", "101-0", "101-1", "101-1", "102-0"]) {
+    sock.receive({ type: "message", id, room: "r", from: "a", data: id, ts: 1 });
+  }
+  assert.deepEqual(seen, ["100-0", "100-1", "101-0", "101-1", "102-0"]);
+  await sb.close();
+});
+
+test("a room never seen a message in rejoins without since and reports recovered:false", async () => {
+  const FakeSocket = fakeSocketClass();
+  const sb = new Switchboard("ws://x/ws", { token: "t", WebSocket: FakeSocket, ...fast });
+  let sock = await connected(FakeSocket, sb);
+  await sb.join("quiet");
+  const recovery = nextEvent(sb, "recovery");
+  sock.serverClose(1006, "");
+  sock = await connected(FakeSocket, sb);
+  assert.equal(sock.sent.find((f) => f.type === "join").since, undefined);
+  assert.deepEqual(await recovery, { room: "quiet", recovered: false, since: null });
+  await sb.close();
+});
+
+test("requests while disconnected: queued in order (bounded), sent after the rejoins", async () => {
+  const FakeSocket = fakeSocketClass();
+  const sb = new Switchboard("ws://x/ws", { token: "t", WebSocket: FakeSocket, maxQueue: 2, ...fast });
+  const p1 = sb.join("a");
+  const p2 = sb.publish("a", 1);
+  const p3 = sb.publish("a", 2);
+  const p4 = sb.publish("a", 3);
+  await assert.rejects(p4, (e) => e instanceof SwitchboardError && e.code === "queue_full");
+  const sock = await connected(FakeSocket, sb);
+  await Promise.all([p1, p2, p3]);
+  assert.deepEqual(
+    sock.sent.map((f) => [f.type, f.data ?? f.room]),
+    [["join", "a"], ["publish", 1], ["publish", 2]],
+  );
+  await sb.close();
+});
+
+test("offline: reject refuses at once; per-call override queues", async () => {
+  const FakeSocket = fakeSocketClass();
+  const sb = new Switchboard("ws://x/ws", { token: "t", WebSocket: FakeSocket, offline: "reject", ...fast });
+  await assert.rejects(sb.publish("a", 1), (e) => e.code === "offline");
+  await assert.rejects(sb.join("a"), (e) => e.code === "offline");
+  const queued = sb.ping({ offline: "queue" });
+  await connected(FakeSocket, sb);
+  assert.equal(typeof (await queued), "number");
+  await sb.close();
+});
+
+test("time-outs reject; a late reply is ignored; in-flight requests fail on disconnect", async () => {
+  const FakeSocket = fakeSocketClass({ autoAck: false });
+  const sb = new Switchboard("ws://x/ws", { token: "t", WebSocket: FakeSocket, requestTimeoutMs: 50, ...fast });
+  const sock = await connected(FakeSocket, sb);
+  await assert.rejects(sb.presence("r"), (e) => e.code === "timeout");
+  sock.receive({ type: "presence", ref: sock.sent[0].ref, room: "r", users: [] }); // late: ignored
+  const pending = sb.direct("bob", { hi: 1 }, { timeoutMs: 5000 });
+  sock.serverClose(1006, "");
+  await assert.rejects(pending, (e) => e.code === "disconnected");
+  await sb.close();
+});
+
+test("hub errors reject with the code, and replies are matched by ref", async () => {
+  const FakeSocket = fakeSocketClass({ autoAck: false });
+  const sb = new Switchboard("ws://x/ws", { token: "t", WebSocket: FakeSocket });
+  const sock = await connected(FakeSocket, sb);
+  const a = sb.publish("r", 1);
+  const b = sb.presence("r");
+  const [fa, fb] = sock.sent;
+  sock.receive({ type: "error", code: "forbidden", message: "join r before publishing to it", ref: fa.ref });
+  sock.receive({ type: "presence", ref: fb.ref, room: "r", users: [{ user: "alice", connections: 1 }] });
+  await assert.rejects(a, (e) => e instanceof SwitchboardError && e.code === "forbidden" && /join r/.test(e.message));
+  assert.deepEqual(await b, [{ user: "alice", connections: 1 }]);
+  await sb.close();
+});
+
+for (const reason of ["unauthorized", "kicked", "forbidden origin"]) {
+  test(`no retry after 1008 ${reason}`, async () => {
+    const FakeSocket = fakeSocketClass();
+    const sb = new Switchboard("ws://x/ws", { token: () => "t", WebSocket: FakeSocket, ...fast });
+    const sock = await connected(FakeSocket, sb);
+    const queued = [];
+    const closed = nextEvent(sb, "closed");
+    sock.serverClose(1008, reason);
+    assert.deepEqual(await closed, { code: 1008, reason });
+    queued.push(sb.publish("r", 1));
+    await assert.rejects(queued[0], (e) => e.code === "closed");
+    await sleep(150);
+    assert.equal(FakeSocket.instances.length, 1);
+    assert.equal(sb.state, "closed");
+  });
+}
+
+test("connection limit is retried a few times, then given up", async () => {
+  const FakeSocket = fakeSocketClass();
+  const sb = new Switchboard("ws://x/ws", { token: "t", WebSocket: FakeSocket, connectionLimitRetries: 2, ...fast });
+  const closed = nextEvent(sb, "closed");
+  for (let i = 0; i < 3; i++) {
+    await waitFor(() => FakeSocket.instances.length === i + 1);
+    FakeSocket.last.serverClose(1008, "connection limit");
+  }
+  assert.deepEqual(await closed, { code: 1008, reason: "connection limit" });
+  await sleep(100);
+  assert.equal(FakeSocket.instances.length, 3);
+});
+
+test("token expired: retried with a token function, not with a fixed token", async () => {
+  const FakeSocket = fakeSocketClass();
+  let calls = 0;
+  const sb = new Switchboard("ws://x/ws", { token: async () => `t${++calls}`, WebSocket: FakeSocket, ...fast });
+  let sock = await connected(FakeSocket, sb);
+  sock.serverClose(1008, "token expired");
+  sock = await connected(FakeSocket, sb);
+  assert.match(sock.url, /token=t2$/);
+  await sb.close();
+
+  const Fixed = fakeSocketClass();
+  const fixed = new Switchboard("ws://x/ws", { token: "t", WebSocket: Fixed, ...fast });
+  const s2 = await connected(Fixed, fixed);
+  const closed = nextEvent(fixed, "closed");
+  s2.serverClose(1008, "token expired");
+  assert.deepEqual(await closed, { code: 1008, reason: "token expired" });
+});
+
+test("a failing or silent token function is an attempt that failed: error event, retry", async () => {
+  const FakeSocket = fakeSocketClass();
+  let calls = 0;
+  const sb = new Switchboard("ws://x/ws", {
+    token: () => {
+      calls++;
+      if (calls === 1) throw new Error("auth backend down");
+      if (calls === 2) return new Promise(() => {}); // never answers
+      return "t3";
+    },
+    WebSocket: FakeSocket,
+    connectTimeoutMs: 100,
+    ...fast,
+  });
+  const errors = record(sb, ["error"]);
+  const sock = await connected(FakeSocket, sb);
+  assert.match(sock.url, /token=t3$/);
+  assert.deepEqual(
+    errors.map((e) => [e.detail.during, e.detail.error.message]),
+    [
+      ["token", "auth backend down"],
+      ["token", "the token function did not answer"],
+    ],
+  );
+  assert.equal(FakeSocket.instances.length, 1);
+  await sb.close();
+});
+
+test("backoff: full jitter under an exponential cap, reset after a stable connection", async () => {
+  const FakeSocket = fakeSocketClass();
+  const sb = new Switchboard("ws://x/ws", {
+    token: "t",
+    WebSocket: FakeSocket,
+    backoffInitialMs: 20,
+    backoffMaxMs: 80,
+    stableAfterMs: 100,
+  });
+  const delays = [];
+  sb.on("disconnected", (d) => delays.push(d.delayMs));
+  for (let i = 0; i < 6; i++) {
+    await waitFor(() => FakeSocket.instances.length === i + 1);
+    FakeSocket.last.serverClose(1006, "");
+  }
+  const caps = [20, 40, 80, 80, 80, 80];
+  delays.forEach((d, i) => assert.ok(d >= 0 && d < caps[i], `delay ${i} = ${d} under ${caps[i]}`));
+  const attempts = record(sb, ["connecting"]);
+  await connected(FakeSocket, sb);
+  await sleep(150); // stable: the next failure starts from the first cap again
+  FakeSocket.last.serverClose(1001, "going away");
+  await waitFor(() => attempts.length >= 1);
+  assert.ok(delays[6] < 20, `after a stable connection the delay is under the first cap (${delays[6]})`);
+  await sb.close();
+});
+
+test("a join made while connecting survives a dropped attempt and resolves on the next connection", async () => {
+  const FakeSocket = fakeSocketClass();
+  const sb = new Switchboard("ws://x/ws", { token: "t", WebSocket: FakeSocket, ...fast });
+  const joined = sb.join("later");
+  await waitFor(() => FakeSocket.last);
+  FakeSocket.last.serverClose(1006, "");
+  await connected(FakeSocket, sb);
+  assert.deepEqual(await joined, { room: "later" });
+  assert.deepEqual(sb.joinedRooms, ["later"]);
+  await sb.close();
+});
+
+test("a silent connection is dropped after a ping goes unanswered, then reconnected", async () => {
+  const FakeSocket = fakeSocketClass({ autoAck: false });
+  const sb = new Switchboard("ws://x/ws", { token: "t", WebSocket: FakeSocket, pingIntervalMs: 60, pingTimeoutMs: 60, ...fast });
+  const sock = await connected(FakeSocket, sb);
+  const gone = await nextEvent(sb, "disconnected", { timeoutMs: 2000 });
+  assert.equal(gone.reason, "ping timeout");
+  assert.ok(sock.sent.some((f) => f.type === "ping"));
+  await waitFor(() => FakeSocket.instances.length === 2);
+  await sb.close();
+});
+
+test("task updates reach onUpdate from queued on, and task events", async () => {
+  const FakeSocket = fakeSocketClass({ autoAck: false });
+  const sb = new Switchboard("ws://x/ws", { token: "t", WebSocket: FakeSocket });
+  const sock = await connected(FakeSocket, sb);
+  const updates = [];
+  const events = record(sb, ["task"]);
+  const id = sb.task("echo", { a: 1 }, { idempotencyKey: "k", onUpdate: (u) => updates.push(u.status) });
+  const f = sock.sent[0];
+  assert.deepEqual([f.type, f.name, f.idempotency_key], ["task", "echo", "k"]);
+  // The ack and the first update in one go, as one TCP read gives them.
+  sock.receive({ type: "ack", ref: f.ref, task_id: "T1" });
+  sock.receive({ type: "task", task_id: "T1", status: "queued" });
+  sock.receive({ type: "task", task_id: "T1", status: "done", result: { a: 1 } });
+  assert.equal(await id, "T1");
+  assert.deepEqual(updates, ["queued", "done"]);
+  assert.deepEqual(events.map((e) => e.detail.status), ["queued", "done"]);
+  await sb.close();
+});
+
+test("close() rejects what waits and stops for good; connect() starts again and rejoins", async () => {
+  const FakeSocket = fakeSocketClass();
+  const sb = new Switchboard("ws://x/ws", { token: "t", WebSocket: FakeSocket, ...fast });
+  await connected(FakeSocket, sb);
+  await sb.join("kept");
+  await sb.close();
+  assert.equal(sb.state, "closed");
+  await assert.rejects(sb.publish("kept", 1), (e) => e.code === "closed");
+  sb.connect();
+  const sock = await connected(FakeSocket, sb);
+  assert.equal(sock.sent[0].type, "join");
+  assert.equal(sock.sent[0].room, "kept");
+  await sb.close();
+});
+
+test("the constructor wants a token and a WebSocket", () => {
+  assert.throws(() => new Switchboard("ws://x/ws", {}), /token/);
+  if (typeof globalThis.WebSocket === "undefined") {
+    assert.throws(() => new Switchboard("ws://x/ws", { token: "t" }), /WebSocket/);
+  }
+  assert.throws(() => new Switchboard("ftp://x/", { token: "t", WebSocket: fakeSocketClass() }), /WebSocket URL/);
+});
+
+test("pacing: past the burst, frames go out at the configured rate, in order", async () => {
+  const FakeSocket = fakeSocketClass();
+  const sb = new Switchboard("ws://x/ws", { token: "t", WebSocket: FakeSocket, maxFramesPerSecond: 100, frameBurst: 5 });
+  const sock = await connected(FakeSocket, sb);
+  const start = Date.now();
+  const all = Promise.all(Array.from({ length: 15 }, (_, n) => sb.direct("bob", n)));
+  assert.equal(sock.sent.length, 5);
+  // From now on, answer every direct as it arrives.
+  sock.send = function (text) {
+    const f = JSON.parse(text);
+    this.sent.push(f);
+    this.receive({ type: "ack", ref: f.ref, id: `1-${f.data}` });
+  };
+  for (const f of sock.sent) sock.receive({ type: "ack", ref: f.ref, id: `1-${f.data}` });
+  await all;
+  const took = Date.now() - start;
+  assert.ok(took >= 80, `10 frames over the burst at 100/s took ${took} ms`);
+  assert.deepEqual(sock.sent.map((f) => f.data), Array.from({ length: 15 }, (_, i) => i));
+  await sb.close();
+});
