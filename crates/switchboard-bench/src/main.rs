@@ -10,6 +10,10 @@
 //!   measures cross-instance (Redis) latency.
 //! - `connections`: open N authenticated connections with bounded
 //!   concurrency, measure time to `welcome`, hold them, close them cleanly.
+//! - `tasks`: async tasks (`task` frames to a handler such as `echo`):
+//!   throughput of N tasks, latency at fixed offered rates from each
+//!   task's scheduled time to its `done`, every result checked; Redis
+//!   commands per task and CPU when told where to look.
 //!
 //! Every run prints a header naming the exact command line and the machine,
 //! then the numbers. Every phase is bounded by a count and by time
@@ -22,7 +26,8 @@
 //!
 //! This file is the command line only; the modules:
 //!
-//! - [`fanout`] and [`connections`]: the two scenarios, phase by phase.
+//! - [`fanout`] and [`connections`]: the two scenarios, phase by phase;
+//!   [`tasks`]: the async-task scenario, with its own modules.
 //! - [`client`]: one WebSocket client: URL, token, welcome, join, close.
 //! - [`server_stats`]: the hub's own numbers, `/api/stats` and `/metrics`.
 //! - [`report`]: the header and the formatting of counts and rates;
@@ -37,6 +42,7 @@ mod fanout;
 mod latency;
 mod report;
 mod server_stats;
+mod tasks;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -52,7 +58,8 @@ use clap::{Args, Parser, Subcommand};
                   target/release/switchboard serve --config config/bench.toml &\n\
                   then e.g.\n  \
                   switchboard-bench fanout --subscribers 1000 --publishers 2 --messages 2000 --rate 1000\n  \
-                  switchboard-bench connections --count 5000 --concurrency 200"
+                  switchboard-bench connections --count 5000 --concurrency 200\n  \
+                  switchboard-bench tasks --tasks 5000 --rates 1000,200 (hub with a [tasks.handlers.echo])"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -65,6 +72,8 @@ enum Command {
     Fanout(FanoutArgs),
     /// Open many authenticated connections: connect rate and time to welcome.
     Connections(ConnectionsArgs),
+    /// Async tasks: throughput, latency at fixed rates, results checked.
+    Tasks(tasks::TasksArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -165,6 +174,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Fanout(args) => fanout::run(args).await,
             Command::Connections(args) => connections::run(args).await,
+            Command::Tasks(args) => tasks::run(args).await,
         }
     });
     // Tasks still blocked on a dead server must not hold the exit.

@@ -84,7 +84,10 @@ mod tests {
         assert_eq!(v["type"], "task");
         assert_eq!(v["name"], "echo");
         assert_eq!(v["ref"], 9);
-        assert_eq!(v["payload"], serde_json::from_str::<Value>(&payload).unwrap());
+        assert_eq!(
+            v["payload"],
+            serde_json::from_str::<Value>(&payload).unwrap()
+        );
         let odd = serde_json::to_string("a\"b").unwrap();
         let v: Value = serde_json::from_str(&task_frame(&odd, "null", 1)).unwrap();
         assert_eq!(v["name"], "a\"b");
