@@ -66,6 +66,7 @@ enum Command {
     },
 }
 
+/// The config (a bad one prints its error and exits 2).
 fn load(path: Option<&std::path::Path>) -> Result<Config, ExitCode> {
     Config::load(path).map_err(|e| {
         eprintln!("{e}");
@@ -75,22 +76,14 @@ fn load(path: Option<&std::path::Path>) -> Result<Config, ExitCode> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let path = cli.config.as_deref();
+    let config = match load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => {
-            let config = match load(path) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
             init_tracing();
-            match serve(config) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!(error = %e, "switchboard stopped");
-                    eprintln!("switchboard: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+            finish("switchboard", serve(config))
         }
         Command::Token {
             user,
@@ -98,91 +91,92 @@ fn main() -> ExitCode {
             publish,
             ttl,
             private_key,
-        } => {
-            let config = match load(path) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            match switchboard::auth::mint(
-                &config.auth,
-                &user,
-                rooms,
-                publish,
-                ttl,
-                private_key.as_deref(),
-            ) {
-                Ok(token) => {
-                    println!("{token}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("switchboard token: {e}");
-                    ExitCode::from(2)
-                }
-            }
-        }
+        } => token(&config, &user, rooms, publish, ttl, private_key.as_deref()),
         Command::DemoFeed {
             url,
             api_key,
             room,
             interval_ms,
-        } => {
-            let config = match load(path) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            let Some(key) = api_key.or_else(|| config.auth.api_keys.first().cloned()) else {
-                eprintln!("switchboard demo-feed: give --api-key (or set auth.api_keys)");
-                return ExitCode::from(2);
-            };
-            init_tracing();
-            let feed = switchboard::demo::feed(
-                &url,
-                &key,
-                &room,
-                Duration::from_millis(interval_ms.max(10)),
-            );
-            match tokio::runtime::Runtime::new().map(|rt| rt.block_on(feed)) {
-                Ok(Ok(())) => ExitCode::SUCCESS,
-                Ok(Err(e)) | Err(e) => {
-                    eprintln!("switchboard demo-feed: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+        } => demo_feed(&config, &url, api_key, &room, interval_ms),
+        Command::CheckConfig => {
+            print!("{}", config.masked().to_toml_string());
+            ExitCode::SUCCESS
         }
-        Command::CheckConfig => match load(path) {
-            Ok(config) => {
-                print!("{}", config.masked().to_toml_string());
-                ExitCode::SUCCESS
-            }
-            Err(code) => code,
-        },
-        Command::Worker { workers } => {
-            let config = match load(path) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            if config.broker.kind != BrokerKind::Redis {
-                eprintln!(
-                    "switchboard worker: needs broker.kind = \"redis\" (with the memory broker, tasks run inside the hub: tasks.workers)"
-                );
-                return ExitCode::from(2);
-            }
-            init_tracing();
-            let loops = workers.unwrap_or(match config.tasks.workers {
-                0 => 4,
-                n => n,
-            });
-            match worker(config, loops) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!(error = %e, "switchboard worker stopped");
-                    eprintln!("switchboard worker: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+        Command::Worker { workers } => run_worker(config, workers),
+    }
+}
+
+/// Success, or the error logged and printed with `what`.
+fn finish(what: &str, result: Result<(), ServerError>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "{what} stopped");
+            eprintln!("{what}: {e}");
+            ExitCode::FAILURE
         }
     }
+}
+
+/// `switchboard token`: prints a JWT signed with the configured key.
+fn token(
+    config: &Config,
+    user: &str,
+    rooms: Option<Vec<String>>,
+    publish: Option<Vec<String>>,
+    ttl: Duration,
+    private_key: Option<&std::path::Path>,
+) -> ExitCode {
+    match switchboard::auth::mint(&config.auth, user, rooms, publish, ttl, private_key) {
+        Ok(token) => {
+            println!("{token}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("switchboard token: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `switchboard demo-feed`: a metric series into a room, until interrupted.
+fn demo_feed(
+    config: &Config,
+    url: &str,
+    api_key: Option<String>,
+    room: &str,
+    interval_ms: u64,
+) -> ExitCode {
+    let Some(key) = api_key.or_else(|| config.auth.api_keys.first().cloned()) else {
+        eprintln!("switchboard demo-feed: give --api-key (or set auth.api_keys)");
+        return ExitCode::from(2);
+    };
+    init_tracing();
+    let every = Duration::from_millis(interval_ms.max(10));
+    let feed = switchboard::demo::feed(url, &key, room, every);
+    match tokio::runtime::Runtime::new().map(|rt| rt.block_on(feed)) {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) | Err(e) => {
+            eprintln!("switchboard demo-feed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `switchboard worker`: task workers only, cluster mode.
+fn run_worker(config: Config, workers: Option<usize>) -> ExitCode {
+    if config.broker.kind != BrokerKind::Redis {
+        eprintln!(
+            "switchboard worker: needs broker.kind = \"redis\" (with the memory broker, tasks run inside the hub: tasks.workers)"
+        );
+        return ExitCode::from(2);
+    }
+    init_tracing();
+    let loops = workers.unwrap_or(match config.tasks.workers {
+        0 => 4,
+        n => n,
+    });
+    finish("switchboard worker", worker(config, loops))
 }
 
 /// Binds `server.host`:`server.port` and serves until SIGTERM or SIGINT.

@@ -30,16 +30,21 @@ pub struct Metrics {
     pub redis_reconnects: IntCounterVec,
     pub redis_malformed: IntCounter,
     pub fanout_dropped: IntCounter,
-    pub tasks_submitted: IntCounterVec,
-    pub tasks_started: IntCounterVec,
-    pub tasks_succeeded: IntCounterVec,
-    pub tasks_failed: IntCounterVec,
-    pub tasks_retried: IntCounterVec,
-    pub tasks_dead_lettered: IntCounterVec,
-    pub task_run_seconds: Histogram,
-    pub tasks_queued: IntGauge,
-    pub tasks_running: IntGauge,
-    pub tasks_dead: IntGauge,
+    pub tasks: TaskMetrics,
+}
+
+/// The async tasks' metrics.
+pub struct TaskMetrics {
+    pub submitted: IntCounterVec,
+    pub started: IntCounterVec,
+    pub succeeded: IntCounterVec,
+    pub failed: IntCounterVec,
+    pub retried: IntCounterVec,
+    pub dead_lettered: IntCounterVec,
+    pub run_seconds: Histogram,
+    pub queued: IntGauge,
+    pub running: IntGauge,
+    pub dead: IntGauge,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
@@ -146,63 +151,7 @@ impl Metrics {
                 "Times a Redis connection came back after an outage, by connection (subscriber, commands).",
                 "connection",
             ),
-            tasks_submitted: counter_vec(
-                &registry,
-                "switchboard_tasks_submitted_total",
-                "Tasks submitted (not counting repeated idempotency keys), by name.",
-                "name",
-            ),
-            tasks_started: counter_vec(
-                &registry,
-                "switchboard_tasks_started_total",
-                "Task attempts started by this process's workers, by name.",
-                "name",
-            ),
-            tasks_succeeded: counter_vec(
-                &registry,
-                "switchboard_tasks_succeeded_total",
-                "Tasks done, by name.",
-                "name",
-            ),
-            tasks_failed: counter_vec(
-                &registry,
-                "switchboard_tasks_failed_total",
-                "Task attempts that failed (error, time-out), by name.",
-                "name",
-            ),
-            tasks_retried: counter_vec(
-                &registry,
-                "switchboard_tasks_retried_total",
-                "Failed attempts retried, by name.",
-                "name",
-            ),
-            tasks_dead_lettered: counter_vec(
-                &registry,
-                "switchboard_tasks_dead_lettered_total",
-                "Tasks failed for good and copied to the dead letters, by name.",
-                "name",
-            ),
-            task_run_seconds: histogram(
-                &registry,
-                "switchboard_task_run_seconds",
-                "How long one attempt of a task's handler ran.",
-                vec![0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0],
-            ),
-            tasks_queued: gauge(
-                &registry,
-                "switchboard_tasks_queued",
-                "Tasks waiting for a worker (cluster-wide in cluster mode).",
-            ),
-            tasks_running: gauge(
-                &registry,
-                "switchboard_tasks_running",
-                "Tasks a worker holds (pending in the consumer group).",
-            ),
-            tasks_dead: gauge(
-                &registry,
-                "switchboard_tasks_dead_letters",
-                "Tasks in the dead-letter stream.",
-            ),
+            tasks: TaskMetrics::new(&registry),
             fanout_dropped: counter(
                 &registry,
                 "switchboard_fanout_dropped_total",
@@ -222,6 +171,72 @@ impl Metrics {
         let mut out = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+impl TaskMetrics {
+    fn new(registry: &Registry) -> TaskMetrics {
+        TaskMetrics {
+            submitted: counter_vec(
+                registry,
+                "switchboard_tasks_submitted_total",
+                "Tasks submitted (not counting repeated idempotency keys), by name.",
+                "name",
+            ),
+            started: counter_vec(
+                registry,
+                "switchboard_tasks_started_total",
+                "Task attempts started by this process's workers, by name.",
+                "name",
+            ),
+            succeeded: counter_vec(
+                registry,
+                "switchboard_tasks_succeeded_total",
+                "Tasks done, by name.",
+                "name",
+            ),
+            failed: counter_vec(
+                registry,
+                "switchboard_tasks_failed_total",
+                "Task attempts that failed (error, time-out), by name.",
+                "name",
+            ),
+            retried: counter_vec(
+                registry,
+                "switchboard_tasks_retried_total",
+                "Failed attempts retried, by name.",
+                "name",
+            ),
+            dead_lettered: counter_vec(
+                registry,
+                "switchboard_tasks_dead_lettered_total",
+                "Tasks failed for good and copied to the dead letters, by name.",
+                "name",
+            ),
+            run_seconds: histogram(
+                registry,
+                "switchboard_task_run_seconds",
+                "How long one attempt of a task's handler ran.",
+                vec![
+                    0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0,
+                ],
+            ),
+            queued: gauge(
+                registry,
+                "switchboard_tasks_queued",
+                "Tasks waiting for a worker (cluster-wide in cluster mode).",
+            ),
+            running: gauge(
+                registry,
+                "switchboard_tasks_running",
+                "Tasks a worker holds (pending in the consumer group).",
+            ),
+            dead: gauge(
+                registry,
+                "switchboard_tasks_dead_letters",
+                "Tasks in the dead-letter stream.",
+            ),
+        }
     }
 }
 
@@ -263,13 +278,14 @@ pub fn init(role: &str, task_names: &[String]) {
         m.redis_reconnects.with_label_values(&[connection]);
     }
     for name in task_names {
+        let t = &m.tasks;
         for counter in [
-            &m.tasks_submitted,
-            &m.tasks_started,
-            &m.tasks_succeeded,
-            &m.tasks_failed,
-            &m.tasks_retried,
-            &m.tasks_dead_lettered,
+            &t.submitted,
+            &t.started,
+            &t.succeeded,
+            &t.failed,
+            &t.retried,
+            &t.dead_lettered,
         ] {
             counter.with_label_values(&[name]);
         }

@@ -68,7 +68,7 @@ impl Session {
         let queue = self.state.tasks.queue.clone();
         if prepared.created {
             metrics()
-                .tasks_submitted
+                .tasks.submitted
                 .with_label_values(&[&prepared.submission.name])
                 .inc();
             self.reply(

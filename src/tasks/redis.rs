@@ -36,7 +36,7 @@ use crate::broker::redis::commands::{Commands, Lua, ScriptCall};
 use crate::broker::redis::keys::Keys;
 use crate::clock::now_ms;
 use crate::config::Config;
-use crate::protocol::TaskStatus;
+use crate::protocol::{MessageId, TaskStatus};
 
 const GROUP: &str = "workers";
 /// How long `XREADGROUP` blocks when there is no work.
@@ -450,9 +450,8 @@ impl RedisTasks {
         Ok(())
     }
 
-    /// Trims what every consumer has acknowledged: entries older than the
-    /// oldest one pending, or than the next one to deliver.
-    async fn trim(&self) -> TaskResult<Depth> {
+    /// The group's numbers, the oldest pending entry, the dead letters' length.
+    async fn group_state(&self) -> TaskResult<(HashMap<String, RedisValue>, Option<String>, u64)> {
         let (stream, dead) = (self.stream(), self.dead());
         let (groups, oldest, dead_len): (Vec<HashMap<String, RedisValue>>, RedisValue, u64) = self
             .cmd
@@ -472,15 +471,31 @@ impl RedisTasks {
                     .await
             })
             .await?;
+        let name = |g: &HashMap<String, RedisValue>| {
+            g.get("name")
+                .and_then(|n| redis::from_redis_value::<String>(n.clone()).ok())
+        };
         let group = groups
             .into_iter()
-            .find(|g| {
-                g.get("name")
-                    .and_then(|n| redis::from_redis_value::<String>(n.clone()).ok())
-                    .as_deref()
-                    == Some(GROUP)
-            })
+            .find(|g| name(g).as_deref() == Some(GROUP))
             .unwrap_or_default();
+        let oldest_pending = match oldest {
+            RedisValue::Array(items) => items.into_iter().next().and_then(|first| match first {
+                RedisValue::Array(entry) => entry
+                    .into_iter()
+                    .next()
+                    .and_then(|id| redis::from_redis_value::<String>(id).ok()),
+                _ => None,
+            }),
+            _ => None,
+        };
+        Ok((group, oldest_pending, dead_len))
+    }
+
+    /// Trims what every consumer has acknowledged: entries older than the
+    /// oldest one pending or, with none pending, up to the last delivered.
+    async fn trim(&self) -> TaskResult<Depth> {
+        let (group, oldest_pending, dead) = self.group_state().await?;
         let int = |k: &str| {
             group
                 .get(k)
@@ -489,36 +504,22 @@ impl RedisTasks {
         let depth = Depth {
             queued: int("lag").unwrap_or(0),
             running: int("pending").unwrap_or(0),
-            dead: dead_len,
-        };
-        let oldest_pending = match oldest {
-            RedisValue::Array(items) => items.first().and_then(|first| match first {
-                RedisValue::Array(entry) => entry
-                    .first()
-                    .and_then(|id| redis::from_redis_value::<String>(id.clone()).ok()),
-                _ => None,
-            }),
-            _ => None,
+            dead,
         };
         let last_delivered = group
             .get("last-delivered-id")
-            .and_then(|v| redis::from_redis_value::<String>(v.clone()).ok());
-        // Everything before the oldest pending entry (or, with none pending,
-        // up to the last delivered one) has been acknowledged.
-        let min_id = match (oldest_pending, last_delivered) {
-            (Some(pending), _) => Some(pending),
-            (None, Some(delivered)) if delivered != "0-0" => delivered
-                .parse::<crate::protocol::MessageId>()
-                .ok()
-                .map(|id| {
-                    crate::protocol::MessageId {
-                        ms: id.ms,
-                        seq: id.seq.saturating_add(1),
-                    }
-                    .to_string()
-                }),
-            _ => None,
-        };
+            .and_then(|v| redis::from_redis_value::<String>(v.clone()).ok())
+            .and_then(|id| id.parse::<MessageId>().ok())
+            .filter(|id| *id != MessageId::default());
+        let min_id = oldest_pending.or_else(|| {
+            last_delivered.map(|id| {
+                let next = MessageId {
+                    ms: id.ms,
+                    seq: id.seq.saturating_add(1),
+                };
+                next.to_string()
+            })
+        });
         if let Some(min_id) = min_id {
             let stream = self.stream();
             self.cmd

@@ -146,20 +146,20 @@ async fn worker_loop(ctx: Context, consumer: String, stopped: watch::Receiver<bo
 async fn run_job(ctx: &Context, consumer: &str, mut job: Job) {
     let name = job.name.clone();
     let outcome = loop {
-        metrics().tasks_started.with_label_values(&[&name]).inc();
+        metrics().tasks.started.with_label_values(&[&name]).inc();
         let error = match attempt(ctx, &job).await {
             Ok(result) => break Outcome::Done(result),
             Err(error) => error,
         };
-        metrics().tasks_failed.with_label_values(&[&name]).inc();
+        metrics().tasks.failed.with_label_values(&[&name]).inc();
         if job.attempt >= ctx.max_attempts {
             metrics()
-                .tasks_dead_lettered
+                .tasks.dead_lettered
                 .with_label_values(&[&name])
                 .inc();
             break Outcome::Failed(error);
         }
-        metrics().tasks_retried.with_label_values(&[&name]).inc();
+        metrics().tasks.retried.with_label_values(&[&name]).inc();
         wait_before_retry(ctx, consumer, &job).await;
         if let Err(e) = ctx.tasks.queue.retry(&mut job, &error).await {
             tracing::warn!(error = %e, task_id = %job.task_id, "retry not recorded; the task will be taken over");
@@ -167,7 +167,7 @@ async fn run_job(ctx: &Context, consumer: &str, mut job: Job) {
         }
     };
     if let Outcome::Done(_) = outcome {
-        metrics().tasks_succeeded.with_label_values(&[&name]).inc();
+        metrics().tasks.succeeded.with_label_values(&[&name]).inc();
     }
     if let Err(e) = ctx.tasks.queue.finish(&job, &outcome).await {
         tracing::warn!(error = %e, task_id = %job.task_id, "task outcome not recorded; the task will be taken over");
@@ -186,7 +186,7 @@ async fn attempt(ctx: &Context, job: &Job) -> Result<Box<serde_json::value::RawV
         Err(_) => Err("handler timed out".into()),
     };
     metrics()
-        .task_run_seconds
+        .tasks.run_seconds
         .observe(started.elapsed().as_secs_f64());
     result
 }
@@ -220,9 +220,9 @@ async fn maintain(ctx: Context, mut stopped: watch::Receiver<bool>) {
                 dead,
             }) => {
                 let m = metrics();
-                m.tasks_queued.set(queued as i64);
-                m.tasks_running.set(running as i64);
-                m.tasks_dead.set(dead as i64);
+                m.tasks.queued.set(queued as i64);
+                m.tasks.running.set(running as i64);
+                m.tasks.dead.set(dead as i64);
             }
             Err(e) => tracing::debug!(error = %e, "task queue housekeeping failed"),
         }
