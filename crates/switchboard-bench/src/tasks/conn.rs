@@ -108,6 +108,8 @@ pub struct Outcome {
     pub broken: Counts,
     /// The slowest tasks: (latency µs, task id), slowest first.
     pub slowest: Vec<(u64, String)>,
+    /// Some of the lost tasks' ids (those acked; sorted).
+    pub lost_ids: Vec<String>,
 }
 
 /// Slowest tasks kept per phase.
@@ -152,6 +154,9 @@ impl Outcome {
         self.max_lag_us = self.max_lag_us.max(o.max_lag_us);
         merge_counts(&mut self.broken, &o.broken);
         keep_slowest(&mut self.slowest, o.slowest.iter().cloned());
+        self.lost_ids.extend(o.lost_ids.iter().cloned());
+        self.lost_ids.sort();
+        self.lost_ids.truncate(SLOWEST_KEPT);
     }
 }
 
@@ -437,6 +442,9 @@ impl Conn {
             }
         }
         out.lost += flight.unfinished() as u64;
+        out.lost_ids = flight.by_id.keys().cloned().collect();
+        out.lost_ids.sort();
+        out.lost_ids.truncate(SLOWEST_KEPT);
         if !flight.early.is_empty() {
             *out.frames
                 .entry("unknown task (done/failed)".into())

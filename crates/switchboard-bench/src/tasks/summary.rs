@@ -49,6 +49,8 @@ pub struct PhaseSummary {
     pub slow: u64,
     /// The slowest tasks: (latency ms, task id), slowest first.
     pub slowest: Vec<(f64, String)>,
+    /// Some of the lost tasks' ids (acked ones).
+    pub lost_ids: Vec<String>,
     /// Submit to `ack`.
     pub ack: Option<Quantiles>,
     /// Over the phase (greedy) or its submit window (fixed rate).
@@ -114,6 +116,7 @@ impl PhaseSummary {
                 .iter()
                 .map(|(us, id)| ((*us as f64 / 10.0).round() / 100.0, id.clone()))
                 .collect(),
+            lost_ids: outcome.lost_ids.clone(),
             ack: outcome.ack.quantiles(),
             cpu: CpuUse::default(),
             redis_commands: None,
@@ -143,8 +146,13 @@ impl PhaseSummary {
             p.push(format!("{} WRONG results", self.wrong));
         }
         if self.lost > 0 {
+            let ids = if self.lost_ids.is_empty() {
+                String::new()
+            } else {
+                format!(", e.g. task {}", self.lost_ids.join(", "))
+            };
             p.push(format!(
-                "{} LOST (no done within the drain time)",
+                "{} LOST (no done within the drain time{ids})",
                 self.lost
             ));
         }
@@ -441,6 +449,14 @@ mod tests {
             "1 WRONG results; 1 LOST (no done within the drain time); refused: 1× limit_exceeded"
         );
         assert_eq!(s.row()[3], "3");
+        let mut o = outcome(10);
+        o.lost = 1;
+        o.lost_ids = vec!["ab12".into()];
+        let s = PhaseSummary::of(Kind::Warmup, "warm-up".into(), None, 10, &o, None);
+        assert_eq!(
+            s.problems(),
+            "1 LOST (no done within the drain time, e.g. task ab12)"
+        );
         let mut o = outcome(10);
         o.submitted = 9;
         let s = PhaseSummary::of(Kind::Warmup, "warm-up".into(), None, 10, &o, None);
