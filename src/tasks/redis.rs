@@ -39,8 +39,10 @@ use crate::config::Config;
 use crate::protocol::{MessageId, TaskStatus};
 
 const GROUP: &str = "workers";
-/// How long `XREADGROUP` blocks when there is no work.
-const BLOCK_MS: u64 = 1000;
+/// How long `XREADGROUP` blocks when there is no work: under redis-rs's
+/// response timeout (500 ms), or the client gives up on a read Redis still
+/// serves, and an entry added then waits in the pending list.
+const BLOCK_MS: u64 = 400;
 /// Dead letters kept (approximately).
 const DEAD_KEPT: usize = 10_000;
 
@@ -62,6 +64,14 @@ pub struct RedisTasks {
     result_ttl_ms: u64,
     /// When each worker last looked for tasks to take over.
     last_claim: Mutex<HashMap<String, Instant>>,
+    /// Each worker's own connection for its blocking reads.
+    readers: Mutex<HashMap<String, deadpool_redis::Connection>>,
+    /// Workers that have read their own pending entries since their last
+    /// failed read (or start).
+    recover: Mutex<std::collections::HashSet<String>>,
+    /// Entries this process's workers are running (not to be started
+    /// again when a worker reads its own pending entries).
+    running: Mutex<std::collections::HashSet<String>>,
 }
 
 /// A stream entry's string field.
@@ -93,6 +103,9 @@ impl RedisTasks {
             idempotency_ttl_ms: t.idempotency_ttl_s.saturating_mul(1000),
             result_ttl_ms: t.result_ttl_s.saturating_mul(1000),
             last_claim: Mutex::new(HashMap::new()),
+            readers: Mutex::new(HashMap::new()),
+            recover: Mutex::new(std::collections::HashSet::new()),
+            running: Mutex::new(std::collections::HashSet::new()),
         };
         if let Err(e) = tasks.ensure_group().await {
             tracing::warn!(error = %e, "task consumer group not created yet; retrying later");
@@ -260,34 +273,75 @@ impl RedisTasks {
                 return Ok(claimed);
             }
         }
-        let (stream, consumer) = (self.stream(), consumer.to_owned());
-        let limit = Duration::from_millis(BLOCK_MS) + Duration::from_secs(2);
-        let reply: Option<StreamReadReply> = self
-            .cmd
-            .exec_within(limit, move |mut c| async move {
-                redis::cmd("XREADGROUP")
-                    .arg("GROUP")
-                    .arg(GROUP)
-                    .arg(&consumer)
-                    .arg("COUNT")
-                    .arg(max)
-                    .arg("BLOCK")
-                    .arg(BLOCK_MS)
-                    .arg("STREAMS")
-                    .arg(&stream)
-                    .arg(">")
-                    .query_async(&mut c)
-                    .await
-            })
-            .await
-            .inspect_err(|e| {
-                if e.to_string().contains("NOGROUP") {
-                    tracing::info!("task consumer group missing; creating it");
-                }
-            })?;
-        Ok(reply
+        // This consumer's own pending entries first (after a start or a
+        // failed read, some may have been delivered to it and not seen),
+        // then new ones.
+        let own = self
+            .recover
+            .lock()
+            .map_err(|_| TaskError::Internal("poisoned".into()))?
+            .insert(consumer.to_owned());
+        let reply = self
+            .read_group(consumer, max, if own { "0" } else { ">" })
+            .await;
+        if reply.is_err() {
+            if let Ok(mut recover) = self.recover.lock() {
+                recover.remove(consumer);
+            }
+        }
+        let mut entries: Vec<StreamId> = reply?
             .map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect())
-            .unwrap_or_default())
+            .unwrap_or_default();
+        if own {
+            if let Ok(running) = self.running.lock() {
+                entries.retain(|e| !running.contains(&e.id));
+            }
+        }
+        Ok(entries)
+    }
+
+    /// `XREADGROUP` on the consumer's own connection (it blocks a second
+    /// when there is nothing new): `from` `>` for new entries, `0` for the
+    /// consumer's own pending ones.
+    async fn read_group(
+        &self,
+        consumer: &str,
+        max: usize,
+        from: &str,
+    ) -> TaskResult<Option<StreamReadReply>> {
+        let held = self
+            .readers
+            .lock()
+            .map_err(|_| TaskError::Internal("poisoned".into()))?
+            .remove(consumer);
+        let mut conn = match held {
+            Some(conn) => conn,
+            None => self.cmd.dedicated().await?,
+        };
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(GROUP)
+            .arg(consumer)
+            .arg("COUNT")
+            .arg(max);
+        if from == ">" {
+            cmd.arg("BLOCK").arg(BLOCK_MS);
+        }
+        cmd.arg("STREAMS").arg(self.stream()).arg(from);
+        let limit = Duration::from_millis(BLOCK_MS) + Duration::from_secs(2);
+        let reply = match tokio::time::timeout(limit, cmd.query_async(&mut *conn)).await {
+            Ok(Ok(reply)) => reply,
+            Ok(Err(e)) => return Err(crate::broker::redis::commands::classify(&e).into()),
+            Err(_) => {
+                return Err(TaskError::Unavailable(
+                    "reading the task stream timed out".into(),
+                ))
+            }
+        };
+        if let Ok(mut readers) = self.readers.lock() {
+            readers.insert(consumer.to_owned(), conn);
+        }
+        Ok(reply)
     }
 
     /// `XAUTOCLAIM`: entries idle for the visibility timeout.
@@ -359,15 +413,21 @@ impl RedisTasks {
         let mut skipped = Vec::new();
         for (t, reply) in taken.into_iter().zip(replies) {
             match reply {
-                RedisValue::Int(attempt) if attempt > 0 => jobs.push(Job {
-                    task_id: t.task_id,
-                    name: t.name,
-                    user: t.user,
-                    payload: RawValue::from_string(t.payload)
-                        .unwrap_or_else(|_| RawValue::from_string("null".into()).expect("null")),
-                    attempt: attempt as u32,
-                    token: t.entry_id,
-                }),
+                RedisValue::Int(attempt) if attempt > 0 => {
+                    if let Ok(mut running) = self.running.lock() {
+                        running.insert(t.entry_id.clone());
+                    }
+                    jobs.push(Job {
+                        task_id: t.task_id,
+                        name: t.name,
+                        user: t.user,
+                        payload: RawValue::from_string(t.payload).unwrap_or_else(|_| {
+                            RawValue::from_string("null".into()).expect("null")
+                        }),
+                        attempt: attempt as u32,
+                        token: t.entry_id,
+                    })
+                }
                 RedisValue::Int(-2) => {
                     let job = Job {
                         task_id: t.task_id,
@@ -416,6 +476,9 @@ impl RedisTasks {
 
     /// XACK and uncount: the end of every job.
     fn end_pipe(&self, pipe: &mut redis::Pipeline, job: &Job) {
+        if let Ok(mut running) = self.running.lock() {
+            running.remove(&job.token);
+        }
         pipe.cmd("XACK")
             .arg(self.stream())
             .arg(GROUP)

@@ -1,5 +1,7 @@
-//! Redis commands: the deadpool-redis pool, the Lua scripts, one timeout
-//! for every command, and batches of script calls in one round trip.
+//! Redis commands: the deadpool-redis pool (each thread shares one
+//! multiplexed connection taken from it, so commands pipeline instead of
+//! paying a checkout each), the Lua scripts, one timeout for every
+//! command, and batches of script calls in one round trip.
 //!
 //! A failed command is that request's failure, never the instance's: an
 //! error reply is [`BrokerError::Internal`], a lost connection, an empty
@@ -8,11 +10,12 @@
 //! `watchdog.rs`), from a probe on its own connection.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use deadpool_redis::{Pool, Runtime};
+use redis::aio::MultiplexedConnection;
 use redis::{RedisError, Script};
 
 use crate::broker::{BrokerError, BrokerResult, StartError};
@@ -108,9 +111,28 @@ pub struct ScriptCall<'a> {
     pub args: Vec<String>,
 }
 
+/// Connections kept checked out of the pool and shared (they are
+/// multiplexed): a pooled connection is checked on every checkout with an
+/// `UNWATCH` + `PING` round trip, which would double every command's cost.
+const LANES: usize = 8;
+
+static NEXT_LANE: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    /// The lane this thread uses: threads keep to their own, mostly.
+    static LANE: usize = NEXT_LANE.fetch_add(1, Ordering::Relaxed) % LANES;
+}
+
+/// A connection held out of the pool for sharing.
+struct Held {
+    _object: deadpool_redis::Connection,
+    mux: MultiplexedConnection,
+}
+
 /// The pool and the scripts every part of the Redis broker shares.
 pub struct Commands {
     pool: Pool,
+    lanes: Vec<Mutex<Option<Held>>>,
     pub scripts: Scripts,
     pub health: Health,
 }
@@ -132,9 +154,53 @@ impl Commands {
             .map_err(|e| StartError::RedisPool(e.to_string()))?;
         Ok(Commands {
             pool,
+            lanes: (0..LANES).map(|_| Mutex::new(None)).collect(),
             scripts: Scripts::load(),
             health: Health::default(),
         })
+    }
+
+    /// This thread's shared connection (checked out of the pool once).
+    async fn shared(&self) -> BrokerResult<(usize, MultiplexedConnection)> {
+        let lane = LANE.with(|l| *l);
+        let held = self.lanes[lane]
+            .lock()
+            .ok()
+            .and_then(|h| h.as_ref().map(|h| h.mux.clone()));
+        if let Some(mux) = held {
+            return Ok((lane, mux));
+        }
+        let object = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| BrokerError::Unavailable(format!("redis pool: {e}")))?;
+        let mux: MultiplexedConnection = (*object).clone();
+        if let Ok(mut slot) = self.lanes[lane].lock() {
+            if slot.is_none() {
+                *slot = Some(Held {
+                    _object: object,
+                    mux: mux.clone(),
+                });
+            }
+        }
+        Ok((lane, mux))
+    }
+
+    /// A connection that failed is not shared any more.
+    fn drop_lane(&self, lane: usize) {
+        if let Ok(mut slot) = self.lanes[lane].lock() {
+            *slot = None;
+        }
+    }
+
+    /// A connection of its own, for a blocking command (a shared one would
+    /// block every other caller): held until dropped, then back in the pool.
+    pub async fn dedicated(&self) -> BrokerResult<deadpool_redis::Connection> {
+        self.pool
+            .get()
+            .await
+            .map_err(|e| BrokerError::Unavailable(format!("redis pool: {e}")))
     }
 
     /// Whether the watchdog last found Redis reachable.
@@ -142,30 +208,33 @@ impl Commands {
         self.health.is_up()
     }
 
-    /// Runs `f` on a pooled connection within `limit`.
+    /// Runs `f` on this thread's shared connection within `limit`; a
+    /// connection that failed or timed out is replaced for the next call.
     pub async fn exec_within<T, F, Fut>(&self, limit: Duration, f: F) -> BrokerResult<T>
     where
-        F: FnOnce(deadpool_redis::Connection) -> Fut,
+        F: FnOnce(MultiplexedConnection) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
+        let mut used = None;
         let work = async {
-            let conn = self
-                .pool
-                .get()
-                .await
-                .map_err(|e| BrokerError::Unavailable(format!("redis pool: {e}")))?;
+            let (lane, conn) = self.shared().await?;
+            used = Some(lane);
             f(conn).await.map_err(|e| classify(&e))
         };
-        match tokio::time::timeout(limit, work).await {
+        let result = match tokio::time::timeout(limit, work).await {
             Ok(result) => result,
             Err(_) => Err(BrokerError::Unavailable("redis command timed out".into())),
+        };
+        if let (Err(BrokerError::Unavailable(_)), Some(lane)) = (&result, used) {
+            self.drop_lane(lane);
         }
+        result
     }
 
-    /// Runs `f` on a pooled connection with the command timeout.
+    /// Runs `f` on a shared connection with the command timeout.
     pub async fn exec<T, F, Fut>(&self, f: F) -> BrokerResult<T>
     where
-        F: FnOnce(deadpool_redis::Connection) -> Fut,
+        F: FnOnce(MultiplexedConnection) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         self.exec_within(COMMAND_TIMEOUT, f).await
