@@ -68,7 +68,8 @@ impl Session {
         let queue = self.state.tasks.queue.clone();
         if prepared.created {
             metrics()
-                .tasks.submitted
+                .tasks
+                .submitted
                 .with_label_values(&[&prepared.submission.name])
                 .inc();
             self.reply(

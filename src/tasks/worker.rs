@@ -154,7 +154,8 @@ async fn run_job(ctx: &Context, consumer: &str, mut job: Job) {
         metrics().tasks.failed.with_label_values(&[&name]).inc();
         if job.attempt >= ctx.max_attempts {
             metrics()
-                .tasks.dead_lettered
+                .tasks
+                .dead_lettered
                 .with_label_values(&[&name])
                 .inc();
             break Outcome::Failed(error);
@@ -186,7 +187,8 @@ async fn attempt(ctx: &Context, job: &Job) -> Result<Box<serde_json::value::RawV
         Err(_) => Err("handler timed out".into()),
     };
     metrics()
-        .tasks.run_seconds
+        .tasks
+        .run_seconds
         .observe(started.elapsed().as_secs_f64());
     result
 }
