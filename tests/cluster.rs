@@ -439,3 +439,37 @@ async fn a_stopped_instance_deregisters_itself() {
     let (_, body) = h1.api().await.get("/api/users/leaving/connections").await;
     assert_eq!(body["connections"], 0);
 }
+
+#[tokio::test]
+async fn publishes_go_on_after_redis_forgets_its_scripts() {
+    // SCRIPT FLUSH (or a Redis restart) drops publish_room.lua: the
+    // pipelined publishes that meet NOSCRIPT are sent again after loading it.
+    let redis = PrivateRedis::start();
+    let hub = Hub::builder(Broker::Redis).redis_url(&redis.url()).start();
+    let mut alice = hub.connect("alice").await;
+    alice.join("lobby").await;
+    let first = alice.publish("lobby", json!(1)).await;
+    redis.cmd(&["SCRIPT", "FLUSH"]);
+    for n in 2..=20 {
+        alice
+            .send(json!({"type": "publish", "room": "lobby", "data": n, "ref": n}))
+            .await;
+    }
+    let mut last = id_pair(&json!(first));
+    let (mut acked, mut data) = (2, Vec::new());
+    while acked <= 20 || data.len() < 20 {
+        let frame = alice.recv().await;
+        match frame["type"].as_str() {
+            Some("ack") => {
+                assert_eq!(frame["ref"], acked, "{frame}");
+                let id = id_pair(&frame["id"]);
+                assert!(id > last, "acked ids in order");
+                last = id;
+                acked += 1;
+            }
+            Some("message") => data.push(frame["data"].clone()),
+            _ => {}
+        }
+    }
+    assert_eq!(data, (1..=20).map(|n| json!(n)).collect::<Vec<_>>());
+}

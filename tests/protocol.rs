@@ -240,6 +240,70 @@ both_brokers!(room_names_at_the_limits_are_accepted, |broker| async move {
 });
 
 both_brokers!(
+    pipelined_publishes_are_answered_in_the_order_sent,
+    |broker| async move {
+        // Publishes sent back to back are pipelined (many in flight); every
+        // other reply still comes in request order, behind their acks.
+        let hub = Hub::builder(broker)
+            .toml(
+                "[limits]\nmessages_per_second = 100000\nburst = 100000\nmax_outbound_queue = 4096",
+            )
+            .start();
+        let mut alice = hub.connect("alice").await;
+        let mut bob = hub.connect("bob").await;
+        alice.join("pipe").await;
+        bob.join("pipe").await;
+        const N: u64 = 300;
+        let frame = |r: u64| match r {
+            50 => json!({"type": "publish", "room": "not-joined", "data": r, "ref": r}),
+            100 => json!({"type": "ping", "ref": r}),
+            150 => json!({"type": "direct", "to": "bob", "data": r, "ref": r}),
+            250 => json!({"type": "publish", "room": "", "data": r, "ref": r}),
+            r if r % 10 == 0 => json!({"type": "join", "room": "pipe", "ref": r}),
+            _ => json!({"type": "publish", "room": "pipe", "data": r, "ref": r}),
+        };
+        for r in 1..=N {
+            alice.send(frame(r)).await;
+        }
+        let mut last_id = (0, 0);
+        let mut r = 1;
+        while r <= N {
+            let reply = alice.recv().await;
+            if reply.get("ref").is_none() {
+                continue; // a delivery or a presence event
+            }
+            assert_eq!(reply["ref"], r, "reply out of order: {reply}");
+            let expected = match r {
+                50 => "error",
+                100 => "pong",
+                250 => "error",
+                _ => "ack",
+            };
+            assert_eq!(reply["type"], expected, "ref {r}: {reply}");
+            if expected == "ack" && r != 150 && r % 10 != 0 {
+                let id = id_pair(&reply["id"]);
+                assert!(id > last_id, "ack ids out of order at ref {r}");
+                last_id = id;
+            }
+            r += 1;
+        }
+        let mut got = Vec::new();
+        while got.len() < (N - N / 10 + 1) as usize {
+            let m = bob.recv().await;
+            match m["type"].as_str() {
+                Some("message") | Some("direct") => got.push(m["data"].as_u64().expect("data")),
+                _ => {}
+            }
+        }
+        let sent: Vec<u64> = (1..=N).filter(|r| r % 10 != 0 || *r == 150).collect();
+        assert_eq!(
+            got, sent,
+            "bob got the room messages and the direct in order"
+        );
+    }
+);
+
+both_brokers!(
     ordering_across_workers_without_gaps_or_duplicates,
     |broker| async move {
         let hub = Hub::builder(broker)

@@ -68,7 +68,7 @@ pub struct BrokerStats {
     pub local_rooms: u64,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum BrokerError {
     /// The user already holds `max_connections_per_user` connections.
     #[error("connection limit reached")]
@@ -92,10 +92,36 @@ pub enum StartError {
     RedisPool(String),
 }
 
+/// A session's publish, started with [`Messages::start_publish`].
+pub enum Publish {
+    /// `publish`: to the members of `room`.
+    Room {
+        room: RoomName,
+        from: Arc<str>,
+        data: Value,
+    },
+    /// `direct`: to every connection of `to`.
+    User {
+        to: String,
+        from: Arc<str>,
+        data: Value,
+    },
+}
+
+/// Called once a started publish has its id (or failed).
+pub type PublishDone = Box<dyn FnOnce(BrokerResult<String>) + Send>;
+
 /// Publishing and history. Every publish is serialized once and fanned out
 /// to every hub with a recipient for it.
 #[async_trait]
 pub trait Messages: Send + Sync {
+    /// Starts a session's publish without waiting for it. Publishes started
+    /// on one thread reach the broker in the order they were started, and
+    /// their `done` is called in that order, so a session can have many in
+    /// flight (pipelined) and still ack them in order. The caller bounds
+    /// how many it has in flight. Call it on a worker thread (it may spawn
+    /// a local task).
+    fn start_publish(self: Arc<Self>, publish: Publish, done: PublishDone);
     /// Appends to the room's history and fans out, atomically, so that id
     /// order and delivery order agree. Returns the new id.
     async fn publish_room(

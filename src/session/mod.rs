@@ -30,7 +30,7 @@ mod reply;
 mod task;
 mod writer;
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -65,6 +65,8 @@ pub struct Session {
     strikes: u32,
     last_seen: Instant,
     expiry: Option<SpawnHandle>,
+    /// The answers of the publishes in flight, oldest first.
+    in_flight: VecDeque<oneshot::Receiver<()>>,
 }
 
 /// What an accepted connection brings to its session. The slot goes to
@@ -116,6 +118,7 @@ impl Session {
                 strikes: 0,
                 last_seen: Instant::now(),
                 expiry: None,
+                in_flight: VecDeque::new(),
             }
         });
     }
@@ -200,8 +203,27 @@ impl Session {
         }
     }
 
-    /// One handler per client frame.
+    /// Handles a frame now, or once the publishes in flight are answered
+    /// when it must come after them (reading waits meanwhile).
     fn on_frame(&mut self, frame: ClientFrame, reference: Ref, ctx: &mut Context<Self>) {
+        let publish = matches!(
+            frame,
+            ClientFrame::Publish { .. } | ClientFrame::Direct { .. }
+        );
+        match self.publishes_pending(publish) {
+            None => self.handle_frame(frame, reference, ctx),
+            Some(answered) => ctx.wait(
+                async move {
+                    let _ = answered.await;
+                }
+                .into_actor(self)
+                .map(move |(), this, ctx| this.handle_frame(frame, reference, ctx)),
+            ),
+        }
+    }
+
+    /// One handler per client frame.
+    fn handle_frame(&mut self, frame: ClientFrame, reference: Ref, ctx: &mut Context<Self>) {
         match frame {
             ClientFrame::Join { room, since } => self.on_join(&room, since, reference, ctx),
             ClientFrame::Leave { room } => self.on_leave(&room, reference, ctx),

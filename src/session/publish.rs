@@ -1,15 +1,22 @@
 //! `publish` (`room`, `data`) and `direct` (`to`, `data`): both hand the
-//! data to the broker and ack with the id it gave.
-
-use std::future::Future;
+//! data to the broker and ack with the id it gave. They are pipelined: a
+//! session reads its next frame without waiting for the broker's answer,
+//! up to [`MAX_IN_FLIGHT`] publishes at a time, and acks in order.
 
 use actix::prelude::*;
 use serde_json::Value;
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::oneshot;
 
 use super::Session;
-use crate::broker::BrokerResult;
+use crate::broker::{Publish, PublishDone};
+use crate::hub::{CloseSession, Outbound};
 use crate::metrics::metrics;
-use crate::protocol::{valid_user_id, Ack, ErrorReply, Ref};
+use crate::protocol::{error_frame, valid_user_id, Ack, CloseReason, ErrorReply, Ref};
+
+/// The most publishes a session has in flight; the next one waits (and so
+/// does reading the connection) until they are answered.
+pub(super) const MAX_IN_FLIGHT: usize = 32;
 
 impl Session {
     pub(super) fn on_publish(
@@ -31,12 +38,8 @@ impl Session {
             return self.reply_error(err, &reference, ctx);
         }
         metrics().published.with_label_values(&["room"]).inc();
-        let (messages, user) = (self.state.broker.messages.clone(), self.user.clone());
-        let publish = async move {
-            let id = messages.publish_room(&room, &user, &data).await?;
-            Ok(id.to_string())
-        };
-        self.publish_and_ack(publish, reference, ctx);
+        let from = self.user.clone();
+        self.start_publish(Publish::Room { room, from, data }, reference, ctx);
     }
 
     pub(super) fn on_direct(
@@ -55,24 +58,69 @@ impl Session {
             return self.reply_error(err, &reference, ctx);
         }
         metrics().published.with_label_values(&["user"]).inc();
-        let (messages, user) = (self.state.broker.messages.clone(), self.user.clone());
-        let publish = async move { messages.publish_user(&to, &user, &data).await };
-        self.publish_and_ack(publish, reference, ctx);
+        let from = self.user.clone();
+        self.start_publish(Publish::User { to, from, data }, reference, ctx);
     }
 
-    /// Runs the publish, then acks with its id. `wait`: this connection's
-    /// publishes reach the broker in the order it sent them.
-    fn publish_and_ack<F>(&mut self, publish: F, reference: Ref, ctx: &mut Context<Self>)
-    where
-        F: Future<Output = BrokerResult<String>> + 'static,
-    {
-        ctx.wait(
-            publish
-                .into_actor(self)
-                .map(move |result, this, ctx| match result {
-                    Ok(id) => this.ack(Ack::to(&reference).id(id), ctx),
-                    Err(e) => this.reply_broker_error(e, &reference, ctx),
-                }),
-        );
+    /// Starts the publish and returns: its ack (or error) goes into the
+    /// outbound queue when the broker has answered, from wherever `done`
+    /// runs. The broker keeps a thread's publishes in order, so acks come
+    /// in the order of the publishes; [`Session::publishes_pending`] holds
+    /// every other reply behind them.
+    fn start_publish(&mut self, publish: Publish, reference: Ref, ctx: &mut Context<Self>) {
+        let (answered, answer) = oneshot::channel();
+        let outbound = self.outbound.clone();
+        let session = ctx.address();
+        let connection_id = self.connection_id.clone();
+        let done: PublishDone = Box::new(move |result| {
+            let frame = match result {
+                Ok(id) => Ack::to(&reference).id(id).encode(),
+                Err(e) => {
+                    tracing::error!(error = %e, connection_id = %connection_id, "broker call failed");
+                    let err = ErrorReply::internal();
+                    metrics()
+                        .errors
+                        .with_label_values(&[err.code.as_str()])
+                        .inc();
+                    error_frame(&err, &reference)
+                }
+            };
+            if let Err(TrySendError::Full(_)) = outbound.try_send(Outbound::Frame(frame)) {
+                session.do_send(CloseSession(CloseReason::SlowConsumer));
+            }
+            let _ = answered.send(());
+        });
+        self.in_flight.push_back(answer);
+        self.state
+            .broker
+            .messages
+            .clone()
+            .start_publish(publish, done);
+    }
+
+    /// The answer of the last publish in flight, when a frame must wait for
+    /// it: any frame but a publish while one is in flight (its reply comes
+    /// after their acks), a publish when [`MAX_IN_FLIGHT`] are. Answers
+    /// come in order, so the last one answered means all were.
+    pub(super) fn publishes_pending(&mut self, publish: bool) -> Option<oneshot::Receiver<()>> {
+        while let Some(first) = self.in_flight.front_mut() {
+            match first.try_recv() {
+                Err(oneshot::error::TryRecvError::Empty) => break,
+                _ => {
+                    self.in_flight.pop_front();
+                }
+            }
+        }
+        let wait = if publish {
+            self.in_flight.len() >= MAX_IN_FLIGHT
+        } else {
+            !self.in_flight.is_empty()
+        };
+        if !wait {
+            return None;
+        }
+        let last = self.in_flight.pop_back();
+        self.in_flight.clear();
+        last
     }
 }

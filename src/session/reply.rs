@@ -2,6 +2,8 @@
 //! another direct reply, each carrying the request's `ref`. A frame whose
 //! answer takes a round trip holds the session's next frame back until it
 //! is answered (`ctx.wait`), so every request gets one reply, in order.
+//! Publishes are the exception ([`super::publish`]): several can be in
+//! flight, acked in order, and any other reply waits behind their acks.
 
 use actix::prelude::*;
 use bytestring::ByteString;
@@ -14,9 +16,19 @@ use crate::metrics::metrics;
 use crate::protocol::{error_frame, Ack, ErrorReply, Ref, RoomName};
 
 impl Session {
-    /// A direct reply (ack, presence, pong) for this client.
+    /// A direct reply (ack, presence, pong) for this client, behind the
+    /// acks of the publishes in flight.
     pub(super) fn reply(&mut self, frame: ByteString, ctx: &mut Context<Self>) {
-        self.send(Outbound::Frame(frame), ctx);
+        match self.publishes_pending(false) {
+            None => self.send(Outbound::Frame(frame), ctx),
+            Some(answered) => ctx.wait(
+                async move {
+                    let _ = answered.await;
+                }
+                .into_actor(self)
+                .map(move |(), this, ctx| this.send(Outbound::Frame(frame), ctx)),
+            ),
+        }
     }
 
     pub(super) fn ack(&mut self, ack: Ack<'_>, ctx: &mut Context<Self>) {

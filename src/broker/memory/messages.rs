@@ -5,6 +5,7 @@
 //! `since` into such a room is told `recovered: false`).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -12,9 +13,9 @@ use bytestring::ByteString;
 use serde_json::Value;
 use tokio::time::Instant;
 
-use super::{BrokerActor, MemoryBroker};
+use super::{BrokerActor, Call, MemoryBroker};
 use crate::broker::fanout::{Envelope, Stamp};
-use crate::broker::{BrokerResult, History, HistoryEntry, Messages};
+use crate::broker::{BrokerResult, History, HistoryEntry, Messages, Publish, PublishDone};
 use crate::protocol::{MessageId, RoomName};
 
 /// What one retained message costs beyond its frame (deque slot, id, `Arc`).
@@ -210,10 +211,32 @@ impl BrokerActor {
         self.hubs.send(envelope);
         id
     }
+
+    fn publish_user(&mut self, user: String, from: &str, data: &Value) -> String {
+        let id = self.ids.next_other().to_string();
+        self.hubs
+            .send(Envelope::direct(user, &id, from, data, Stamp::now()));
+        id
+    }
 }
 
 #[async_trait]
 impl Messages for MemoryBroker {
+    /// One mailbox message, not waited for: the actor handles a thread's
+    /// messages in the order they were sent and calls `done` on its own
+    /// thread. A stopped actor drops `done` uncalled.
+    fn start_publish(self: Arc<Self>, publish: Publish, done: PublishDone) {
+        self.addr.do_send(Call(Box::new(move |b: &mut BrokerActor| {
+            let id = match publish {
+                Publish::Room { room, from, data } => {
+                    b.publish_room(room, &from, &data).to_string()
+                }
+                Publish::User { to, from, data } => b.publish_user(to, &from, &data),
+            };
+            done(Ok(id));
+        })));
+    }
+
     async fn publish_room(
         &self,
         room: &RoomName,
@@ -226,13 +249,7 @@ impl Messages for MemoryBroker {
 
     async fn publish_user(&self, user: &str, from: &str, data: &Value) -> BrokerResult<String> {
         let (user, from, data) = (user.to_owned(), from.to_owned(), data.clone());
-        self.call(move |b| {
-            let id = b.ids.next_other().to_string();
-            b.hubs
-                .send(Envelope::direct(user, &id, &from, &data, Stamp::now()));
-            id
-        })
-        .await
+        self.call(move |b| b.publish_user(user, &from, &data)).await
     }
 
     async fn broadcast(&self, data: &Value) -> BrokerResult<String> {

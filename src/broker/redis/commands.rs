@@ -38,6 +38,11 @@ impl Lua {
             source,
         }
     }
+
+    /// The script's source, for `SCRIPT LOAD`.
+    pub fn source(&self) -> &'static str {
+        self.source
+    }
 }
 
 impl std::ops::Deref for Lua {

@@ -5,6 +5,7 @@
 //! delivered to this instance's members only ([`LocalPublish`]).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytestring::ByteString;
@@ -15,7 +16,9 @@ use serde_json::Value;
 use super::payload::{broadcast_payload, history_frame};
 use super::subscriber::LocalPublish;
 use super::RedisBroker;
-use crate::broker::{BrokerError, BrokerResult, History, HistoryEntry, Messages};
+use crate::broker::{
+    BrokerError, BrokerResult, History, HistoryEntry, Messages, Publish, PublishDone,
+};
 use crate::clock::now_ms;
 use crate::protocol::{direct_frame, MessageId, RoomName};
 
@@ -79,7 +82,7 @@ fn to_raw(data: &Value) -> BrokerResult<Box<RawValue>> {
 }
 
 /// An id unique across instances: an instance's own counter would not be.
-fn unique_id() -> String {
+pub(super) fn unique_id() -> String {
     format!("{}-{}", now_ms(), rand::random::<u32>())
 }
 
@@ -199,6 +202,10 @@ impl RedisBroker {
 
 #[async_trait]
 impl Messages for RedisBroker {
+    fn start_publish(self: Arc<Self>, publish: Publish, done: PublishDone) {
+        self.enqueue_publish(publish, done);
+    }
+
     async fn publish_room(
         &self,
         room: &RoomName,

@@ -35,6 +35,7 @@ pub mod keys;
 mod maintenance;
 mod messages;
 pub mod payload;
+mod pipeline;
 mod presence;
 mod registry;
 pub mod subscriber;
@@ -72,6 +73,8 @@ pub struct RedisBroker {
     /// A reconcile is due (after an outage or a failed clean-up).
     dirty: AtomicBool,
     reconcile_wanted: tokio::sync::Notify,
+    /// Tells this broker's publish pipelines apart from other brokers'.
+    pipeline_key: u64,
     _arbiter: ArbiterHandle,
 }
 
@@ -110,6 +113,7 @@ impl RedisBroker {
             local: Mutex::new(LocalRegistry::default()),
             dirty: AtomicBool::new(true),
             reconcile_wanted: tokio::sync::Notify::new(),
+            pipeline_key: pipeline::broker_key(),
             _arbiter: arbiter.clone(),
         });
         let mut probe = Probe::new(client);

@@ -1,0 +1,260 @@
+//! Session publishes, pipelined. Each worker thread has one task per
+//! broker that takes the publishes its sessions start, sends all that have
+//! queued up as one pipeline on the thread's multiplexed connection (one
+//! write, one round trip), and calls each publish's `done` in order. A
+//! session's publishes therefore reach Redis, and are acked, in the order
+//! it sent them, without each waiting for the one before; and under load a
+//! round trip carries many publishes instead of one.
+//!
+//! A batch's replies are read one by one: an error reply fails only its
+//! own publish; `NOSCRIPT` (Redis lost its scripts) sends those publishes
+//! again behind a `SCRIPT LOAD`; a lost connection or Redis being away
+//! delivers them to this instance's members instead, in order, as every
+//! other publish does then ([`LocalPublish`]).
+
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+
+use redis::{Cmd, Value};
+use serde_json::value::RawValue;
+use tokio::sync::mpsc;
+
+use super::messages::unique_id;
+use super::subscriber::LocalPublish;
+use super::RedisBroker;
+use crate::broker::{BrokerError, BrokerResult, Publish, PublishDone};
+use crate::clock::now_ms;
+use crate::protocol::{direct_frame, MessageId};
+
+/// The most publishes one pipeline carries.
+const MAX_BATCH: usize = 256;
+
+static NEXT_BROKER: AtomicU64 = AtomicU64::new(1);
+
+/// A number telling brokers apart in the threads' pipeline lists.
+pub(super) fn broker_key() -> u64 {
+    NEXT_BROKER.fetch_add(1, Ordering::Relaxed)
+}
+
+struct Job {
+    publish: Publish,
+    done: PublishDone,
+}
+
+thread_local! {
+    /// This thread's pipeline task per broker (tests run several brokers).
+    static PIPELINES: RefCell<Vec<(u64, mpsc::UnboundedSender<Job>)>> =
+        const { RefCell::new(Vec::new()) };
+}
+
+/// One publish ready to send: its command, the ack's id when it is known
+/// beforehand (direct), and what to deliver locally if Redis is away.
+struct Prepared {
+    cmd: Cmd,
+    known_id: Option<String>,
+    local: LocalPublish,
+}
+
+/// What one command of a pipeline came to.
+enum Outcome {
+    Done(BrokerResult<String>),
+    NoScript,
+}
+
+impl RedisBroker {
+    /// Queues a session's publish on this thread's pipeline task (started
+    /// on first use). The queue is unbounded here: each session bounds how
+    /// many publishes it has in flight.
+    pub(super) fn enqueue_publish(self: Arc<Self>, publish: Publish, done: PublishDone) {
+        let sender = PIPELINES.with(|pipes| {
+            let mut pipes = pipes.borrow_mut();
+            pipes.retain(|(_, tx)| !tx.is_closed());
+            if let Some((_, tx)) = pipes.iter().find(|(key, _)| *key == self.pipeline_key) {
+                return tx.clone();
+            }
+            let (tx, rx) = mpsc::unbounded_channel();
+            actix::spawn(run(Arc::downgrade(&self), rx));
+            pipes.push((self.pipeline_key, tx.clone()));
+            tx
+        });
+        if let Err(mpsc::error::SendError(job)) = sender.send(Job { publish, done }) {
+            (job.done)(Err(BrokerError::Internal(
+                "publish pipeline stopped".into(),
+            )));
+        }
+    }
+
+    /// One publish as a command.
+    fn prepare(&self, publish: &Publish) -> BrokerResult<Prepared> {
+        match publish {
+            Publish::Room { room, from, data } => {
+                let raw = to_raw(data)?;
+                let mut cmd = redis::cmd("EVALSHA");
+                cmd.arg(self.cmd.scripts.publish_room.get_hash())
+                    .arg(2)
+                    .arg(self.keys.history(room))
+                    .arg(self.keys.room_channel(room))
+                    .arg(self.history_size)
+                    .arg(self.history_ttl_ms)
+                    .arg(serde_json::to_string(room.as_str()).unwrap_or_default())
+                    .arg(serde_json::to_string(&**from).unwrap_or_default())
+                    .arg(raw.get());
+                let local = LocalPublish::Room {
+                    room: room.clone(),
+                    from: from.to_string(),
+                    data: raw,
+                };
+                Ok(Prepared {
+                    cmd,
+                    known_id: None,
+                    local,
+                })
+            }
+            Publish::User { to, from, data } => {
+                let raw = to_raw(data)?;
+                let id = unique_id();
+                let frame = direct_frame(&id, from, &*raw, now_ms());
+                let mut cmd = redis::cmd("PUBLISH");
+                cmd.arg(self.keys.user_channel(to)).arg(&*frame);
+                let local = LocalPublish::User {
+                    user: to.clone(),
+                    from: from.to_string(),
+                    data: raw,
+                };
+                Ok(Prepared {
+                    cmd,
+                    known_id: Some(id),
+                    local,
+                })
+            }
+        }
+    }
+
+    /// Sends `calls` as one pipeline (after a `SCRIPT LOAD` when `load`)
+    /// and records each one's outcome at its index.
+    async fn send_batch(
+        &self,
+        calls: &[(usize, &Prepared)],
+        load: bool,
+        outcomes: &mut [Option<Outcome>],
+    ) {
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        if load {
+            pipe.cmd("SCRIPT")
+                .arg("LOAD")
+                .arg(self.cmd.scripts.publish_room.source())
+                .ignore();
+        }
+        for (_, p) in calls {
+            pipe.add_command(p.cmd.clone());
+        }
+        let replies = self
+            .cmd
+            .exec(move |mut c| async move { pipe.query_async::<Vec<Value>>(&mut c).await })
+            .await;
+        let failure = match replies {
+            Ok(replies) if replies.len() == calls.len() => {
+                for ((i, p), reply) in calls.iter().zip(replies) {
+                    outcomes[*i] = Some(outcome(p, reply));
+                }
+                return;
+            }
+            Ok(replies) => BrokerError::Internal(format!(
+                "redis: {} replies to {} publishes",
+                replies.len(),
+                calls.len()
+            )),
+            Err(e) => e,
+        };
+        for (i, _) in calls {
+            outcomes[*i] = Some(Outcome::Done(Err(failure.clone())));
+        }
+    }
+
+    /// Publishes a batch and calls every `done`, in order.
+    async fn publish_batch(&self, jobs: Vec<Job>) {
+        let prepared: Vec<BrokerResult<Prepared>> =
+            jobs.iter().map(|j| self.prepare(&j.publish)).collect();
+        let mut outcomes: Vec<Option<Outcome>> = prepared.iter().map(|_| None).collect();
+        let ready: Vec<(usize, &Prepared)> = prepared
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| p.as_ref().ok().map(|p| (i, p)))
+            .collect();
+        if self.cmd.available() && !ready.is_empty() {
+            self.send_batch(&ready, false, &mut outcomes).await;
+            let again: Vec<(usize, &Prepared)> = ready
+                .iter()
+                .filter(|(i, _)| matches!(outcomes[*i], Some(Outcome::NoScript)))
+                .copied()
+                .collect();
+            if !again.is_empty() {
+                self.send_batch(&again, true, &mut outcomes).await;
+            }
+        }
+        drop(ready);
+        for ((job, p), outcome) in jobs.into_iter().zip(prepared).zip(outcomes) {
+            let result = match (p, outcome) {
+                (Err(e), _) => Err(e),
+                (Ok(p), None | Some(Outcome::Done(Err(BrokerError::Unavailable(_))))) => {
+                    self.deliver_locally(p.local).await
+                }
+                (Ok(_), Some(Outcome::Done(result))) => result,
+                (Ok(_), Some(Outcome::NoScript)) => Err(BrokerError::Internal(
+                    "redis: publish_room.lua missing after SCRIPT LOAD".into(),
+                )),
+            };
+            (job.done)(result);
+        }
+    }
+
+    async fn deliver_locally(&self, local: LocalPublish) -> BrokerResult<String> {
+        self.subscriber
+            .send(local)
+            .await
+            .map_err(|e| BrokerError::Internal(e.to_string()))
+    }
+}
+
+/// What a reply means for its publish: a room publish answers its id.
+fn outcome(p: &Prepared, reply: Value) -> Outcome {
+    match reply {
+        Value::ServerError(e) if e.code() == "NOSCRIPT" => Outcome::NoScript,
+        Value::ServerError(e) => Outcome::Done(Err(BrokerError::Internal(format!(
+            "redis: {}: {}",
+            e.code(),
+            e.details().unwrap_or_default()
+        )))),
+        reply => Outcome::Done(match &p.known_id {
+            Some(id) => Ok(id.clone()),
+            None => redis::from_redis_value::<String>(reply)
+                .ok()
+                .filter(|id| id.parse::<MessageId>().is_ok())
+                .ok_or_else(|| BrokerError::Internal("publish_room.lua answered no id".into())),
+        }),
+    }
+}
+
+fn to_raw(data: &serde_json::Value) -> BrokerResult<Box<RawValue>> {
+    serde_json::value::to_raw_value(data).map_err(|e| BrokerError::Internal(e.to_string()))
+}
+
+/// Takes what has queued up, up to [`MAX_BATCH`], publishes it, repeats;
+/// ends with the broker or when every sender on this thread is gone.
+async fn run(broker: Weak<RedisBroker>, mut queue: mpsc::UnboundedReceiver<Job>) {
+    let mut jobs = Vec::with_capacity(MAX_BATCH);
+    while queue.recv_many(&mut jobs, MAX_BATCH).await > 0 {
+        let batch = std::mem::replace(&mut jobs, Vec::with_capacity(MAX_BATCH));
+        match broker.upgrade() {
+            Some(broker) => broker.publish_batch(batch).await,
+            None => {
+                for job in batch {
+                    (job.done)(Err(BrokerError::Internal("broker stopped".into())));
+                }
+                return;
+            }
+        }
+    }
+}
