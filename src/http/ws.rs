@@ -28,7 +28,16 @@ pub async fn upgrade(
     match admit(&req, &state).await {
         Ok(accepted) => {
             tracing::debug!(connection_id = %accepted.connection_id, user = %accepted.claims.sub, "session accepted");
-            Session::start(state, hub.get_ref().clone(), accepted, ws, stream);
+            // Our writer is the body; actix-ws's goes inside it, unpolled.
+            let (head, actix_ws_body) = response.into_parts();
+            let writer = Session::start(
+                state,
+                hub.get_ref().clone(),
+                accepted,
+                actix_ws_body,
+                stream,
+            );
+            return Ok(head.set_body(writer).map_into_boxed_body());
         }
         Err(reason) => {
             metrics()

@@ -30,11 +30,14 @@ mod reply;
 mod task;
 mod writer;
 
+pub use self::writer::SocketWriter;
+
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
+use actix_web::body::BoxBody;
 use actix_ws::{AggregatedMessage, ProtocolError};
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
@@ -78,14 +81,15 @@ pub struct Accepted {
 }
 
 impl Session {
-    /// Starts the actor and its socket writer for an accepted connection.
+    /// Starts the actor for an accepted connection and returns its socket
+    /// writer, the response body (which keeps `actix_ws_body`).
     pub fn start(
         state: Arc<AppState>,
         hub: Addr<Hub>,
         accepted: Accepted,
-        ws: actix_ws::Session,
+        actix_ws_body: BoxBody,
         stream: actix_ws::MessageStream,
-    ) {
+    ) -> SocketWriter {
         let limits = &state.config.limits;
         let (outbound, rx) = mpsc::channel(limits.max_outbound_queue);
         let (close, close_rx) = oneshot::channel();
@@ -94,7 +98,7 @@ impl Session {
             connection_id,
             slot,
         } = accepted;
-        state.spawn_socket_task(writer::write_loop(ws, rx, close_rx, slot));
+        let writer = SocketWriter::new(rx, close_rx, slot, state.socket_token(), actix_ws_body);
         let max_bytes = limits.max_message_bytes;
         let stream = stream
             .max_frame_size(max_bytes)
@@ -121,6 +125,7 @@ impl Session {
                 in_flight: VecDeque::new(),
             }
         });
+        writer
     }
 
     /// Queues an item for this client; a full queue closes the session.

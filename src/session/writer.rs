@@ -1,17 +1,31 @@
-//! The socket writer: one task per session that owns the WebSocket's
-//! sending half and the session's connection slot, and drains the bounded
-//! outbound queue into the socket.
+//! The socket writer: the WebSocket response's body. It owns the
+//! session's bounded outbound queue, its connection slot and its place in
+//! the shutdown tracker, and is polled by the connection's own task (the
+//! HTTP dispatcher) whenever the socket has room: each poll encodes every
+//! queued item (up to [`CHUNK`] bytes) straight into one buffer, so a
+//! burst of deliveries is one write, and a delivery costs one queue push
+//! and at most one wake-up of the connection's task.
 //!
-//! A close goes behind what is already queued (drained for at most
-//! `DRAIN`), except 1013 `slow consumer`, whose queue is dropped at once.
-//! Either way the queue is closed when the close is signalled, the close
-//! handshake gets at most `HANDSHAKE`, and the connection slot is given
-//! back when the writer ends, with the socket.
+//! A close goes behind what is already queued, except 1013 `slow
+//! consumer`, whose queue is dropped at once. Either way the queue is
+//! closed when the close is signalled, the close frame is the last thing
+//! written, and the connection slot and the tracker's token are given back
+//! as soon as it is encoded (a client that never reads does not hold them).
+//! The queue ending without a close (the session is gone because the client
+//! went away) ends the body with nothing more to send.
+//!
+//! It also holds actix-ws's own response body, unpolled: dropping that is
+//! how actix-ws's message stream learns that the connection is gone.
 
-use std::time::Duration;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
+use actix_http::ws::{OpCode, Parser};
+use actix_web::body::{BodySize, BoxBody, MessageBody};
+use bytes::{Bytes, BytesMut};
 use tokio::sync::{mpsc, oneshot};
-use tokio::time::{timeout, timeout_at, Instant};
+use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use crate::clock::now_us;
 use crate::hub::Outbound;
@@ -19,97 +33,125 @@ use crate::metrics;
 use crate::protocol::CloseReason;
 use crate::state::ConnectionSlot;
 
-/// How long a close waits behind the frames queued before it.
-const DRAIN: Duration = Duration::from_secs(2);
-/// How long the close frame waits for room in the socket.
-const HANDSHAKE: Duration = Duration::from_secs(3);
+/// At most this much is encoded per poll before the socket gets it.
+const CHUNK: usize = 64 * 1024;
 
-/// Writes queued items until the queue ends (the session is gone) or a
-/// close is signalled, then closes in order.
-pub(super) async fn write_loop(
-    mut ws: actix_ws::Session,
-    mut queue: mpsc::Receiver<Outbound>,
-    mut close: oneshot::Receiver<CloseReason>,
-    slot: ConnectionSlot,
-) {
-    let reason = loop {
-        tokio::select! {
-            biased;
-            reason = &mut close => break reason.ok(),
-            item = queue.recv() => {
-                let Some(item) = item else { break None };
-                match write_or_close(&mut ws, item, &mut close).await {
-                    Ok(None) => {}
-                    Ok(Some(reason)) => break Some(reason),
-                    Err(_) => return,
+pub struct SocketWriter {
+    queue: mpsc::Receiver<Outbound>,
+    close: Option<oneshot::Receiver<CloseReason>>,
+    buf: BytesMut,
+    /// The close frame is encoded: what is in `buf` is the last.
+    closed: bool,
+    held: Option<(ConnectionSlot, TaskTrackerToken)>,
+    _actix_ws_body: BoxBody,
+}
+
+impl SocketWriter {
+    pub(super) fn new(
+        queue: mpsc::Receiver<Outbound>,
+        close: oneshot::Receiver<CloseReason>,
+        slot: ConnectionSlot,
+        token: TaskTrackerToken,
+        actix_ws_body: BoxBody,
+    ) -> SocketWriter {
+        SocketWriter {
+            queue,
+            close: Some(close),
+            buf: BytesMut::new(),
+            closed: false,
+            held: Some((slot, token)),
+            _actix_ws_body: actix_ws_body,
+        }
+    }
+
+    fn encode(&mut self, item: Outbound) {
+        let (payload, op): (&[u8], OpCode) = match &item {
+            Outbound::Frame(text) => (text.as_bytes(), OpCode::Text),
+            Outbound::Delivery(envelope) => {
+                if envelope.published_us > 0 {
+                    let latency_us = now_us().saturating_sub(envelope.published_us);
+                    metrics::record_delivery(latency_us as f64 / 1e6);
+                }
+                (envelope.frame.as_bytes(), OpCode::Text)
+            }
+            Outbound::Ping => (b"", OpCode::Ping),
+            Outbound::Pong(payload) => (payload, OpCode::Pong),
+        };
+        Parser::write_message(&mut self.buf, payload, op, true, false);
+    }
+
+    /// Encodes what is queued, up to [`CHUNK`]; `true` when the queue has
+    /// ended (every sender is gone).
+    fn drain(&mut self, cx: &mut Context<'_>) -> bool {
+        while self.buf.len() < CHUNK {
+            match self.queue.poll_recv(cx) {
+                Poll::Ready(Some(item)) => self.encode(item),
+                Poll::Ready(None) => return true,
+                Poll::Pending => break,
+            }
+        }
+        false
+    }
+
+    /// The close: what is queued first (not for `slow consumer`), then the
+    /// close frame; the slot and the token go back.
+    fn finish(&mut self, reason: CloseReason) {
+        self.queue.close();
+        if reason == CloseReason::SlowConsumer {
+            while self.queue.try_recv().is_ok() {}
+        } else {
+            while let Ok(item) = self.queue.try_recv() {
+                self.encode(item);
+            }
+        }
+        Parser::write_close(&mut self.buf, Some(reason.to_ws()), false);
+        self.closed = true;
+        self.held = None;
+    }
+}
+
+impl MessageBody for SocketWriter {
+    type Error = std::convert::Infallible;
+
+    fn size(&self) -> BodySize {
+        BodySize::Stream
+    }
+
+    fn poll_next(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Bytes, Self::Error>>> {
+        let this = self.get_mut();
+        if !this.closed {
+            let signalled = match this.close.as_mut().map(|c| Pin::new(c).poll(cx)) {
+                Some(Poll::Ready(reason)) => {
+                    this.close = None;
+                    Some(reason.ok())
+                }
+                _ => None,
+            };
+            match signalled {
+                Some(Some(reason)) => this.finish(reason),
+                // The session is gone without a close: nobody to write to.
+                Some(None) => {
+                    this.closed = true;
+                    this.held = None;
+                    this.buf.clear();
+                }
+                None => {
+                    if this.drain(cx) {
+                        this.closed = true;
+                        this.held = None;
+                    }
                 }
             }
         }
-    };
-    finish(ws, queue, reason).await;
-    drop(slot);
-}
-
-/// Writes one item; a close signalled meanwhile lets the write finish
-/// (within `DRAIN`) unless it is `slow consumer`.
-async fn write_or_close(
-    ws: &mut actix_ws::Session,
-    item: Outbound,
-    close: &mut oneshot::Receiver<CloseReason>,
-) -> Result<Option<CloseReason>, actix_ws::Closed> {
-    let write = write_one(ws, item);
-    tokio::pin!(write);
-    tokio::select! {
-        biased;
-        written = &mut write => written.map(|()| None),
-        reason = close => {
-            let reason = reason.ok().unwrap_or(CloseReason::Normal);
-            if reason != CloseReason::SlowConsumer {
-                let _ = timeout(DRAIN, write).await;
-            }
-            Ok(Some(reason))
+        if !this.buf.is_empty() {
+            return Poll::Ready(Some(Ok(std::mem::take(&mut this.buf).freeze())));
         }
-    }
-}
-
-/// Drains what was queued before the close (not for `slow consumer`),
-/// then sends the close frame. `None`: the client went away, nothing to send.
-async fn finish(
-    mut ws: actix_ws::Session,
-    mut queue: mpsc::Receiver<Outbound>,
-    reason: Option<CloseReason>,
-) {
-    let Some(reason) = reason else {
-        return;
-    };
-    queue.close();
-    if reason != CloseReason::SlowConsumer {
-        let deadline = Instant::now() + DRAIN;
-        while let Ok(item) = queue.try_recv() {
-            if !matches!(
-                timeout_at(deadline, write_one(&mut ws, item)).await,
-                Ok(Ok(()))
-            ) {
-                break;
-            }
+        if this.closed {
+            return Poll::Ready(None);
         }
-    }
-    drop(queue);
-    let _ = timeout(HANDSHAKE, ws.close(Some(reason.to_ws()))).await;
-}
-
-async fn write_one(ws: &mut actix_ws::Session, item: Outbound) -> Result<(), actix_ws::Closed> {
-    match item {
-        Outbound::Frame(text) => ws.text(text).await,
-        Outbound::Delivery(envelope) => {
-            ws.text(envelope.frame.clone()).await?;
-            if envelope.published_us > 0 {
-                let latency_us = now_us().saturating_sub(envelope.published_us);
-                metrics::record_delivery(latency_us as f64 / 1e6);
-            }
-            Ok(())
-        }
-        Outbound::Ping => ws.ping(b"").await,
-        Outbound::Pong(payload) => ws.pong(&payload).await,
+        Poll::Pending
     }
 }
