@@ -39,3 +39,4 @@ pub mod server;
 pub mod session;
 pub mod state;
 pub mod tasks;
+pub mod trim;

@@ -234,6 +234,8 @@ impl Handler<Disconnect> for Hub {
                 }
             }
         }
+        crate::trim::shrink_map(&mut self.sessions);
+        crate::trim::shrink_map(&mut self.users);
     }
 }
 

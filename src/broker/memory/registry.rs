@@ -38,6 +38,8 @@ impl ConnectionTable {
                 self.per_user.remove(&user);
             }
         }
+        crate::trim::shrink_map(&mut self.connections);
+        crate::trim::shrink_map(&mut self.per_user);
     }
 
     fn of_user(&self, user: &str) -> u64 {
