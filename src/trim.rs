@@ -6,9 +6,18 @@
 //! free pages back. It takes a few milliseconds on a large heap and runs
 //! on its own thread-pool thread, never on a worker. Not glibc: nothing.
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use crate::metrics::metrics;
+
+/// The most connections open at once since the last trim.
+static PEAK: AtomicI64 = AtomicI64::new(0);
+
+/// Notes how many connections are open now (after one opened).
+pub fn note_open(open: i64) {
+    PEAK.fetch_max(open, Ordering::Relaxed);
+}
 
 /// How often the connection count is looked at.
 const EVERY: Duration = Duration::from_secs(10);
@@ -18,13 +27,12 @@ const MIN_DROP: i64 = 1_000;
 /// Starts the watcher (once per process, inside the actix system).
 pub fn spawn() {
     actix_web::rt::spawn(async {
-        let mut peak = 0;
         loop {
             tokio::time::sleep(EVERY).await;
             let open = metrics().connections_open.get();
-            peak = peak.max(open);
+            let peak = PEAK.load(Ordering::Relaxed).max(open);
             if peak - open >= MIN_DROP.max(peak / 4) {
-                peak = open;
+                PEAK.store(open, Ordering::Relaxed);
                 let _ = tokio::task::spawn_blocking(trim).await;
             }
         }

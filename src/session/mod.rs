@@ -282,6 +282,7 @@ impl Actor for Session {
         );
         self.schedule_expiry(ctx);
         metrics().connections_open.inc();
+        crate::trim::note_open(metrics().connections_open.get());
         metrics().connections_accepted.inc();
     }
 

@@ -14,6 +14,7 @@ use crate::clock::{collect_outcomes, run_id};
 use crate::cpu::{cores, CpuMeter};
 use crate::latency::{Latency, P50_P90_P99, P50_P99};
 use crate::report::{count_into, fmt_counts, per_s, print_result, Counts};
+use crate::rss::{rss_kb, write_json};
 use crate::server_stats::ServerStats;
 use crate::ConnectionsArgs;
 
@@ -102,11 +103,15 @@ pub async fn run(args: ConnectionsArgs) -> Result<bool, String> {
     );
     stats.report_connections("before connecting", 0).await;
     let urls = connection_urls(&args)?;
+    let rss_before = args.server_pid.and_then(rss_kb);
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut opened = open_all(&args, urls, stop_rx, deadline).await;
     stats
         .report_connections("with all connections open", opened.opened)
         .await;
+    // The server may still be finishing the last handshakes.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_open = args.server_pid.and_then(rss_kb);
     let hold_until = (Instant::now() + Duration::from_secs(args.hold_s)).min(deadline);
     tokio::time::sleep_until(hold_until.into()).await;
     let close_started = Instant::now();
@@ -125,8 +130,78 @@ pub async fn run(args: ConnectionsArgs) -> Result<bool, String> {
         && tally.clean == args.count
         && tally.server_closes.is_empty()
         && tally.stream_errors.is_empty();
+    let rss = match args.server_pid {
+        Some(pid) => {
+            tokio::time::sleep(Duration::from_secs(args.settle_s)).await;
+            let rss = Rss {
+                before: rss_before,
+                open: rss_open,
+                closed: rss_kb(pid),
+            };
+            rss.print(opened.opened, args.settle_s);
+            Some(rss)
+        }
+        None => None,
+    };
+    if let Some(path) = &args.json {
+        write_json(path, &json_of(&args, &opened, &tally, rss.as_ref(), ok))?;
+    }
     print_result(ok, "every connection welcomed and closed cleanly");
     Ok(ok)
+}
+
+/// The server's RSS (KiB) before, with every connection open, and after.
+struct Rss {
+    before: Option<u64>,
+    open: Option<u64>,
+    closed: Option<u64>,
+}
+
+impl Rss {
+    /// KB (1,000 bytes, as the harness counts) per open connection.
+    fn kb_per_conn(&self, open: usize) -> Option<f64> {
+        let grown = self.open?.checked_sub(self.before?)?;
+        (open > 0).then(|| grown as f64 * 1024.0 / 1000.0 / open as f64)
+    }
+
+    fn print(&self, open: usize, settle_s: u64) {
+        let show = |kb: Option<u64>| kb.map_or("?".into(), |kb| format!("{kb} KiB"));
+        println!(
+            "server rss:  {} before, {} with {open} open ({} KB per connection), {} {settle_s} s after closing",
+            show(self.before),
+            show(self.open),
+            self.kb_per_conn(open).map_or("?".into(), |kb| format!("{kb:.1}")),
+            show(self.closed),
+        );
+    }
+}
+
+/// The run as JSON, with the shared harness's key names where it has one.
+fn json_of(
+    args: &ConnectionsArgs,
+    opened: &Opened,
+    tally: &Tally,
+    rss: Option<&Rss>,
+    ok: bool,
+) -> serde_json::Value {
+    let elapsed = opened.elapsed.as_secs_f64();
+    serde_json::json!({
+        "mode": "connect",
+        "url": args.common.url,
+        "clients": args.count,
+        "clients_connected": opened.opened,
+        "clients_failed": args.count.saturating_sub(opened.opened),
+        "connect_time_s": elapsed,
+        "connect_rate_per_s": if elapsed > 0.0 { opened.opened as f64 / elapsed } else { 0.0 },
+        "connect_latency_ms": tally.welcome.json_ms(),
+        "idle_connections": opened.opened,
+        "kb_per_conn": rss.and_then(|r| r.kb_per_conn(opened.opened)),
+        "rss_before_kb": rss.and_then(|r| r.before),
+        "rss_after_kb": rss.and_then(|r| r.open),
+        "rss_closed_kb": rss.and_then(|r| r.closed),
+        "settle_s": args.settle_s,
+        "ok": ok,
+    })
 }
 
 /// One URL with its own token per connection, each for a distinct user.

@@ -97,6 +97,22 @@ impl Latency {
     }
 }
 
+impl Latency {
+    /// `{"p50": …, "p90", "p99", "p999", "max", "mean"}` in milliseconds:
+    /// the shape of the shared harness's `latency_ms`.
+    pub fn json_ms(&self) -> serde_json::Value {
+        let ms = |us: u64| us as f64 / 1000.0;
+        serde_json::json!({
+            "p50": ms(self.quantile(0.5)),
+            "p90": ms(self.quantile(0.9)),
+            "p99": ms(self.quantile(0.99)),
+            "p999": ms(self.quantile(0.999)),
+            "max": ms(self.max),
+            "mean": self.mean() / 1000.0,
+        })
+    }
+}
+
 /// The quantiles most lines report.
 pub const P50_P90_P99: [(&str, f64); 3] = [("p50", 0.5), ("p90", 0.9), ("p99", 0.99)];
 /// The quantiles of the shorter lines.

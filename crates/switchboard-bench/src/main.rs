@@ -41,6 +41,7 @@ mod cpu;
 mod fanout;
 mod latency;
 mod report;
+mod rss;
 mod server_stats;
 mod tasks;
 
@@ -140,6 +141,23 @@ pub struct FanoutArgs {
     /// After the last publish: seconds to wait for outstanding deliveries.
     #[arg(long, default_value_t = 10)]
     pub drain_s: u64,
+    /// A sweep: one run per rate (msg/s, comma-separated), each sending
+    /// `--step-s` seconds' worth of messages, stopping after the first step
+    /// not sustained (delivery ratio below `--min-ratio`, p99 above
+    /// `--max-p99-ms`, a close, or under 98% of the rate achieved). Its
+    /// result is the last sustained step: max deliveries/s, as the shared
+    /// harness reports it.
+    #[arg(long, value_delimiter = ',')]
+    pub rates: Vec<f64>,
+    #[arg(long, default_value_t = 4)]
+    pub step_s: u64,
+    #[arg(long, default_value_t = 100.0)]
+    pub max_p99_ms: f64,
+    #[arg(long, default_value_t = 0.99)]
+    pub min_ratio: f64,
+    /// Also write the run (every step) as JSON, the harness's key names.
+    #[arg(long)]
+    pub json: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -155,6 +173,17 @@ pub struct ConnectionsArgs {
     /// Seconds to hold all connections open (answering pings) before closing.
     #[arg(long, default_value_t = 2)]
     pub hold_s: u64,
+    /// The server's PID: its RSS is read before connecting, with every
+    /// connection open (KB per idle connection, as the harness reports it)
+    /// and `--settle-s` after they closed (does the memory come back?).
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+    /// Seconds to wait after closing before the last RSS reading.
+    #[arg(long, default_value_t = 15)]
+    pub settle_s: u64,
+    /// Also write the figures as JSON (the harness's key names).
+    #[arg(long)]
+    pub json: Option<String>,
 }
 
 fn main() -> ExitCode {

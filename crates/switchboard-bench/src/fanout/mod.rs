@@ -80,7 +80,74 @@ fn split_evenly(total: u64, parts: usize) -> Vec<u64> {
 
 /// Run the scenario; whether every acked message reached every member once,
 /// in order.
+/// One run at `--rate`, or a sweep over `--rates`; `--json` gets the steps.
 pub async fn run(args: FanoutArgs) -> Result<bool, String> {
+    if args.rates.is_empty() {
+        let (ok, step) = run_once(args.clone()).await?;
+        if let Some(path) = &args.json {
+            let json = serde_json::json!({"mode": "fanout", "url": args.common.url, "steps": [step], "ok": ok});
+            crate::rss::write_json(path, &json)?;
+        }
+        return Ok(ok);
+    }
+    let mut steps = Vec::new();
+    let mut best: Option<serde_json::Value> = None;
+    for &rate in &args.rates {
+        let mut step_args = args.clone();
+        step_args.rate = rate;
+        step_args.messages = ((rate * args.step_s as f64).round() as u64).max(1);
+        println!("\n=== sweep step: {rate} msg/s for {} s ===", args.step_s);
+        let (_, step) = run_once(step_args).await?;
+        let sustained = sustained(&step, &args);
+        println!(
+            "=== step {rate} msg/s: {:.0} deliveries/s, ratio {:.4}, p99 {:.2} ms: {} ===",
+            step["deliveries_per_s"].as_f64().unwrap_or(0.0),
+            step["delivery_ratio"].as_f64().unwrap_or(0.0),
+            step["latency_ms"]["p99"].as_f64().unwrap_or(0.0),
+            if sustained {
+                "sustained"
+            } else {
+                "NOT SUSTAINED"
+            }
+        );
+        steps.push(step.clone());
+        if !sustained {
+            break;
+        }
+        best = Some(step);
+    }
+    let max = |key: &str| best.as_ref().map(|b| b[key].clone());
+    println!(
+        "max sustained: {} deliveries/s at {} msg/s",
+        max("deliveries_per_s").unwrap_or_default(),
+        max("rate").unwrap_or_default()
+    );
+    if let Some(path) = &args.json {
+        let json = serde_json::json!({
+            "mode": "sweep",
+            "url": args.common.url,
+            "min_ratio": args.min_ratio,
+            "max_p99_ms": args.max_p99_ms,
+            "max_deliveries_per_s": max("deliveries_per_s"),
+            "max_rate_msgs_per_s": max("rate"),
+            "max_step_p99_ms": best.as_ref().map(|b| b["latency_ms"]["p99"].clone()),
+            "steps": steps,
+        });
+        crate::rss::write_json(path, &json)?;
+    }
+    Ok(best.is_some())
+}
+
+/// The harness's rule for a step that holds.
+fn sustained(step: &serde_json::Value, args: &FanoutArgs) -> bool {
+    let f = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0);
+    f(&step["delivery_ratio"]) >= args.min_ratio
+        && f(&step["latency_ms"]["p99"]) <= args.max_p99_ms
+        && f(&step["achieved_rate"]) >= 0.98 * f(&step["rate"])
+        && step["closes"].as_u64() == Some(0)
+}
+
+async fn run_once(args: FanoutArgs) -> Result<(bool, serde_json::Value), String> {
     if args.publishers == 0 || args.messages == 0 || args.rate <= 0.0 {
         return Err("--publishers, --messages and --rate must be positive".into());
     }
@@ -118,7 +185,7 @@ pub async fn run(args: FanoutArgs) -> Result<bool, String> {
 
     let subs = collect("subscriber", subscribers.tasks).await?;
     let pubs = collect("publisher", publishers.tasks).await?;
-    let ok = report::print(report::Run {
+    let outcome = report::print(report::Run {
         args: &args,
         subs: &subs,
         pubs: &pubs,
@@ -129,7 +196,7 @@ pub async fn run(args: FanoutArgs) -> Result<bool, String> {
         stats: &stats,
     })
     .await;
-    Ok(ok)
+    Ok(outcome)
 }
 
 fn print_scenario(args: &FanoutArgs, users: usize) {

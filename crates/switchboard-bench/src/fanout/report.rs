@@ -26,8 +26,9 @@ pub struct Run<'a> {
     pub stats: &'a ServerStats,
 }
 
-/// Print the report; whether the run was OK.
-pub async fn print(run: Run<'_>) -> bool {
+/// Print the report; whether the run was OK, and the run as one step of
+/// the shared harness's JSON (`rate`, `delivery_ratio`, `latency_ms`, …).
+pub async fn print(run: Run<'_>) -> (bool, serde_json::Value) {
     let args = run.args;
     println!();
     let subs: Vec<&MemberResult> = run.subs.iter().collect();
@@ -60,7 +61,41 @@ pub async fn print(run: Run<'_>) -> bool {
         ok,
         "every acked message reached every member once, in order",
     );
-    ok
+    (ok, step_json(args, &published, &delivered, ok))
+}
+
+/// One step as the harness writes it.
+fn step_json(
+    args: &FanoutArgs,
+    published: &Published,
+    delivered: &Deliveries,
+    ok: bool,
+) -> serde_json::Value {
+    let window_s = delivered.last_rx_us.saturating_sub(published.first_send_us) as f64 / 1e6;
+    let ratio = if delivered.expected > 0 {
+        delivered.received as f64 / delivered.expected as f64
+    } else {
+        0.0
+    };
+    let per_s = |n: u64, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
+    serde_json::json!({
+        "rate": args.rate,
+        "achieved_rate": per_s(published.sent.saturating_sub(1), published.window_s),
+        "sent": published.sent,
+        "acked": published.acked,
+        "expected": delivered.expected,
+        "received": delivered.received,
+        "delivery_ratio": ratio,
+        "deliveries_per_s": per_s(delivered.received, window_s),
+        "latency_ms": delivered.latency.json_ms(),
+        "ack_latency_ms": published.ack_latency.json_ms(),
+        "errors": delivered.errors.values().sum::<u64>() + published.refused,
+        "closes": delivered.server_closes.values().sum::<u64>(),
+        "missing": delivered.missing,
+        "duplicates": delivered.duplicates,
+        "out_of_order": delivered.out_of_order + delivered.id_order_violations,
+        "ok": ok,
+    })
 }
 
 /// `subscribers: N of M connected and joined …` and the setup latencies.
