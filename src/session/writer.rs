@@ -64,12 +64,15 @@ impl SocketWriter {
         }
     }
 
-    fn encode(&mut self, item: Outbound) {
+    /// Encodes one item. `now`: the clock, read once per batch (the first
+    /// delivery that needs it), not once per frame.
+    fn encode(&mut self, item: Outbound, now: &mut Option<u64>) {
         let (payload, op): (&[u8], OpCode) = match &item {
             Outbound::Frame(text) => (text.as_bytes(), OpCode::Text),
             Outbound::Delivery(envelope) => {
                 if envelope.published_us > 0 {
-                    let latency_us = now_us().saturating_sub(envelope.published_us);
+                    let now = *now.get_or_insert_with(now_us);
+                    let latency_us = now.saturating_sub(envelope.published_us);
                     metrics::record_delivery(latency_us as f64 / 1e6);
                 }
                 (envelope.frame.as_bytes(), OpCode::Text)
@@ -83,9 +86,10 @@ impl SocketWriter {
     /// Encodes what is queued, up to [`CHUNK`]; `true` when the queue has
     /// ended (every sender is gone).
     fn drain(&mut self, cx: &mut Context<'_>) -> bool {
+        let mut now = None;
         while self.buf.len() < CHUNK {
             match self.queue.poll_recv(cx) {
-                Poll::Ready(Some(item)) => self.encode(item),
+                Poll::Ready(Some(item)) => self.encode(item, &mut now),
                 Poll::Ready(None) => return true,
                 Poll::Pending => break,
             }
@@ -100,8 +104,9 @@ impl SocketWriter {
         if reason == CloseReason::SlowConsumer {
             while self.queue.try_recv().is_ok() {}
         } else {
+            let mut now = None;
             while let Ok(item) = self.queue.try_recv() {
-                self.encode(item);
+                self.encode(item, &mut now);
             }
         }
         Parser::write_close(&mut self.buf, Some(reason.to_ws()), false);
