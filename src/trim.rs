@@ -20,7 +20,7 @@ pub fn note_open(open: i64) {
 }
 
 /// How often the connection count is looked at.
-const EVERY: Duration = Duration::from_secs(10);
+const EVERY: Duration = Duration::from_secs(2);
 /// The smallest drop worth a trim.
 const MIN_DROP: i64 = 1_000;
 
