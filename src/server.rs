@@ -84,7 +84,6 @@ pub async fn run(
         tasks.workers
     };
     let pool = WorkerPool::start(state.tasks.clone(), tasks, &state.instance_id, loops)?;
-    crate::trim::spawn();
     let server = server.run();
     let handle = server.handle();
     let mut serving = actix_web::rt::spawn(server);

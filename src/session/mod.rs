@@ -291,6 +291,7 @@ impl Actor for Session {
         self.close.take();
         self.hub.do_send(Disconnect { key: self.key });
         metrics().connections_open.dec();
+        crate::trim::note_closed();
         let broker = self.state.broker.clone();
         broker.subscriptions.unwatch_user(&self.user);
         let (id, user) = (self.connection_id.clone(), self.user.clone());
