@@ -77,7 +77,7 @@ fn first_after(since: MessageId) -> Option<MessageId> {
     }
 }
 
-fn to_raw(data: &Value) -> BrokerResult<Box<RawValue>> {
+pub(super) fn to_raw(data: &Value) -> BrokerResult<Box<RawValue>> {
     to_raw_value(data).map_err(|e| BrokerError::Internal(e.to_string()))
 }
 
@@ -110,7 +110,7 @@ impl RedisBroker {
         self.local_publish(local).await
     }
 
-    async fn local_publish(&self, msg: LocalPublish) -> BrokerResult<String> {
+    pub(super) async fn local_publish(&self, msg: LocalPublish) -> BrokerResult<String> {
         self.subscriber
             .send(msg)
             .await

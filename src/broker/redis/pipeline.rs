@@ -17,10 +17,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
 use redis::{Cmd, Value};
-use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 
-use super::messages::unique_id;
+use super::messages::{to_raw, unique_id};
 use super::subscriber::LocalPublish;
 use super::RedisBroker;
 use crate::broker::{BrokerError, BrokerResult, Publish, PublishDone};
@@ -199,7 +198,7 @@ impl RedisBroker {
             let result = match (p, outcome) {
                 (Err(e), _) => Err(e),
                 (Ok(p), None | Some(Outcome::Done(Err(BrokerError::Unavailable(_))))) => {
-                    self.deliver_locally(p.local).await
+                    self.local_publish(p.local).await
                 }
                 (Ok(_), Some(Outcome::Done(result))) => result,
                 (Ok(_), Some(Outcome::NoScript)) => Err(BrokerError::Internal(
@@ -208,13 +207,6 @@ impl RedisBroker {
             };
             (job.done)(result);
         }
-    }
-
-    async fn deliver_locally(&self, local: LocalPublish) -> BrokerResult<String> {
-        self.subscriber
-            .send(local)
-            .await
-            .map_err(|e| BrokerError::Internal(e.to_string()))
     }
 }
 
@@ -235,10 +227,6 @@ fn outcome(p: &Prepared, reply: Value) -> Outcome {
                 .ok_or_else(|| BrokerError::Internal("publish_room.lua answered no id".into())),
         }),
     }
-}
-
-fn to_raw(data: &serde_json::Value) -> BrokerResult<Box<RawValue>> {
-    serde_json::value::to_raw_value(data).map_err(|e| BrokerError::Internal(e.to_string()))
 }
 
 /// Takes what has queued up, up to [`MAX_BATCH`], publishes it, repeats;
