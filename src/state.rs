@@ -101,14 +101,14 @@ impl AppState {
         }
     }
 
-    /// Spawns a task that owns a socket on the current worker; shutdown
-    /// waits for it.
     /// A place in the tracker [`Self::sockets_closed`] waits on, held by a
     /// socket writer until its close is written.
     pub fn socket_token(&self) -> tokio_util::task::task_tracker::TaskTrackerToken {
         self.sockets.token()
     }
 
+    /// Spawns a task that owns a socket on the current worker (a refused
+    /// connection's close); shutdown waits for it.
     pub fn spawn_socket_task<F>(&self, task: F)
     where
         F: std::future::Future<Output = ()> + 'static,

@@ -6,7 +6,8 @@
 //! burst of deliveries is one write, and a delivery costs one queue push
 //! and at most one wake-up of the connection's task.
 //!
-//! A close goes behind what is already queued, except 1013 `slow
+//! A close goes behind what is already queued (up to [`CLOSE_BACKLOG`]
+//! of it, encoded at once; the rest is dropped), except 1013 `slow
 //! consumer`, whose queue is dropped at once. Either way the queue is
 //! closed when the close is signalled, the close frame is the last thing
 //! written, and the connection slot and the tracker's token are given back
@@ -35,6 +36,8 @@ use crate::state::ConnectionSlot;
 
 /// At most this much is encoded per poll before the socket gets it.
 const CHUNK: usize = 64 * 1024;
+/// At most this much of what was queued goes out before a close frame.
+const CLOSE_BACKLOG: usize = 1024 * 1024;
 
 pub struct SocketWriter {
     queue: mpsc::Receiver<Outbound>,
@@ -106,6 +109,11 @@ impl SocketWriter {
         } else {
             let mut now = None;
             while let Ok(item) = self.queue.try_recv() {
+                if self.buf.len() >= CLOSE_BACKLOG {
+                    // The rest is dropped: the client can recover with `since`.
+                    tracing::debug!("close: backlog over 1 MiB dropped");
+                    break;
+                }
                 self.encode(item, &mut now);
             }
         }
