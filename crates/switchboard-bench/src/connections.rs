@@ -98,14 +98,76 @@ pub async fn run(args: ConnectionsArgs) -> Result<bool, String> {
     let deadline = Instant::now() + Duration::from_secs(common.duration_s);
     let stats = ServerStats::new(&common.url, common.api_key.clone())?;
     println!(
-        "scenario: connections: {} connections (distinct users) to {}, {} at a time, held {} s",
-        args.count, common.url, args.concurrency, args.hold_s
+        "scenario: connections: {} connections (distinct users) to {}, {} at a time, held {} s, {} cycle(s)",
+        args.count, common.url, args.concurrency, args.hold_s, args.cycles
     );
-    stats.report_connections("before connecting", 0).await;
+    // The same users every cycle: a per-user count that leaks shows up as
+    // `connection limit` refusals.
     let urls = connection_urls(&args)?;
+    let mut cycles = Vec::new();
+    let mut all_ok = true;
+    for cycle in 1..=args.cycles.max(1) {
+        if args.cycles > 1 {
+            println!("\n=== cycle {cycle}/{} ===", args.cycles);
+        }
+        let (ok, json) = run_cycle(&args, &stats, urls.clone(), deadline).await?;
+        all_ok &= ok;
+        cycles.push(json);
+    }
+    if let Some(path) = &args.json {
+        let json = if cycles.len() == 1 {
+            cycles.remove(0)
+        } else {
+            churn_json(&cycles, all_ok)
+        };
+        write_json(path, &json)?;
+    }
+    if args.cycles > 1 {
+        let mut summary = churn_json(&cycles, all_ok);
+        summary["per_cycle"] = serde_json::Value::Null;
+        println!("\nchurn: {summary}");
+    }
+    print_result(
+        all_ok,
+        "every connection welcomed and closed cleanly, none left on the server",
+    );
+    Ok(all_ok)
+}
+
+/// The cycles together: the RSS after the last against after the second
+/// (the first is warm-up), as the harness's soak compares them.
+fn churn_json(cycles: &[serde_json::Value], ok: bool) -> serde_json::Value {
+    let closed = |c: &serde_json::Value| c["rss_closed_kb"].as_f64();
+    let growth = match (
+        cycles.get(1).and_then(closed),
+        cycles.last().and_then(closed),
+    ) {
+        (Some(second), Some(last)) if second > 0.0 && cycles.len() > 2 => {
+            Some((last - second) / second * 100.0)
+        }
+        _ => None,
+    };
+    serde_json::json!({
+        "mode": "churn",
+        "cycles": cycles.len(),
+        "leaked_max": cycles.iter().filter_map(|c| c["leaked"].as_u64()).max(),
+        "rss_growth_pct": growth,
+        "ok": ok,
+        "per_cycle": cycles,
+    })
+}
+
+/// Connect all, hold, close all, check the server let go of every one.
+async fn run_cycle(
+    args: &ConnectionsArgs,
+    stats: &ServerStats,
+    urls: Vec<String>,
+    deadline: Instant,
+) -> Result<(bool, serde_json::Value), String> {
+    stats.report_connections("before connecting", 0).await;
     let rss_before = args.server_pid.and_then(rss_kb);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut opened = open_all(&args, urls, stop_rx, deadline).await;
+    let mut opened = open_all(args, urls, stop_rx, deadline).await;
     stats
         .report_connections("with all connections open", opened.opened)
         .await;
@@ -124,12 +186,13 @@ pub async fn run(args: ConnectionsArgs) -> Result<bool, String> {
         );
     }
     let tally = Tally::of(&results, opened.started);
-    tally.print(&args, &opened, close_started.elapsed());
-    stats.await_connections(0, Duration::from_secs(10)).await;
+    tally.print(args, &opened, close_started.elapsed());
+    let left = stats.await_connections(0, Duration::from_secs(10)).await;
     let ok = tally.welcome.total() as usize == args.count
         && tally.clean == args.count
         && tally.server_closes.is_empty()
-        && tally.stream_errors.is_empty();
+        && tally.stream_errors.is_empty()
+        && left.unwrap_or(0) == 0;
     let rss = match args.server_pid {
         Some(pid) => {
             tokio::time::sleep(Duration::from_secs(args.settle_s)).await;
@@ -143,11 +206,9 @@ pub async fn run(args: ConnectionsArgs) -> Result<bool, String> {
         }
         None => None,
     };
-    if let Some(path) = &args.json {
-        write_json(path, &json_of(&args, &opened, &tally, rss.as_ref(), ok))?;
-    }
-    print_result(ok, "every connection welcomed and closed cleanly");
-    Ok(ok)
+    let mut json = json_of(args, &opened, &tally, rss.as_ref(), ok);
+    json["leaked"] = serde_json::json!(left);
+    Ok((ok, json))
 }
 
 /// The server's RSS (KiB) before, with every connection open, and after.

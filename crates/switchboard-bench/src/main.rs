@@ -181,6 +181,13 @@ pub struct ConnectionsArgs {
     /// Seconds to wait after closing before the last RSS reading.
     #[arg(long, default_value_t = 15)]
     pub settle_s: u64,
+    /// Churn: connect, hold, close this many times with the same users,
+    /// checking each time that the server let go of every connection
+    /// (`/api/stats`, with `--api-key`) and, with `--server-pid`, its RSS
+    /// after each cycle (growth from cycle 2 to the last, as the harness's
+    /// soak reports it).
+    #[arg(long, default_value_t = 1)]
+    pub cycles: u32,
     /// Also write the figures as JSON (the harness's key names).
     #[arg(long)]
     pub json: Option<String>,

@@ -110,10 +110,11 @@ impl ServerStats {
     }
 
     /// After closing everything: poll `/api/stats` (at most `wait`) until the
-    /// server reports `expect` connections, and say how long that took.
-    pub async fn await_connections(&self, expect: u64, wait: Duration) {
+    /// server reports `expect` connections, say how long that took, and
+    /// return the last count (`None`: no API key, or the endpoint failed).
+    pub async fn await_connections(&self, expect: u64, wait: Duration) -> Option<u64> {
         if self.api_key.is_none() {
-            return;
+            return None;
         }
         let started = Instant::now();
         let mut last = Err("not asked".to_string());
@@ -125,12 +126,18 @@ impl ServerStats {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         match last {
-            Ok(n) => println!(
-                "server:   {n} connections reported by /api/stats after closing (expected {expect}; \
-                 waited {:.1} s)",
-                started.elapsed().as_secs_f64()
-            ),
-            Err(e) => println!("server:   /api/stats after closing: {e}"),
+            Ok(n) => {
+                println!(
+                    "server:   {n} connections reported by /api/stats after closing (expected {expect}; \
+                     waited {:.1} s)",
+                    started.elapsed().as_secs_f64()
+                );
+                Some(n)
+            }
+            Err(e) => {
+                println!("server:   /api/stats after closing: {e}");
+                None
+            }
         }
     }
 
