@@ -113,9 +113,7 @@ impl ServerStats {
     /// server reports `expect` connections, say how long that took, and
     /// return the last count (`None`: no API key, or the endpoint failed).
     pub async fn await_connections(&self, expect: u64, wait: Duration) -> Option<u64> {
-        if self.api_key.is_none() {
-            return None;
-        }
+        self.api_key.as_ref()?;
         let started = Instant::now();
         let mut last = Err("not asked".to_string());
         while started.elapsed() < wait {
