@@ -473,3 +473,40 @@ async fn publishes_go_on_after_redis_forgets_its_scripts() {
     }
     assert_eq!(data, (1..=20).map(|n| json!(n)).collect::<Vec<_>>());
 }
+
+#[tokio::test]
+async fn an_error_reply_fails_only_its_own_pipelined_publish() {
+    // A history key of the wrong type makes publish_room.lua fail for that
+    // room: its publish answers `internal`, the one pipelined behind it
+    // (another room) is acked and delivered.
+    let redis = PrivateRedis::start();
+    let hub = Hub::builder(Broker::Redis).redis_url(&redis.url()).start();
+    let mut alice = hub.connect("alice").await;
+    alice.join("broken").await;
+    alice.join("fine").await;
+    let key = format!("{}:history:broken", hub.prefix);
+    redis.cmd(&["SET", &key, "not a stream"]);
+    alice
+        .send(json!({"type": "publish", "room": "broken", "data": 1, "ref": 1}))
+        .await;
+    alice
+        .send(json!({"type": "publish", "room": "fine", "data": 2, "ref": 2}))
+        .await;
+    let mut replies = Vec::new();
+    let mut delivered = Vec::new();
+    while replies.len() < 2 || delivered.is_empty() {
+        let frame = alice.recv().await;
+        match frame["type"].as_str() {
+            Some("ack") | Some("error") => replies.push(frame),
+            Some("message") => delivered.push(frame),
+            _ => {}
+        }
+    }
+    assert_eq!(replies[0]["ref"], 1, "{replies:?}");
+    assert_eq!(replies[0]["type"], "error");
+    assert_eq!(replies[0]["code"], "internal");
+    assert_eq!(replies[1]["ref"], 2, "{replies:?}");
+    assert_eq!(replies[1]["type"], "ack");
+    assert_eq!(delivered[0]["room"], "fine");
+    assert_eq!(delivered.len(), 1);
+}

@@ -73,7 +73,8 @@ pub struct Session {
 }
 
 /// What an accepted connection brings to its session. The slot goes to
-/// the socket writer: it is given back when the socket is gone.
+/// the socket writer: it is given back once the close frame is written
+/// (or the connection is gone).
 pub struct Accepted {
     pub claims: Claims,
     pub connection_id: String,

@@ -8,11 +8,12 @@ use serde_json::Value;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::oneshot;
 
+use super::reply::broker_error_frame;
 use super::Session;
 use crate::broker::{Publish, PublishDone};
 use crate::hub::{CloseSession, Outbound};
 use crate::metrics::metrics;
-use crate::protocol::{error_frame, valid_user_id, Ack, CloseReason, ErrorReply, Ref};
+use crate::protocol::{valid_user_id, Ack, CloseReason, ErrorReply, Ref};
 
 /// The most publishes a session has in flight; the next one waits (and so
 /// does reading the connection) until they are answered.
@@ -75,15 +76,7 @@ impl Session {
         let done: PublishDone = Box::new(move |result| {
             let frame = match result {
                 Ok(id) => Ack::to(&reference).id(id).encode(),
-                Err(e) => {
-                    tracing::error!(error = %e, connection_id = %connection_id, "broker call failed");
-                    let err = ErrorReply::internal();
-                    metrics()
-                        .errors
-                        .with_label_values(&[err.code.as_str()])
-                        .inc();
-                    error_frame(&err, &reference)
-                }
+                Err(e) => broker_error_frame(&e, &connection_id, &reference),
             };
             if let Err(TrySendError::Full(_)) = outbound.try_send(Outbound::Frame(frame)) {
                 session.do_send(CloseSession(CloseReason::SlowConsumer));

@@ -41,11 +41,7 @@ impl Session {
         reference: &Ref,
         ctx: &mut Context<Self>,
     ) {
-        metrics()
-            .errors
-            .with_label_values(&[err.code.as_str()])
-            .inc();
-        self.reply(error_frame(&err, reference), ctx);
+        self.reply(counted_error_frame(&err, reference), ctx);
     }
 
     /// A broker failure: `internal` to the client, the details to the log.
@@ -55,8 +51,8 @@ impl Session {
         reference: &Ref,
         ctx: &mut Context<Self>,
     ) {
-        tracing::error!(error = %err, connection_id = %self.connection_id, "broker call failed");
-        self.reply_error(ErrorReply::internal(), reference, ctx);
+        let frame = broker_error_frame(&err, &self.connection_id, reference);
+        self.reply(frame, ctx);
     }
 
     /// Reads no further frame until `answered` resolves (the hub has put
@@ -85,4 +81,24 @@ impl Session {
             }
         }
     }
+}
+
+/// An `error` frame, counted in `switchboard_errors_total`.
+fn counted_error_frame(err: &ErrorReply, reference: &Ref) -> ByteString {
+    metrics()
+        .errors
+        .with_label_values(&[err.code.as_str()])
+        .inc();
+    error_frame(err, reference)
+}
+
+/// A broker failure as the client sees it (`internal`, counted); the
+/// details go to the log only.
+pub(super) fn broker_error_frame(
+    err: &BrokerError,
+    connection_id: &str,
+    reference: &Ref,
+) -> ByteString {
+    tracing::error!(error = %err, connection_id = %connection_id, "broker call failed");
+    counted_error_frame(&ErrorReply::internal(), reference)
 }

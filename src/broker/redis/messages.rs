@@ -82,7 +82,7 @@ pub(super) fn to_raw(data: &Value) -> BrokerResult<Box<RawValue>> {
 }
 
 /// An id unique across instances: an instance's own counter would not be.
-pub(super) fn unique_id() -> String {
+fn unique_id() -> String {
     format!("{}-{}", now_ms(), rand::random::<u32>())
 }
 
@@ -117,13 +117,13 @@ impl RedisBroker {
             .map_err(|e| BrokerError::Internal(e.to_string()))
     }
 
-    /// Runs `publish_room.lua`; `None` when Redis is unavailable.
-    async fn publish_room_script(
+    /// `publish_room.lua`'s keys and arguments.
+    pub(super) fn publish_room_call(
         &self,
         room: &RoomName,
         from: &str,
         data: &RawValue,
-    ) -> BrokerResult<Option<MessageId>> {
+    ) -> (Vec<String>, Vec<String>) {
         let keys = vec![self.keys.history(room), self.keys.room_channel(room)];
         let args = vec![
             self.history_size.to_string(),
@@ -132,6 +132,35 @@ impl RedisBroker {
             serde_json::to_string(from).unwrap_or_default(),
             data.get().to_owned(),
         ];
+        (keys, args)
+    }
+
+    /// A direct message: its id, its channel, the frame to PUBLISH there,
+    /// and what to deliver locally while Redis is away.
+    pub(super) fn direct_publish(
+        &self,
+        user: &str,
+        from: &str,
+        data: Box<RawValue>,
+    ) -> (String, String, String, LocalPublish) {
+        let id = unique_id();
+        let frame = direct_frame(&id, from, &*data, now_ms()).to_string();
+        let local = LocalPublish::User {
+            user: user.to_owned(),
+            from: from.to_owned(),
+            data,
+        };
+        (id, self.keys.user_channel(user), frame, local)
+    }
+
+    /// Runs `publish_room.lua`; `None` when Redis is unavailable.
+    async fn publish_room_script(
+        &self,
+        room: &RoomName,
+        from: &str,
+        data: &RawValue,
+    ) -> BrokerResult<Option<MessageId>> {
+        let (keys, args) = self.publish_room_call(room, from, data);
         let result: BrokerResult<String> = self
             .cmd
             .run_script(&self.cmd.scripts.publish_room, keys, args)
@@ -229,16 +258,8 @@ impl Messages for RedisBroker {
     }
 
     async fn publish_user(&self, user: &str, from: &str, data: &Value) -> BrokerResult<String> {
-        let raw = to_raw(data)?;
-        let id = unique_id();
-        let frame = direct_frame(&id, from, &*raw, now_ms()).to_string();
-        let local = LocalPublish::User {
-            user: user.to_owned(),
-            from: from.to_owned(),
-            data: raw,
-        };
-        self.publish_or_local(self.keys.user_channel(user), frame, id, local)
-            .await
+        let (id, channel, frame, local) = self.direct_publish(user, from, to_raw(data)?);
+        self.publish_or_local(channel, frame, id, local).await
     }
 
     async fn broadcast(&self, data: &Value) -> BrokerResult<String> {

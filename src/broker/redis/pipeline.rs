@@ -19,12 +19,11 @@ use std::sync::{Arc, Weak};
 use redis::{Cmd, Value};
 use tokio::sync::mpsc;
 
-use super::messages::{to_raw, unique_id};
+use super::messages::to_raw;
 use super::subscriber::LocalPublish;
 use super::RedisBroker;
 use crate::broker::{BrokerError, BrokerResult, Publish, PublishDone};
-use crate::clock::now_ms;
-use crate::protocol::{direct_frame, MessageId};
+use crate::protocol::MessageId;
 
 /// The most publishes one pipeline carries.
 const MAX_BATCH: usize = 256;
@@ -89,16 +88,12 @@ impl RedisBroker {
         match publish {
             Publish::Room { room, from, data } => {
                 let raw = to_raw(data)?;
+                let (keys, args) = self.publish_room_call(room, from, &raw);
                 let mut cmd = redis::cmd("EVALSHA");
                 cmd.arg(self.cmd.scripts.publish_room.get_hash())
-                    .arg(2)
-                    .arg(self.keys.history(room))
-                    .arg(self.keys.room_channel(room))
-                    .arg(self.history_size)
-                    .arg(self.history_ttl_ms)
-                    .arg(serde_json::to_string(room.as_str()).unwrap_or_default())
-                    .arg(serde_json::to_string(&**from).unwrap_or_default())
-                    .arg(raw.get());
+                    .arg(keys.len())
+                    .arg(keys)
+                    .arg(args);
                 let local = LocalPublish::Room {
                     room: room.clone(),
                     from: from.to_string(),
@@ -111,16 +106,9 @@ impl RedisBroker {
                 })
             }
             Publish::User { to, from, data } => {
-                let raw = to_raw(data)?;
-                let id = unique_id();
-                let frame = direct_frame(&id, from, &*raw, now_ms());
+                let (id, channel, frame, local) = self.direct_publish(to, from, to_raw(data)?);
                 let mut cmd = redis::cmd("PUBLISH");
-                cmd.arg(self.keys.user_channel(to)).arg(&*frame);
-                let local = LocalPublish::User {
-                    user: to.clone(),
-                    from: from.to_string(),
-                    data: raw,
-                };
+                cmd.arg(channel).arg(frame);
                 Ok(Prepared {
                     cmd,
                     known_id: Some(id),
