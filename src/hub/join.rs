@@ -21,8 +21,12 @@ use crate::protocol::{Ack, ErrorReply, MessageId, RoomName};
 
 /// A member's delivery state in one room.
 pub(super) enum Membership {
-    /// Receives the room's deliveries newer than `floor`.
-    Live { floor: Option<MessageId> },
+    /// Receives the room's deliveries newer than `floor`, into its
+    /// session's queue (kept here: no lookup per delivery).
+    Live {
+        floor: Option<MessageId>,
+        outbound: super::OutboundQueue,
+    },
     /// Join in progress: live frames wait here until the ack and replay are out.
     Pending {
         join_seq: u64,
@@ -112,7 +116,7 @@ impl Hub {
             .rooms
             .get_mut(room)
             .and_then(|r| r.members.get_mut(&key));
-        let Some(membership) = pending else {
+        let (Some(membership), Some(member)) = (pending, self.sessions.get(&key)) else {
             return; // Left (the session is gone) while the join was pending.
         };
         if !matches!(membership, Membership::Pending { join_seq: seq, .. } if *seq == join_seq) {
@@ -127,9 +131,11 @@ impl Hub {
             Prepared::Failed(e) => return self.refuse_join(join, e),
         };
         let last = history.messages.last().map(|m| m.id).or(join.since);
-        let Membership::Pending { buffered, .. } =
-            std::mem::replace(membership, Membership::Live { floor: last })
-        else {
+        let live = Membership::Live {
+            floor: last,
+            outbound: member.outbound.clone(),
+        };
+        let Membership::Pending { buffered, .. } = std::mem::replace(membership, live) else {
             return;
         };
         let recovered = join.since.map(|_| history.recovered);

@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use actix::{Message, Recipient};
 use bytestring::ByteString;
-use tokio::sync::mpsc::Sender;
 use tokio::sync::oneshot;
 
 use crate::broker::Envelope;
@@ -30,15 +29,27 @@ pub enum Outbound {
 #[rtype(result = "()")]
 pub struct CloseSession(pub CloseReason);
 
-/// Session → hub: a new session on this worker.
+/// Session → hub: a new session on this worker. Its outbound queue was
+/// handed over on this thread ([`super::queue::hand_over`]).
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Connect {
     pub key: u64,
     pub user: Arc<str>,
     pub connection_id: Arc<str>,
-    pub outbound: Sender<Outbound>,
     pub session: Recipient<CloseSession>,
+}
+
+/// Broker → hub, on behalf of a session: the answer to one of its
+/// publishes (an ack or an error), for its queue; then tell `answered`.
+/// Acks take this way because a broker may answer from another thread,
+/// and the queue lives on the session's.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Acked {
+    pub key: u64,
+    pub frame: ByteString,
+    pub answered: oneshot::Sender<()>,
 }
 
 /// Session → hub: the session has ended (for any reason).

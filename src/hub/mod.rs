@@ -4,7 +4,7 @@
 //! Sessions register on connect ([`Connect`]) and deregister on every exit
 //! ([`Disconnect`]). The broker sends each hub one [`Fanout`] per publish
 //! (an `Arc`'d frame serialized once); the hub hands the same bytes to every
-//! local recipient's bounded outbound queue with `try_send`. A full queue
+//! local recipient's bounded outbound queue ([`queue`]). A full queue
 //! closes that session with 1013 `slow consumer`; nobody else waits for it.
 //! Joins and their replay/live seam are in [`join`]; presence changes go
 //! through per-connection ordered lanes ([`presence`]).
@@ -17,6 +17,7 @@
 mod join;
 mod messages;
 mod presence;
+pub mod queue;
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
@@ -24,13 +25,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use tokio::sync::mpsc::error::TrySendError;
-use tokio::sync::mpsc::Sender;
 use tokio::sync::oneshot;
 
 use self::join::{Membership, Room};
-pub use self::messages::{CloseSession, Connect, Disconnect, Join, Leave, Outbound, Shutdown};
+pub use self::messages::{
+    Acked, CloseSession, Connect, Disconnect, Join, Leave, Outbound, Shutdown,
+};
 use self::presence::{Change, Lanes};
+pub use self::queue::OutboundQueue;
 use crate::broker::{Broker, Envelope, Fanout, Target};
 use crate::metrics;
 use crate::protocol::{Ack, CloseReason, RoomName};
@@ -42,7 +44,7 @@ pub const MAILBOX: usize = 16 * 1024;
 struct Member {
     user: Arc<str>,
     connection_id: Arc<str>,
-    outbound: Sender<Outbound>,
+    outbound: OutboundQueue,
     session: Recipient<CloseSession>,
     /// The rooms it is a member of (live or joining) on this hub.
     rooms: HashSet<RoomName>,
@@ -79,7 +81,7 @@ impl Hub {
         let Some(member) = self.sessions.get(&key) else {
             return;
         };
-        if let Err(TrySendError::Full(_)) = member.outbound.try_send(item) {
+        if member.outbound.push(item).is_err() {
             member
                 .session
                 .do_send(CloseSession(CloseReason::SlowConsumer));
@@ -99,18 +101,12 @@ impl Hub {
         let mut overflowing = Vec::new();
         for (key, membership) in room.members.iter_mut() {
             match membership {
-                Membership::Live { floor } => {
+                Membership::Live { floor, outbound } => {
                     // Already replayed to this member at its join.
                     if envelope.id.is_some() && envelope.id <= *floor {
                         continue;
                     }
-                    let Some(member) = self.sessions.get(key) else {
-                        continue;
-                    };
-                    if let Err(TrySendError::Full(_)) = member
-                        .outbound
-                        .try_send(Outbound::Delivery(envelope.clone()))
-                    {
+                    if outbound.push(Outbound::Delivery(envelope.clone())).is_err() {
                         overflowing.push(*key);
                     }
                 }
@@ -194,6 +190,10 @@ impl Handler<Connect> for Hub {
     type Result = ();
 
     fn handle(&mut self, msg: Connect, _: &mut Self::Context) {
+        // Handed over on this thread just before; gone if the session is.
+        let Some(outbound) = queue::take_handed(msg.key) else {
+            return;
+        };
         if let Some(reason) = self.closing {
             msg.session.do_send(CloseSession(reason));
         }
@@ -206,7 +206,7 @@ impl Handler<Connect> for Hub {
             Member {
                 user: msg.user,
                 connection_id: msg.connection_id,
-                outbound: msg.outbound,
+                outbound,
                 session: msg.session,
                 rooms: HashSet::new(),
             },
@@ -249,6 +249,15 @@ impl Handler<Leave> for Hub {
             self.push(msg.key, Outbound::Frame(ack));
         }
         let _ = msg.done.send(());
+    }
+}
+
+impl Handler<Acked> for Hub {
+    type Result = ();
+
+    fn handle(&mut self, msg: Acked, _: &mut Self::Context) {
+        self.push(msg.key, Outbound::Frame(msg.frame));
+        let _ = msg.answered.send(());
     }
 }
 

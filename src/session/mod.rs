@@ -39,11 +39,10 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use actix_web::body::BoxBody;
 use actix_ws::{AggregatedMessage, ProtocolError};
-use tokio::sync::mpsc::error::TrySendError;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use crate::auth::Claims;
-use crate::hub::{CloseSession, Connect, Disconnect, Hub, Outbound};
+use crate::hub::{queue, CloseSession, Connect, Disconnect, Hub, Outbound, OutboundQueue};
 use crate::metrics::metrics;
 use crate::protocol::{
     parse_client_frame, ClientFrame, CloseReason, ErrorCode, ErrorReply, Ref, RoomName,
@@ -61,8 +60,9 @@ pub struct Session {
     claims: Claims,
     state: Arc<AppState>,
     hub: Addr<Hub>,
-    outbound: mpsc::Sender<Outbound>,
-    close: Option<oneshot::Sender<CloseReason>>,
+    outbound: OutboundQueue,
+    /// Set once the session has closed (or begun to).
+    closed: bool,
     rooms: HashSet<RoomName>,
     bucket: TokenBucket,
     strikes: u32,
@@ -92,14 +92,13 @@ impl Session {
         stream: actix_ws::MessageStream,
     ) -> SocketWriter {
         let limits = &state.config.limits;
-        let (outbound, rx) = mpsc::channel(limits.max_outbound_queue);
-        let (close, close_rx) = oneshot::channel();
+        let outbound = OutboundQueue::new(limits.max_outbound_queue);
         let Accepted {
             claims,
             connection_id,
             slot,
         } = accepted;
-        let writer = SocketWriter::new(rx, close_rx, slot, state.socket_token(), actix_ws_body);
+        let writer = SocketWriter::new(outbound.clone(), slot, state.socket_token(), actix_ws_body);
         let max_bytes = limits.max_message_bytes;
         let stream = stream
             .max_frame_size(max_bytes)
@@ -117,7 +116,7 @@ impl Session {
                 state,
                 hub,
                 outbound,
-                close: Some(close),
+                closed: false,
                 rooms: HashSet::new(),
                 bucket,
                 strikes: 0,
@@ -131,15 +130,15 @@ impl Session {
 
     /// Queues an item for this client; a full queue closes the session.
     fn send(&mut self, item: Outbound, ctx: &mut Context<Self>) {
-        if let Err(TrySendError::Full(_)) = self.outbound.try_send(item) {
+        if self.outbound.push(item).is_err() {
             self.close(CloseReason::SlowConsumer, ctx);
         }
     }
 
     fn close(&mut self, reason: CloseReason, ctx: &mut Context<Self>) {
-        let Some(close) = self.close.take() else {
+        if std::mem::replace(&mut self.closed, true) {
             return;
-        };
+        }
         metrics()
             .connections_closed
             .with_label_values(&[reason.label()])
@@ -148,7 +147,7 @@ impl Session {
             metrics().slow_consumer_closes.inc();
         }
         tracing::debug!(connection_id = %self.connection_id, reason = reason.label(), "closing session");
-        let _ = close.send(reason);
+        self.outbound.close(reason);
         ctx.stop();
     }
 
@@ -262,11 +261,11 @@ impl Actor for Session {
             cfg.server.heartbeat_s,
         );
         self.send(Outbound::Frame(welcome), ctx);
+        queue::hand_over(self.key, self.outbound.clone());
         self.hub.do_send(Connect {
             key: self.key,
             user: self.user.clone(),
             connection_id: self.connection_id.clone(),
-            outbound: self.outbound.clone(),
             session: ctx.address().recipient(),
         });
         let timeout = Duration::from_secs(cfg.server.client_timeout_s);
@@ -277,7 +276,7 @@ impl Actor for Session {
                     this.close(CloseReason::ClientTimeout, ctx);
                 } else {
                     // A full queue already means trouble; the ping can wait.
-                    let _ = this.outbound.try_send(Outbound::Ping);
+                    let _ = this.outbound.push(Outbound::Ping);
                 }
             },
         );
@@ -289,7 +288,8 @@ impl Actor for Session {
 
     fn stopped(&mut self, _: &mut Self::Context) {
         // Ends the writer if no close was sent (the client went away).
-        self.close.take();
+        self.outbound.end();
+        queue::take_handed(self.key);
         self.hub.do_send(Disconnect { key: self.key });
         metrics().connections_open.dec();
         crate::trim::note_closed();

@@ -5,15 +5,14 @@
 
 use actix::prelude::*;
 use serde_json::Value;
-use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::oneshot;
 
 use super::reply::broker_error_frame;
 use super::Session;
 use crate::broker::{Publish, PublishDone};
-use crate::hub::{CloseSession, Outbound};
+use crate::hub::Acked;
 use crate::metrics::metrics;
-use crate::protocol::{valid_user_id, Ack, CloseReason, ErrorReply, Ref};
+use crate::protocol::{valid_user_id, Ack, ErrorReply, Ref};
 
 /// The most publishes a session has in flight; the next one waits (and so
 /// does reading the connection) until they are answered.
@@ -40,7 +39,7 @@ impl Session {
         }
         metrics().published.with_label_values(&["room"]).inc();
         let from = self.user.clone();
-        self.start_publish(Publish::Room { room, from, data }, reference, ctx);
+        self.start_publish(Publish::Room { room, from, data }, reference);
     }
 
     pub(super) fn on_direct(
@@ -60,28 +59,28 @@ impl Session {
         }
         metrics().published.with_label_values(&["user"]).inc();
         let from = self.user.clone();
-        self.start_publish(Publish::User { to, from, data }, reference, ctx);
+        self.start_publish(Publish::User { to, from, data }, reference);
     }
 
     /// Starts the publish and returns: its ack (or error) goes into the
-    /// outbound queue when the broker has answered, from wherever `done`
-    /// runs. The broker keeps a thread's publishes in order, so acks come
+    /// outbound queue, through the hub's mailbox ([`Acked`]; `done` may run
+    /// on the broker's thread), when the broker has answered. The broker keeps a thread's publishes in order, so acks come
     /// in the order of the publishes; [`Session::publishes_pending`] holds
     /// every other reply behind them.
-    fn start_publish(&mut self, publish: Publish, reference: Ref, ctx: &mut Context<Self>) {
+    fn start_publish(&mut self, publish: Publish, reference: Ref) {
         let (answered, answer) = oneshot::channel();
-        let outbound = self.outbound.clone();
-        let session = ctx.address();
+        let (hub, key) = (self.hub.clone(), self.key);
         let connection_id = self.connection_id.clone();
         let done: PublishDone = Box::new(move |result| {
             let frame = match result {
                 Ok(id) => Ack::to(&reference).id(id).encode(),
                 Err(e) => broker_error_frame(&e, &connection_id, &reference),
             };
-            if let Err(TrySendError::Full(_)) = outbound.try_send(Outbound::Frame(frame)) {
-                session.do_send(CloseSession(CloseReason::SlowConsumer));
-            }
-            let _ = answered.send(());
+            hub.do_send(Acked {
+                key,
+                frame,
+                answered,
+            });
         });
         self.in_flight.push_back(answer);
         self.state
