@@ -43,8 +43,17 @@ use crate::state::ConnectionSlot;
 const CHUNK: usize = 64 * 1024;
 /// At most this much of what was queued goes out before a close frame.
 const CLOSE_BACKLOG: usize = 1024 * 1024;
-/// A frame header's most bytes (server frames are not masked).
-const HEADER: usize = 10;
+/// An unmasked (server) frame's size on the wire for `len` payload bytes:
+/// exact, so that a batch's buffer is full when frozen and becomes the
+/// chunk without a second allocation.
+fn frame_size(len: usize) -> usize {
+    let header = match len {
+        0..=125 => 2,
+        126..=65535 => 4,
+        _ => 10,
+    };
+    header + len
+}
 
 pub struct SocketWriter {
     queue: OutboundQueue,
@@ -99,10 +108,11 @@ impl SocketWriter {
     fn drain(&mut self, cx: &mut Context<'_>) -> Status {
         let mut now = None;
         let buf = &mut self.buf;
-        // One allocation per batch, of its size: nothing kept while idle.
+        // One allocation per batch, of its exact size: nothing kept while
+        // idle, and nothing to copy or box when it becomes the chunk.
         buf.reserve(
             self.queue
-                .queued_size(|i| payload(i).0.len() + HEADER, CHUNK),
+                .queued_size(|i| frame_size(payload(i).0.len()), CHUNK),
         );
         self.queue.poll_drain(cx, |item| {
             Self::encode(buf, &item, &mut now);
@@ -169,5 +179,20 @@ impl MessageBody for SocketWriter {
             return Poll::Ready(None);
         }
         Poll::Pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frame_size_is_what_the_parser_writes() {
+        for len in [0, 1, 125, 126, 127, 65535, 65536, 70000] {
+            let payload = vec![b'x'; len];
+            let mut buf = BytesMut::new();
+            Parser::write_message(&mut buf, &payload[..], OpCode::Text, true, false);
+            assert_eq!(buf.len(), frame_size(len), "payload of {len} bytes");
+        }
     }
 }
