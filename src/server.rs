@@ -12,6 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::Actor;
+use actix_http::{HttpService, KeepAlive};
+use actix_service::map_config;
+use actix_web::dev::AppConfig;
 use actix_web::{web, App, HttpServer};
 use tokio::time::Instant;
 
@@ -55,26 +58,7 @@ pub async fn run(
     };
     let grace = Duration::from_secs(state.config.server.shutdown_grace_s.max(1));
     let addr = listener.local_addr()?;
-    let app_state = state.clone();
-    let server = HttpServer::new(move || {
-        // Runs once on each worker thread: that worker's hub lives here.
-        let limits = &app_state.config.limits;
-        let hub = Hub::new(app_state.broker.clone(), limits.max_outbound_queue).start();
-        app_state.add_hub(hub.clone());
-        App::new()
-            .app_data(web::Data::from(app_state.clone()))
-            .app_data(web::Data::new(hub))
-            .configure(|cfg| crate::http::routes(cfg, &app_state.config))
-    })
-    .workers(workers)
-    // actix's own cap is per worker (25,600 by default): never below ours.
-    .max_connections(state.config.limits.max_connections.max(1))
-    // Small frames (acks, a chat line) go out at once instead of waiting
-    // for the client's delayed ACK (up to 40 ms on Linux).
-    .tcp_nodelay(true)
-    .disable_signals()
-    .shutdown_timeout(grace.as_secs())
-    .listen(listener)?;
+    let server = http_server(state.clone(), listener, workers, grace)?;
     announce(addr, &state, workers);
     let tasks = &state.config.tasks;
     // A worker runs only what it has a handler for: none configured, none run.
@@ -84,7 +68,6 @@ pub async fn run(
         tasks.workers
     };
     let pool = WorkerPool::start(state.tasks.clone(), tasks, &state.instance_id, loops)?;
-    let server = server.run();
     let handle = server.handle();
     let mut serving = actix_web::rt::spawn(server);
     tokio::select! {
@@ -98,6 +81,52 @@ pub async fn run(
     pool.stop(grace).await;
     handle.stop(true).await;
     Ok(serving.await.map_err(io::Error::other)??)
+}
+
+/// The hub's HTTP server on `listener`: actix-web's app for every request,
+/// and every WebSocket upgrade handed with its connection to
+/// [`crate::http::ws::service`], which gives the socket to its session. (So
+/// it is built from actix-http's service, as `HttpServer` builds it, plus
+/// the upgrade service `HttpServer` has no place for.) One app, one hub
+/// and one upgrade service per worker thread.
+fn http_server(
+    state: Arc<AppState>,
+    listener: TcpListener,
+    workers: usize,
+    grace: Duration,
+) -> io::Result<actix_web::dev::Server> {
+    let addr = listener.local_addr()?;
+    let server = actix_web::dev::Server::build()
+        .workers(workers)
+        // actix's own cap counts connections until their upgrade (25,600 per
+        // worker by default): never below ours.
+        .max_concurrent_connections(state.config.limits.max_connections.max(1))
+        .disable_signals()
+        .shutdown_timeout(grace.as_secs())
+        .listen("switchboard", listener, move || {
+            // Runs once on each worker thread: that worker's hub lives here.
+            let limits = &state.config.limits;
+            let hub = Hub::new(state.broker.clone(), limits.max_outbound_queue).start();
+            state.add_hub(hub.clone());
+            let app_state = state.clone();
+            let app = App::new()
+                .app_data(web::Data::from(app_state.clone()))
+                .app_data(web::Data::new(hub.clone()))
+                .configure(move |cfg| crate::http::routes(cfg, &app_state.config));
+            HttpService::build()
+                .keep_alive(KeepAlive::default())
+                .client_request_timeout(Duration::from_secs(5))
+                .client_disconnect_timeout(Duration::from_secs(1))
+                // Small frames (acks, a chat line) go out at once instead of
+                // waiting for the client's delayed ACK (up to 40 ms on Linux).
+                .tcp_nodelay(true)
+                .local_addr(addr)
+                .upgrade(crate::http::ws::service(state.clone(), hub))
+                .finish(map_config(app, |_| AppConfig::default()))
+                .tcp()
+        })?
+        .run();
+    Ok(server)
 }
 
 /// Runs task workers only (`switchboard worker`): `loops` worker loops on

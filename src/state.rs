@@ -33,7 +33,8 @@ pub struct AppState {
     shutting_down: AtomicBool,
     /// Every worker's hub, for shutdown; not used on the message path.
     hubs: Mutex<Vec<Addr<Hub>>>,
-    /// Every task that owns a socket (session writers, refusals).
+    /// Every socket that has a close frame to write (session writers,
+    /// refusals).
     sockets: TaskTracker,
 }
 
@@ -102,18 +103,10 @@ impl AppState {
     }
 
     /// A place in the tracker [`Self::sockets_closed`] waits on, held by a
-    /// socket writer until its close is written.
+    /// socket writer (or a refused connection) until its close frame is
+    /// written.
     pub fn socket_token(&self) -> tokio_util::task::task_tracker::TaskTrackerToken {
         self.sockets.token()
-    }
-
-    /// Spawns a task that owns a socket on the current worker (a refused
-    /// connection's close); shutdown waits for it.
-    pub fn spawn_socket_task<F>(&self, task: F)
-    where
-        F: std::future::Future<Output = ()> + 'static,
-    {
-        actix_web::rt::spawn(self.sockets.track_future(task));
     }
 
     /// Readiness turns 503, new connections are refused, and every hub

@@ -18,7 +18,7 @@ pub async fn require_api_key(
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
     let allowed = req
         .app_data::<web::Data<AppState>>()
-        .is_some_and(|state| key_allowed(&state.config.auth.api_keys, bearer(req.request())));
+        .is_some_and(|state| key_allowed(&state.config.auth.api_keys, bearer(req.headers())));
     if allowed {
         next.call(req).await
     } else {

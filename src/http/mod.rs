@@ -1,4 +1,4 @@
-//! HTTP: the WebSocket upgrade (`/ws`, [`ws`]), the admin API (`/api/...`,
+//! HTTP: the WebSocket upgrade (`/ws`, [`ws`], the server's upgrade service), the admin API (`/api/...`,
 //! [`api`], behind [`api_key`]), health and metrics ([`health`]),
 //! development tokens ([`dev`], when enabled) and the static demo
 //! (`server.static_dir` at `/`). Routes only; each concern has its own file.
@@ -8,7 +8,7 @@ mod api_key;
 mod bearer;
 mod dev;
 mod health;
-mod ws;
+pub mod ws;
 
 use actix_web::http::StatusCode;
 use actix_web::middleware::from_fn;
@@ -21,7 +21,7 @@ pub fn routes(cfg: &mut web::ServiceConfig, config: &Config) {
     if config.auth.dev_tokens {
         cfg.route("/dev/token", web::post().to(dev::token));
     }
-    cfg.route("/ws", web::get().to(ws::upgrade))
+    cfg.route("/ws", web::get().to(ws::without_upgrade))
         .route("/health", web::get().to(health::ready))
         .route("/health/live", web::get().to(health::live))
         .route("/health/ready", web::get().to(health::ready))

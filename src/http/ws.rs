@@ -1,11 +1,30 @@
-//! `GET /ws`: the checks of contract section 2, in order — origin, token,
-//! instance full, per-user limit — then a `Session` actor. A refused client
-//! is accepted and closed at once with the contract's code and reason.
+//! `GET /ws`: the WebSocket upgrade.
+//!
+//! actix-http hands every request that asks for a WebSocket upgrade, with
+//! its connection, to [`service`] (the HTTP server's upgrade service; see
+//! [`crate::server`]). It answers the handshake (actix-http's), makes the
+//! checks of contract section 2, in order — origin, token, instance full,
+//! per-user limit — and gives the socket to a [`Session`]: from then on the
+//! session reads and writes it itself, with no HTTP machinery in between and
+//! no per-connection buffer while it is idle. A refused client is accepted
+//! and closed at once with the contract's code and reason.
+//!
+//! An upgrade request for another path is answered 404; `/ws` without an
+//! upgrade reaches the app's route ([`without_upgrade`]) and gets 400.
 
 use std::sync::Arc;
 
 use actix::Addr;
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_codec::{Encoder, Framed};
+use actix_http::body::BodySize;
+use actix_http::h1::{Codec, Message};
+use actix_http::ws::{HandshakeError, Parser};
+use actix_http::{Request, RequestHead, Response, StatusCode};
+use actix_web::dev::{fn_service, ServiceFactory};
+use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 use super::bearer::bearer;
 use crate::auth::AuthError;
@@ -14,30 +33,79 @@ use crate::clock::now_ms;
 use crate::hub::Hub;
 use crate::metrics::metrics;
 use crate::protocol::CloseReason;
-use crate::session::{Accepted, Session};
+use crate::session::{Accepted, Session, CLOSE_TIMEOUT};
 use crate::state::AppState;
 
-pub async fn upgrade(
-    req: HttpRequest,
-    body: web::Payload,
-    state: web::Data<AppState>,
-    hub: web::Data<Addr<Hub>>,
-) -> actix_web::Result<HttpResponse> {
-    let (response, ws, stream) = actix_ws::handle(&req, body)?;
-    let state = state.into_inner();
-    match admit(&req, &state).await {
+/// What actix-http hands the upgrade service: the request and its connection.
+pub type Upgrade = (Request, Framed<TcpStream, Codec>);
+
+/// The upgrade service of one worker, whose hub is `hub`.
+pub fn service(
+    state: Arc<AppState>,
+    hub: Addr<Hub>,
+) -> impl ServiceFactory<Upgrade, Config = (), Response = (), Error = actix_http::Error, InitError = ()>
+{
+    fn_service(move |(req, framed): Upgrade| {
+        let (state, hub) = (state.clone(), hub.clone());
+        async move {
+            upgrade(req, framed, state, hub).await;
+            Ok(())
+        }
+    })
+}
+
+/// `GET /ws` without an upgrade: the handshake's own error (400).
+pub async fn without_upgrade(req: HttpRequest) -> HttpResponse {
+    match actix_http::ws::verify_handshake(req.head()) {
+        Err(e) => e.error_response(),
+        Ok(()) => HandshakeError::NoWebsocketUpgrade.error_response(),
+    }
+}
+
+async fn upgrade(
+    req: Request,
+    framed: Framed<TcpStream, Codec>,
+    state: Arc<AppState>,
+    hub: Addr<Hub>,
+) {
+    let parts = framed.into_parts();
+    let (mut codec, mut socket) = (parts.codec, parts.io);
+    let head = req.head();
+    let handshake = if head.uri.path() == "/ws" {
+        actix_http::ws::handshake(head)
+    } else {
+        let body = Bytes::from_static(br#"{"error":"not_found","message":"no such endpoint"}"#);
+        let mut res = Response::with_body(StatusCode::NOT_FOUND, ());
+        res.headers_mut().insert(
+            actix_http::header::CONTENT_TYPE,
+            actix_http::header::HeaderValue::from_static("application/json"),
+        );
+        let _ = answer(&mut socket, &mut codec, res, Some(body)).await;
+        return;
+    };
+    let mut handshake = match handshake {
+        Ok(builder) => builder,
+        Err(e) => {
+            let res = Response::from(e).drop_body();
+            let _ = answer(&mut socket, &mut codec, res, None).await;
+            return;
+        }
+    };
+    let admitted = admit(head, &state).await;
+    let switching = handshake.finish().drop_body();
+    // If the client is gone already, an accepted session finds out at once
+    // and cleans up as any other.
+    let answered = answer(&mut socket, &mut codec, switching, None).await;
+    match admitted {
         Ok(accepted) => {
             tracing::debug!(connection_id = %accepted.connection_id, user = %accepted.claims.sub, "session accepted");
-            // Our writer is the body; actix-ws's goes inside it, unpolled.
-            let (head, actix_ws_body) = response.into_parts();
-            let writer = Session::start(
-                state,
-                hub.get_ref().clone(),
-                accepted,
-                actix_ws_body,
-                stream,
-            );
-            return Ok(head.set_body(writer).map_into_boxed_body());
+            // What the client sent behind its request, without the
+            // dispatcher's 8 KiB buffer around it.
+            let leftover = match parts.read_buf.is_empty() {
+                true => BytesMut::new(),
+                false => BytesMut::from(&parts.read_buf[..]),
+            };
+            Session::start(state, hub, accepted, socket, leftover);
         }
         Err(reason) => {
             metrics()
@@ -45,21 +113,55 @@ pub async fn upgrade(
                 .with_label_values(&[reason.label()])
                 .inc();
             tracing::debug!(reason = reason.label(), "connection refused");
-            state.spawn_socket_task(async move {
-                let _ = ws.close(Some(reason.to_ws())).await;
-            });
+            if answered.is_ok() {
+                let _token = state.socket_token();
+                refuse(socket, reason).await;
+            }
         }
     }
-    Ok(response)
+}
+
+/// Writes an HTTP response (head, and `body` if any) on the connection.
+async fn answer(
+    socket: &mut TcpStream,
+    codec: &mut Codec,
+    res: Response<()>,
+    body: Option<Bytes>,
+) -> std::io::Result<()> {
+    let mut buf = BytesMut::new();
+    let size = body
+        .as_ref()
+        .map_or(BodySize::None, |b| BodySize::Sized(b.len() as u64));
+    codec.encode(Message::Item((res, size)), &mut buf)?;
+    if let Some(body) = body {
+        codec.encode(Message::Chunk(Some(body)), &mut buf)?;
+        codec.encode(Message::Chunk(None), &mut buf)?;
+    }
+    socket.write_all(&buf).await
+}
+
+/// A refused connection: the close frame, our end, then the client's end
+/// (or [`CLOSE_TIMEOUT`]).
+async fn refuse(mut socket: TcpStream, reason: CloseReason) {
+    let mut frame = BytesMut::new();
+    Parser::write_close(&mut frame, Some(reason.to_ws()), false);
+    let close = async {
+        socket.write_all(&frame).await?;
+        socket.shutdown().await?;
+        let mut sink = [0u8; 512];
+        while socket.read(&mut sink).await? > 0 {}
+        std::io::Result::Ok(())
+    };
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, close).await;
 }
 
 /// The checks of contract section 2, in order; on success the connection
 /// holds an instance slot and is in the broker's registry.
-async fn admit(req: &HttpRequest, state: &Arc<AppState>) -> Result<Accepted, CloseReason> {
+async fn admit(head: &RequestHead, state: &Arc<AppState>) -> Result<Accepted, CloseReason> {
     if state.shutting_down() {
         return Err(CloseReason::GoingAway);
     }
-    if let Some(origin) = req.headers().get("origin") {
+    if let Some(origin) = head.headers().get("origin") {
         let allowed = &state.config.server.allowed_origins;
         let ok = origin
             .to_str()
@@ -68,9 +170,9 @@ async fn admit(req: &HttpRequest, state: &Arc<AppState>) -> Result<Accepted, Clo
             return Err(CloseReason::ForbiddenOrigin);
         }
     }
-    let token = bearer(req)
+    let token = bearer(head.headers())
         .map(str::to_owned)
-        .or_else(|| query_token(req))
+        .or_else(|| query_token(head.uri.query().unwrap_or("")))
         .ok_or(CloseReason::Unauthorized)?;
     let claims = state.verifier.verify(&token).map_err(|e| match e {
         AuthError::Expired => CloseReason::TokenExpired,
@@ -115,18 +217,17 @@ async fn register(state: &AppState, user: &str, connection_id: &str) -> Result<(
     }
 }
 
-fn query_token(req: &HttpRequest) -> Option<String> {
+fn query_token(query: &str) -> Option<String> {
     #[derive(serde::Deserialize)]
     struct Query {
         token: Option<String>,
     }
-    web::Query::<Query>::from_query(req.query_string())
+    web::Query::<Query>::from_query(query)
         .ok()?
         .into_inner()
         .token
         .filter(|t| !t.is_empty())
 }
-
 /// `allowed` empty or listing `*`: any origin. Otherwise an exact match of
 /// scheme, host and port (default ports made explicit, case-insensitive).
 pub fn origin_allowed(allowed: &[String], origin: &str) -> bool {

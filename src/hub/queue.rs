@@ -3,7 +3,7 @@
 //!
 //! Everything that writes to it runs on that thread: the hub (fan-out, join
 //! replays, acks), the session (its own replies, pings) and the socket
-//! writer that drains it (the connection's dispatcher task). So it is a
+//! writer that drains it (a task of its own). So it is a
 //! plain `VecDeque` behind an `Rc<RefCell>`: a push is a bounds check, a
 //! `push_back` and at most one wake-up of the writer, with no atomics and
 //! no lock. Anything from another thread (a publish's ack from the memory
@@ -139,17 +139,15 @@ impl OutboundQueue {
         Status::Open
     }
 
-    /// Writer side: `size` summed over the queued items until it reaches
-    /// `limit` (what the next drain will encode, to allocate it at once).
-    pub fn queued_size(&self, size: impl Fn(&Outbound) -> usize, limit: usize) -> usize {
-        let mut total = 0;
-        for item in self.0.borrow().items.iter() {
-            total += size(item);
-            if total >= limit {
-                break;
-            }
+    /// Writer side, while it cannot write: the status, and a wake-up when
+    /// it changes or an item is pushed.
+    pub fn watch(&self, cx: &mut Context<'_>) -> Status {
+        let mut inner = self.0.borrow_mut();
+        match &inner.writer {
+            Some(waker) if waker.will_wake(cx.waker()) => {}
+            _ => inner.writer = Some(cx.waker().clone()),
         }
-        total
+        inner.status
     }
 
     /// Writer side, once closing: everything still queued, emptying it.

@@ -71,6 +71,7 @@ pub enum CloseReason {
     ClientTimeout,
     ProtocolError,
     BinaryNotSupported,
+    InvalidPayload,
     Unauthorized,
     TokenExpired,
     ConnectionLimit,
@@ -85,12 +86,13 @@ pub enum CloseReason {
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 16] = [
+    pub const ALL: [CloseReason; 17] = [
         CloseReason::Normal,
         CloseReason::GoingAway,
         CloseReason::ClientTimeout,
         CloseReason::ProtocolError,
         CloseReason::BinaryNotSupported,
+        CloseReason::InvalidPayload,
         CloseReason::Unauthorized,
         CloseReason::TokenExpired,
         CloseReason::ConnectionLimit,
@@ -110,6 +112,7 @@ impl CloseReason {
             CloseReason::GoingAway | CloseReason::ClientTimeout => 1001,
             CloseReason::ProtocolError => 1002,
             CloseReason::BinaryNotSupported => 1003,
+            CloseReason::InvalidPayload => 1007,
             CloseReason::Unauthorized
             | CloseReason::TokenExpired
             | CloseReason::ConnectionLimit
@@ -129,6 +132,7 @@ impl CloseReason {
             CloseReason::ClientTimeout => "client timeout",
             CloseReason::ProtocolError => "protocol error",
             CloseReason::BinaryNotSupported => "binary not supported",
+            CloseReason::InvalidPayload => "invalid utf-8",
             CloseReason::Unauthorized => "unauthorized",
             CloseReason::TokenExpired => "token expired",
             CloseReason::ConnectionLimit => "connection limit",
@@ -152,6 +156,7 @@ impl CloseReason {
             CloseReason::ClientTimeout => "client_timeout",
             CloseReason::ProtocolError => "protocol_error",
             CloseReason::BinaryNotSupported => "binary_not_supported",
+            CloseReason::InvalidPayload => "invalid_payload",
             CloseReason::Unauthorized => "unauthorized",
             CloseReason::TokenExpired => "token_expired",
             CloseReason::ConnectionLimit => "connection_limit",

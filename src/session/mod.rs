@@ -1,8 +1,13 @@
 //! The Session actor: one per WebSocket connection, from the moment it is
 //! authenticated to its close.
 //!
+//! The session owns its TCP socket from the upgrade on (see
+//! [`crate::http::ws`]): the actor reads it ([`reader`]) and a task of its
+//! own writes it ([`writer`]), both on the session's worker thread.
+//!
 //! Reading: the actor consumes the connection's frame stream, enforces the
-//! size limit (1009), binary frames (1003), the token bucket with strikes,
+//! size limit (1009), binary frames (1003), text that is not UTF-8 (1007),
+//! the token bucket with strikes,
 //! and hands each client frame to its handler: one file per frame of
 //! contract section 3 ([`join`], [`leave`], [`publish`] (publish and
 //! direct), [`presence`], [`task`] (task, task_status, task_cancel),
@@ -25,21 +30,26 @@ mod leave;
 mod ping;
 mod presence;
 mod publish;
+mod reader;
 mod refresh;
 mod reply;
 mod task;
 mod writer;
 
-pub use self::writer::SocketWriter;
+pub use self::writer::{SocketWriter, CLOSE_TIMEOUT};
 
 use std::collections::{HashSet, VecDeque};
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use actix_web::body::BoxBody;
-use actix_ws::{AggregatedMessage, ProtocolError};
+use actix_ws::AggregatedMessage;
+use bytes::BytesMut;
+use tokio::net::TcpStream;
 use tokio::sync::oneshot;
+
+use self::reader::{FrameReader, ReadError};
 
 use crate::auth::Claims;
 use crate::hub::{queue, CloseSession, Connect, Disconnect, Hub, Outbound, OutboundQueue};
@@ -82,15 +92,16 @@ pub struct Accepted {
 }
 
 impl Session {
-    /// Starts the actor for an accepted connection and returns its socket
-    /// writer, the response body (which keeps `actix_ws_body`).
+    /// Starts the actor and the socket writer for an accepted connection,
+    /// whose handshake is answered. `leftover`: what the client sent
+    /// behind its upgrade request.
     pub fn start(
         state: Arc<AppState>,
         hub: Addr<Hub>,
         accepted: Accepted,
-        actix_ws_body: BoxBody,
-        stream: actix_ws::MessageStream,
-    ) -> SocketWriter {
+        socket: TcpStream,
+        leftover: BytesMut,
+    ) {
         let limits = &state.config.limits;
         let outbound = OutboundQueue::new(limits.max_outbound_queue);
         let Accepted {
@@ -98,12 +109,11 @@ impl Session {
             connection_id,
             slot,
         } = accepted;
-        let writer = SocketWriter::new(outbound.clone(), slot, state.socket_token(), actix_ws_body);
-        let max_bytes = limits.max_message_bytes;
-        let stream = stream
-            .max_frame_size(max_bytes)
-            .aggregate_continuations()
-            .max_continuation_size(max_bytes);
+        let socket = Rc::new(socket);
+        let writer =
+            SocketWriter::new(socket.clone(), outbound.clone(), slot, state.socket_token());
+        actix::spawn(writer);
+        let stream = FrameReader::new(socket, leftover, limits.max_message_bytes);
         let bucket = TokenBucket::new(limits.messages_per_second, limits.burst);
         let key = state.next_session_key();
         Session::create(move |ctx| {
@@ -125,7 +135,6 @@ impl Session {
                 in_flight: VecDeque::new(),
             }
         });
-        writer
     }
 
     /// Queues an item for this client; a full queue closes the session.
@@ -308,8 +317,8 @@ impl Handler<CloseSession> for Session {
     }
 }
 
-impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for Session {
-    fn handle(&mut self, item: Result<AggregatedMessage, ProtocolError>, ctx: &mut Self::Context) {
+impl StreamHandler<Result<AggregatedMessage, ReadError>> for Session {
+    fn handle(&mut self, item: Result<AggregatedMessage, ReadError>, ctx: &mut Self::Context) {
         self.last_seen = Instant::now();
         match item {
             Ok(AggregatedMessage::Text(text)) => self.on_text(&text, ctx),
@@ -317,13 +326,14 @@ impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for Session {
             Ok(AggregatedMessage::Ping(payload)) => self.send(Outbound::Pong(payload), ctx),
             Ok(AggregatedMessage::Pong(_)) => {}
             Ok(AggregatedMessage::Close(_)) => self.close(CloseReason::Normal, ctx),
-            Err(ProtocolError::Overflow) => self.close(CloseReason::MessageTooBig, ctx),
-            // The client went away (reset, EOF): there is nobody to close.
-            Err(ProtocolError::Io(e)) => {
+            Err(ReadError::TooBig) => self.close(CloseReason::MessageTooBig, ctx),
+            Err(ReadError::InvalidUtf8) => self.close(CloseReason::InvalidPayload, ctx),
+            // The client went away (reset): there is nobody to close.
+            Err(ReadError::Io(e)) => {
                 tracing::debug!(error = %e, connection_id = %self.connection_id, "client connection lost");
                 ctx.stop();
             }
-            Err(e) => {
+            Err(e @ ReadError::Protocol(_)) => {
                 tracing::debug!(error = %e, connection_id = %self.connection_id, "websocket protocol error");
                 self.close(CloseReason::ProtocolError, ctx);
             }

@@ -1,35 +1,44 @@
-//! The socket writer: the WebSocket response's body. It drains the
-//! session's bounded outbound queue ([`crate::hub::queue`]), holds its
-//! connection slot and its place in the shutdown tracker, and is polled by
-//! the connection's own task (the HTTP dispatcher) whenever the socket has
-//! room: each poll encodes every queued item (up to [`CHUNK`] bytes)
-//! straight into one buffer, allocated once at its size, so a burst of
-//! deliveries is one write, and a delivery costs one queue push and at
-//! most one wake-up of the connection's task, all on one thread.
-//! (Tried: sending each delivery as its envelope's bytes, encoded once per
-//! publish and shared, to save the copy. Slower in the harness, 505k
-//! against 707k deliveries/s: the dispatcher's per-chunk work costs more
-//! than a 150-byte copy.)
+//! The socket writer: a task of its own on the session's worker thread that
+//! drains the session's bounded outbound queue ([`crate::hub::queue`])
+//! straight into its TCP socket.
 //!
-//! A close goes behind what is already queued (up to [`CLOSE_BACKLOG`]
-//! of it, encoded at once; the rest is dropped), except 1013 `slow
-//! consumer`, whose queue is dropped at once. Either way the queue takes
-//! no more once the close is signalled, the close frame is the last thing
-//! written, and the connection slot and the tracker's token are given back
-//! as soon as it is encoded (a client that never reads does not hold them).
+//! Each time it runs it encodes every queued item (up to [`CHUNK`] bytes)
+//! into the thread's scratch buffer and hands it to the socket in one
+//! write: a burst of deliveries is one `sendto`, a delivery costs one queue
+//! push and at most one wake-up of this task, and an idle connection holds
+//! no write buffer. Only what the socket does not take (the client reads
+//! slowly) is copied into a buffer of the connection's own; while that is
+//! there, nothing more is taken from the queue, so the queue's bound is what
+//! a slow client runs into (1013 `slow consumer`, decided by whoever pushes).
+//!
+//! A close goes behind what is already queued (up to [`CLOSE_BACKLOG`] of
+//! it, encoded at once; the rest is dropped), except 1013 `slow consumer`,
+//! whose queue is dropped at once. Either way the queue takes no more once
+//! the close is signalled and the close frame is the last thing written.
+//! The connection slot is given back as soon as the close frame is encoded,
+//! the shutdown tracker's token once the socket has taken it. Then the
+//! writer shuts down its side of the connection and reads (and drops)
+//! whatever the client still sends until it closes its side too, so that
+//! the client reads our close frame before the socket goes (closing a
+//! socket with unread input resets the connection). A client that takes
+//! neither the close frame nor its end within [`CLOSE_TIMEOUT`] is reset.
+//!
 //! The queue ending without a close (the session is gone because the client
-//! went away) ends the body with nothing more to send; the writer going
-//! away (the connection is gone) ends the queue.
-//!
-//! It also holds actix-ws's own response body, unpolled: dropping that is
-//! how actix-ws's message stream learns that the connection is gone.
+//! went away) ends the writer with nothing more to send; the writer ending
+//! (the socket failed) ends the queue.
 
+use std::cell::RefCell;
+use std::future::Future;
+use std::io;
 use std::pin::Pin;
+use std::rc::Rc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use actix_http::ws::{OpCode, Parser};
-use actix_web::body::{BodySize, BoxBody, MessageBody};
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, BytesMut};
+use tokio::net::TcpStream;
+use tokio::time::Sleep;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use crate::clock::now_us;
@@ -39,29 +48,40 @@ use crate::metrics;
 use crate::protocol::CloseReason;
 use crate::state::ConnectionSlot;
 
-/// At most this much is encoded per poll before the socket gets it.
+/// At most this much is encoded per write.
 const CHUNK: usize = 64 * 1024;
+/// At most this many chunks per run before other tasks get the thread.
+const CHUNKS_PER_RUN: usize = 4;
 /// At most this much of what was queued goes out before a close frame.
 const CLOSE_BACKLOG: usize = 1024 * 1024;
-/// An unmasked (server) frame's size on the wire for `len` payload bytes:
-/// exact, so that a batch's buffer is full when frozen and becomes the
-/// chunk without a second allocation.
-fn frame_size(len: usize) -> usize {
-    let header = match len {
-        0..=125 => 2,
-        126..=65535 => 4,
-        _ => 10,
-    };
-    header + len
+/// How long a closing client has to take the close frame and end its side.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+thread_local! {
+    /// Where every writer of this thread encodes its batch: one buffer for
+    /// all of them, since a batch is encoded and written without yielding.
+    static SCRATCH: RefCell<BytesMut> = RefCell::new(BytesMut::new());
+}
+
+enum Phase {
+    Open,
+    /// The close frame is in `unsent`: write it, then end our side.
+    Closing,
+    /// Our side is ended: wait for the client's end.
+    Lingering,
 }
 
 pub struct SocketWriter {
+    socket: Rc<TcpStream>,
     queue: OutboundQueue,
-    buf: BytesMut,
-    /// The close frame is encoded: what is in `buf` is the last.
-    closed: bool,
-    held: Option<(ConnectionSlot, TaskTrackerToken)>,
-    _actix_ws_body: BoxBody,
+    /// What the socket has not taken yet (only when the client reads slower
+    /// than we write).
+    unsent: BytesMut,
+    phase: Phase,
+    slot: Option<ConnectionSlot>,
+    token: Option<TaskTrackerToken>,
+    /// Set once closing: when the client's time is up.
+    deadline: Option<Pin<Box<Sleep>>>,
 }
 
 /// What an item puts on the wire, and its opcode.
@@ -74,70 +94,197 @@ fn payload(item: &Outbound) -> (&[u8], OpCode) {
     }
 }
 
+/// Encodes one item. `now`: the clock, read once per batch (the first
+/// delivery that needs it), not once per frame.
+fn encode(buf: &mut BytesMut, item: &Outbound, now: &mut Option<u64>) {
+    if let Outbound::Delivery(envelope) = item {
+        if envelope.published_us > 0 {
+            let now = *now.get_or_insert_with(now_us);
+            let latency_us = now.saturating_sub(envelope.published_us);
+            metrics::record_delivery(latency_us as f64 / 1e6);
+        }
+    }
+    let (payload, op) = payload(item);
+    Parser::write_message(buf, payload, op, true, false);
+}
+
+/// Writes as much of `data` as the socket takes now.
+fn write_some(socket: &TcpStream, data: &[u8]) -> io::Result<usize> {
+    let mut written = 0;
+    while written < data.len() {
+        match socket.try_write(&data[written..]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => written += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(written)
+}
+
 impl SocketWriter {
     pub(super) fn new(
+        socket: Rc<TcpStream>,
         queue: OutboundQueue,
         slot: ConnectionSlot,
         token: TaskTrackerToken,
-        actix_ws_body: BoxBody,
     ) -> SocketWriter {
         SocketWriter {
+            socket,
             queue,
-            buf: BytesMut::new(),
-            closed: false,
-            held: Some((slot, token)),
-            _actix_ws_body: actix_ws_body,
+            unsent: BytesMut::new(),
+            phase: Phase::Open,
+            slot: Some(slot),
+            token: Some(token),
+            deadline: None,
         }
     }
 
-    /// Encodes one item. `now`: the clock, read once per batch (the first
-    /// delivery that needs it), not once per frame.
-    fn encode(buf: &mut BytesMut, item: &Outbound, now: &mut Option<u64>) {
-        if let Outbound::Delivery(envelope) = item {
-            if envelope.published_us > 0 {
-                let now = *now.get_or_insert_with(now_us);
-                let latency_us = now.saturating_sub(envelope.published_us);
-                metrics::record_delivery(latency_us as f64 / 1e6);
+    /// Writes what the socket did not take before; `Ready(Ok)` once all of
+    /// it is gone, `Pending` (woken when the socket has room) otherwise.
+    fn poll_unsent(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.unsent.is_empty() {
+            let n = write_some(&self.socket, &self.unsent)?;
+            self.unsent.advance(n);
+            if !self.unsent.is_empty() {
+                std::task::ready!(self.socket.poll_write_ready(cx))?;
             }
         }
-        let (payload, op) = payload(item);
-        Parser::write_message(buf, payload, op, true, false);
+        // Nothing kept while the client keeps up.
+        self.unsent = BytesMut::new();
+        Poll::Ready(Ok(()))
     }
 
-    /// Encodes what is queued, up to [`CHUNK`]; the session's status.
-    fn drain(&mut self, cx: &mut Context<'_>) -> Status {
-        let mut now = None;
-        let buf = &mut self.buf;
-        // One allocation per batch, of its exact size: nothing kept while
-        // idle, and nothing to copy or box when it becomes the chunk.
-        buf.reserve(
-            self.queue
-                .queued_size(|i| frame_size(payload(i).0.len()), CHUNK),
-        );
-        self.queue.poll_drain(cx, |item| {
-            Self::encode(buf, &item, &mut now);
-            buf.len() < CHUNK
+    /// Encodes what is queued (up to [`CHUNK`]) and writes it; what the
+    /// socket does not take goes to `unsent`. The session's status, and
+    /// whether more is queued.
+    fn write_queued(&mut self, cx: &mut Context<'_>) -> io::Result<(Status, bool)> {
+        SCRATCH.with(|scratch| {
+            let mut buf = scratch.borrow_mut();
+            buf.clear();
+            let mut now = None;
+            // Stopped at CHUNK: more may be queued (no wake-up will say so).
+            let mut full = false;
+            let status = self.queue.poll_drain(cx, |item| {
+                encode(&mut buf, &item, &mut now);
+                full = buf.len() >= CHUNK;
+                !full
+            });
+            if !buf.is_empty() {
+                let n = write_some(&self.socket, &buf)?;
+                if n < buf.len() {
+                    self.unsent.extend_from_slice(&buf[n..]);
+                }
+            }
+            if buf.capacity() > 2 * CHUNK {
+                *buf = BytesMut::new();
+            }
+            Ok((status, full))
         })
     }
 
-    /// The close: what is queued first (not for `slow consumer`), then the
-    /// close frame; the slot and the token go back.
-    fn finish(&mut self, reason: CloseReason) {
+    /// The session is closing: what is queued (not for `slow consumer`),
+    /// then the close frame, behind anything the socket has not taken.
+    fn begin_close(&mut self, reason: CloseReason) {
         let backlog = self.queue.take_all();
         if reason != CloseReason::SlowConsumer {
             let mut now = None;
+            let limit = self.unsent.len() + CLOSE_BACKLOG;
             for item in &backlog {
-                if self.buf.len() >= CLOSE_BACKLOG {
+                if self.unsent.len() >= limit {
                     // The rest is dropped: the client can recover with `since`.
                     tracing::debug!("close: backlog over 1 MiB dropped");
                     break;
                 }
-                Self::encode(&mut self.buf, item, &mut now);
+                encode(&mut self.unsent, item, &mut now);
             }
         }
-        Parser::write_close(&mut self.buf, Some(reason.to_ws()), false);
-        self.closed = true;
-        self.held = None;
+        Parser::write_close(&mut self.unsent, Some(reason.to_ws()), false);
+        self.slot = None;
+        self.deadline = Some(Box::pin(tokio::time::sleep(CLOSE_TIMEOUT)));
+        self.phase = Phase::Closing;
+    }
+
+    /// The open phase: `Ready` when the session closes or ends.
+    fn poll_open(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Status>> {
+        for _ in 0..CHUNKS_PER_RUN {
+            if self.poll_unsent(cx)?.is_pending() {
+                // Blocked on the client: only a close or the end matters now.
+                return match self.queue.watch(cx) {
+                    Status::Open => Poll::Pending,
+                    status => Poll::Ready(Ok(status)),
+                };
+            }
+            let (status, more) = self.write_queued(cx)?;
+            if status != Status::Open {
+                return Poll::Ready(Ok(status));
+            }
+            if !more && self.unsent.is_empty() {
+                // Drained: the queue wakes us on its next push.
+                return Poll::Pending;
+            }
+        }
+        // Others get the thread; we go on at once after them.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    /// Closing and lingering: `Ready` when the connection can go.
+    fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if let Some(deadline) = self.deadline.as_mut() {
+            if deadline.as_mut().poll(cx).is_ready() {
+                tracing::debug!("closing client did not finish in time: connection reset");
+                let _ = socket2::SockRef::from(&*self.socket).set_linger(Some(Duration::ZERO));
+                return Poll::Ready(());
+            }
+        }
+        if let Phase::Closing = self.phase {
+            match self.poll_unsent(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(_)) => return Poll::Ready(()),
+                Poll::Ready(Ok(())) => {
+                    // The close frame is the kernel's now.
+                    self.token = None;
+                    let socket = socket2::SockRef::from(&*self.socket);
+                    if socket.shutdown(std::net::Shutdown::Write).is_err() {
+                        return Poll::Ready(());
+                    }
+                    self.phase = Phase::Lingering;
+                }
+            }
+        }
+        let mut sink = [0u8; 512];
+        loop {
+            match self.socket.poll_read_ready(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(_)) => return Poll::Ready(()),
+                Poll::Ready(Ok(())) => {}
+            }
+            match self.socket.try_read(&mut sink) {
+                Ok(0) => return Poll::Ready(()),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return Poll::Ready(()),
+            }
+        }
+    }
+}
+
+impl Future for SocketWriter {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        if let Phase::Open = this.phase {
+            match this.poll_open(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(Status::Closing(reason))) => this.begin_close(reason),
+                // The session is gone without a close, or the socket failed:
+                // nobody to write to.
+                Poll::Ready(Ok(_)) | Poll::Ready(Err(_)) => return Poll::Ready(()),
+            }
+        }
+        this.poll_close(cx)
     }
 }
 
@@ -148,51 +295,17 @@ impl Drop for SocketWriter {
     }
 }
 
-impl MessageBody for SocketWriter {
-    type Error = std::convert::Infallible;
-
-    fn size(&self) -> BodySize {
-        BodySize::Stream
-    }
-
-    fn poll_next(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Bytes, Self::Error>>> {
-        let this = self.get_mut();
-        if !this.closed {
-            match this.drain(cx) {
-                Status::Open => {}
-                Status::Closing(reason) => this.finish(reason),
-                // The session is gone without a close: nobody to write to.
-                Status::Ended => {
-                    this.closed = true;
-                    this.held = None;
-                    this.buf.clear();
-                }
-            }
-        }
-        if !this.buf.is_empty() {
-            return Poll::Ready(Some(Ok(std::mem::take(&mut this.buf).freeze())));
-        }
-        if this.closed {
-            return Poll::Ready(None);
-        }
-        Poll::Pending
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn frame_size_is_what_the_parser_writes() {
-        for len in [0, 1, 125, 126, 127, 65535, 65536, 70000] {
-            let payload = vec![b'x'; len];
-            let mut buf = BytesMut::new();
-            Parser::write_message(&mut buf, &payload[..], OpCode::Text, true, false);
-            assert_eq!(buf.len(), frame_size(len), "payload of {len} bytes");
-        }
+    fn an_item_is_one_frame() {
+        let mut buf = BytesMut::new();
+        let mut now = None;
+        encode(&mut buf, &Outbound::Frame("hello".into()), &mut now);
+        encode(&mut buf, &Outbound::Ping, &mut now);
+        // FIN + text, 5 bytes, "hello"; FIN + ping, empty.
+        assert_eq!(&buf[..], b"\x81\x05hello\x89\x00");
     }
 }
