@@ -158,6 +158,10 @@ impl FrameReader {
     /// stream.
     fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Result<bool, ReadError>> {
         loop {
+            if self.buf.is_empty() {
+                // Everything read is decoded: no buffer held while waiting.
+                self.buf = BytesMut::new();
+            }
             if let Err(e) = std::task::ready!(self.socket.poll_read_ready(cx)) {
                 return Poll::Ready(Err(ReadError::Io(e)));
             }
@@ -167,8 +171,8 @@ impl FrameReader {
             match self.socket.try_read_buf(&mut self.buf) {
                 Ok(0) => return Poll::Ready(Ok(false)),
                 Ok(_) => return Poll::Ready(Ok(true)),
-                // Readiness was stale: poll again to wait for the next.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                // Readiness was stale: wait for the next.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Poll::Ready(Err(ReadError::Io(e))),
             }
         }
@@ -195,10 +199,6 @@ impl Stream for FrameReader {
                     this.done = true;
                     return Poll::Ready(Some(Err(e)));
                 }
-            }
-            if this.buf.is_empty() {
-                // Nothing buffered: no buffer held while waiting.
-                this.buf = BytesMut::new();
             }
             match this.poll_read(cx) {
                 Poll::Ready(Ok(true)) => {}
