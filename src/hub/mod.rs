@@ -156,12 +156,14 @@ impl Hub {
         if state.members.remove(&key).is_none() {
             return false;
         }
+        crate::trim::shrink_map(&mut state.members);
         if state.members.is_empty() {
             if let Some(state) = self.rooms.remove(room) {
                 for _ in 0..state.watch_refs {
                     self.broker.subscriptions.unwatch_room(room);
                 }
             }
+            crate::trim::shrink_map(&mut self.rooms);
         }
         // The join's presence change went down the lane when the join
         // began, so this leave follows it there.

@@ -291,7 +291,6 @@ impl Actor for Session {
         );
         self.schedule_expiry(ctx);
         metrics().connections_open.inc();
-        crate::trim::note_open(metrics().connections_open.get());
         metrics().connections_accepted.inc();
     }
 
@@ -301,7 +300,6 @@ impl Actor for Session {
         queue::take_handed(self.key);
         self.hub.do_send(Disconnect { key: self.key });
         metrics().connections_open.dec();
-        crate::trim::note_closed();
         let broker = self.state.broker.clone();
         broker.subscriptions.unwatch_user(&self.user);
         let (id, user) = (self.connection_id.clone(), self.user.clone());

@@ -35,6 +35,7 @@ impl PresenceTable {
         };
         if members.is_empty() {
             self.rooms.remove(room);
+            crate::trim::shrink_map(&mut self.rooms);
         }
         first_or_last
     }

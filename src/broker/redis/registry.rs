@@ -144,6 +144,8 @@ impl Registry for RedisBroker {
         self.update_local(|local| {
             local.connections.remove(connection_id);
             local.rooms.remove(connection_id);
+            crate::trim::shrink_map(&mut local.connections);
+            crate::trim::shrink_map(&mut local.rooms);
         });
         if let Err(e) = self
             .drop_connections(&[connection_id], &self.instance_id)

@@ -143,8 +143,11 @@ impl RedisSubscriber {
             self.to_unsubscribe.clear();
             return;
         };
-        let subscribe: Vec<String> = self.to_subscribe.drain().collect();
-        let unsubscribe: Vec<String> = self.to_unsubscribe.drain().collect();
+        // Taken whole: a wave of (un)subscriptions leaves no table behind.
+        let subscribe: Vec<String> = std::mem::take(&mut self.to_subscribe).into_iter().collect();
+        let unsubscribe: Vec<String> = std::mem::take(&mut self.to_unsubscribe)
+            .into_iter()
+            .collect();
         let generation = self.generation;
         let work = async move {
             let mut sink = sink;
@@ -485,6 +488,7 @@ impl Handler<Unwatch> for RedisSubscriber {
                 self.ids.forget_room(&room);
                 self.catching_up.remove(&room);
             }
+            crate::trim::shrink_map(&mut self.channels);
             self.to_subscribe.remove(&msg.0);
             self.to_unsubscribe.insert(msg.0);
             self.schedule_flush(ctx);
