@@ -1,6 +1,10 @@
 # Multi-stage build: compile with the Rust toolchain, run on a slim Debian
 # with a non-root user.
 FROM rust:1-slim-bookworm AS build
+# make: the jemalloc allocator (tikv-jemalloc-sys) builds its C sources with it.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends make \
+ && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
