@@ -111,7 +111,7 @@ pub struct FanoutArgs {
     /// latency); default: `--url`.
     #[arg(long)]
     pub publish_url: Option<String>,
-    /// Subscriber connections, all joined to `--room`.
+    /// Subscriber connections, joined to `--room` (or spread over `--rooms`).
     #[arg(long, default_value_t = 1000)]
     pub subscribers: usize,
     /// Distinct user ids among the subscribers (subscriber i is user i mod
@@ -131,9 +131,14 @@ pub struct FanoutArgs {
     /// Approximate size of each message's `data` object in bytes (padded).
     #[arg(long, default_value_t = 100)]
     pub payload_bytes: usize,
-    /// The room everyone joins.
+    /// The room everyone joins (with `--rooms`, the rooms' common prefix).
     #[arg(long, default_value = "bench")]
     pub room: String,
+    /// Rooms, as the shared harness spreads its members: subscriber i and
+    /// publisher p join `<room>-<i mod rooms>` and `<room>-<p mod rooms>`
+    /// (so at most `--publishers`); 1: everyone in `--room`.
+    #[arg(long, default_value_t = 1)]
+    pub rooms: usize,
     /// Subscribers connecting at the same time (connections are opened in a
     /// sliding window of this size so the connect storm stays bounded).
     #[arg(long, default_value_t = 100)]

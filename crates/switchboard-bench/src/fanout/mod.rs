@@ -55,18 +55,44 @@ impl Shared {
         }
     }
 
-    /// A recorder that counts towards `complete`.
-    fn recorder(&self) -> Recorder {
-        Recorder::new(&self.per_publisher, self.complete.clone())
+    /// How many rooms the members are spread over.
+    pub fn rooms(&self) -> usize {
+        self.args.rooms.max(1)
+    }
+
+    /// The room of member `index` (subscriber or publisher).
+    pub fn room_of(&self, index: usize) -> usize {
+        index % self.rooms()
+    }
+
+    pub fn room_name(&self, room: usize) -> String {
+        match self.rooms() {
+            1 => self.args.room.clone(),
+            _ => format!("{}-{room}", self.args.room),
+        }
+    }
+
+    /// What each publisher sends into `room` (nothing from the others).
+    pub fn counts_in(&self, room: usize) -> Vec<u64> {
+        let counts = self.per_publisher.iter().enumerate();
+        counts
+            .map(|(p, &n)| if self.room_of(p) == room { n } else { 0 })
+            .collect()
+    }
+
+    /// A recorder for a subscriber in `room`, counting towards `complete`.
+    fn recorder(&self, room: usize) -> Recorder {
+        Recorder::new(room, &self.counts_in(room), self.complete.clone())
     }
 
     async fn connect_and_join(
         &self,
         url: &str,
+        room: usize,
         on_other: impl FnMut(&str),
     ) -> Result<Joined, String> {
-        let (room, buffer) = (&self.args.room, self.args.common.read_buffer_bytes);
-        client::connect_and_join(url, room, self.connect_limit, buffer, on_other).await
+        let (room, buffer) = (self.room_name(room), self.args.common.read_buffer_bytes);
+        client::connect_and_join(url, &room, self.connect_limit, buffer, on_other).await
     }
 }
 
@@ -151,6 +177,9 @@ async fn run_once(args: FanoutArgs) -> Result<(bool, serde_json::Value), String>
     if args.publishers == 0 || args.messages == 0 || args.rate <= 0.0 {
         return Err("--publishers, --messages and --rate must be positive".into());
     }
+    if args.rooms == 0 || args.rooms > args.publishers {
+        return Err("--rooms must be between 1 and --publishers (each room needs a publisher)".into());
+    }
     let deadline = Instant::now() + Duration::from_secs(args.common.duration_s);
     let stats = ServerStats::new(&args.common.url, args.common.api_key.clone())?;
     let run_id = run_id();
@@ -201,7 +230,7 @@ async fn run_once(args: FanoutArgs) -> Result<(bool, serde_json::Value), String>
 
 fn print_scenario(args: &FanoutArgs, users: usize) {
     println!(
-        "scenario: fanout: {} subscribers ({} users) on {}, {} publishers on {}, room {:?}, \
+        "scenario: fanout: {} subscribers ({} users) on {}, {} publishers on {}, room {:?} ×{}, \
          {} messages at {} msg/s, data ~{} bytes",
         args.subscribers,
         users,
@@ -209,6 +238,7 @@ fn print_scenario(args: &FanoutArgs, users: usize) {
         args.publishers,
         args.publish_url.as_deref().unwrap_or(&args.common.url),
         args.room,
+        args.rooms,
         args.messages,
         args.rate,
         args.payload_bytes
@@ -242,6 +272,7 @@ async fn start_subscribers(
         let user = format!("bench-sub-{run_id}-{}", i % users);
         let token = mint_token(&args.common.secret, &user)?;
         tasks.push(tokio::spawn(subscriber::subscriber(
+            i,
             token,
             shared.clone(),
             slots.clone(),

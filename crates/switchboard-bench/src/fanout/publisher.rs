@@ -72,9 +72,11 @@ pub async fn publisher(
     let base = args.publish_url.as_deref().unwrap_or(&args.common.url);
     let url = client::ws_url_with_token(&client::ws_endpoint(base), &token);
     // Publishers are members too; their own completion is not counted.
-    let mut recorder = Recorder::new(&shared.per_publisher, Arc::new(AtomicUsize::new(0)));
+    let room = shared.room_of(plan.index);
+    let counts = shared.counts_in(room);
+    let mut recorder = Recorder::new(room, &counts, Arc::new(AtomicUsize::new(0)));
     let setup = shared
-        .connect_and_join(&url, |text| recorder.frame(text, |_| {}))
+        .connect_and_join(&url, room, |text| recorder.frame(text, |_| {}))
         .await;
     let _ = links.ready.send(setup.is_ok());
     let Joined {
@@ -93,8 +95,9 @@ pub async fn publisher(
     // Send times by sequence number (µs since epoch), read by the reader.
     let send_times: Vec<AtomicU64> = (0..plan.count).map(|_| AtomicU64::new(0)).collect();
     let pad = padding(plan.index, plan.count, now_us(), args.payload_bytes);
+    let room_name = shared.room_name(room);
     let outbox = Outbox {
-        room: &args.room,
+        room: &room_name,
         pad: &pad,
         send_times: &send_times,
         acks_outstanding: &links.acks_outstanding,

@@ -14,6 +14,8 @@ use crate::latency::Latency;
 use crate::report::{count_into, Counts};
 
 pub struct Recorder {
+    /// The member's room (`--rooms`), whose publishers it hears.
+    pub room: usize,
     pub latency: Latency,
     /// Per publisher, one bit per sequence number: received at least once.
     seen: Vec<Vec<u64>>,
@@ -36,9 +38,11 @@ pub struct Recorder {
 }
 
 impl Recorder {
-    /// For a run where publisher `p` sends `per_publisher[p]` messages.
-    pub fn new(per_publisher: &[u64], complete: Arc<AtomicUsize>) -> Self {
+    /// For a member of `room`, where publisher `p` sends `per_publisher[p]`
+    /// messages into it.
+    pub fn new(room: usize, per_publisher: &[u64], complete: Arc<AtomicUsize>) -> Self {
         Recorder {
+            room,
             latency: Latency::new(),
             seen: per_publisher
                 .iter()
@@ -152,7 +156,7 @@ mod tests {
     #[test]
     fn a_complete_in_order_run_is_counted_once() {
         let complete = Arc::new(AtomicUsize::new(0));
-        let mut r = Recorder::new(&[2, 1], complete.clone());
+        let mut r = Recorder::new(0, &[2, 1], complete.clone());
         r.frame(&message("10-0", 0, 0), |_| {});
         r.frame(&message("10-1", 1, 0), |_| {});
         assert_eq!(complete.load(Ordering::Relaxed), 0);
@@ -166,7 +170,7 @@ mod tests {
 
     #[test]
     fn duplicates_reordering_and_id_regressions_are_counted() {
-        let mut r = Recorder::new(&[3], Arc::new(AtomicUsize::new(0)));
+        let mut r = Recorder::new(0, &[3], Arc::new(AtomicUsize::new(0)));
         r.frame(&message("10-2", 0, 2), |_| {});
         r.frame(&message("10-10", 0, 0), |_| {}); // 10-10 > 10-2: numeric order
         r.frame(&message("10-3", 0, 0), |_| {});
@@ -176,7 +180,7 @@ mod tests {
 
     #[test]
     fn other_frames_are_sorted_into_their_tallies() {
-        let mut r = Recorder::new(&[1], Arc::new(AtomicUsize::new(0)));
+        let mut r = Recorder::new(0, &[1], Arc::new(AtomicUsize::new(0)));
         let mut replies = Vec::new();
         for text in [
             r#"{"type":"joined","room":"bench","user":"u"}"#,

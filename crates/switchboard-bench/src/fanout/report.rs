@@ -39,7 +39,7 @@ pub async fn print(run: Run<'_>) -> (bool, serde_json::Value) {
     let delivered = Deliveries::of(run.subs, run.pubs);
     delivered.print(&published, run.drain);
     let own = OwnCopies::of(run.pubs);
-    own.print(published.acked * pubs_ok as u64);
+    own.print();
     let total_members = delivered.subscribers + pubs_ok;
     println!(
         "closing:     {} of {total_members} connections closed with a completed close handshake",
@@ -55,7 +55,7 @@ pub async fn print(run: Run<'_>) -> (bool, serde_json::Value) {
         && published.sent == args.messages
         && published.acked == published.sent
         && delivered.is_perfect()
-        && own.is_perfect(published.acked * pubs_ok as u64)
+        && own.is_perfect()
         && run.drain.acks_in;
     print_result(
         ok,
@@ -239,19 +239,20 @@ struct Deliveries {
 
 impl Deliveries {
     fn of(subs: &[MemberResult], pubs: &[PublisherResult]) -> Self {
-        let acked_sets: Vec<&[bool]> = pubs.iter().map(|p| p.acked_seqs.as_slice()).collect();
-        let acked: u64 = pubs.iter().map(|p| p.acked).sum();
         let mut d = Deliveries::default();
         for s in subs.iter().filter(|s| s.setup.is_ok()) {
-            d.add(s, &acked_sets);
+            d.add(s, &acked_in(pubs, s.recorder.room));
         }
-        d.expected = acked * d.subscribers as u64;
         d
     }
 
     fn add(&mut self, s: &MemberResult, acked_sets: &[&[bool]]) {
         let r = &s.recorder;
         self.subscribers += 1;
+        self.expected += acked_sets
+            .iter()
+            .map(|set| set.iter().filter(|&&a| a).count() as u64)
+            .sum::<u64>();
         self.latency.merge(&r.latency);
         self.received += r.unique;
         let (missing, unacked) = compare_with_acked(acked_sets, |p, seq| r.has(p, seq));
@@ -294,8 +295,8 @@ impl Deliveries {
         let window_s = self.last_rx_us.saturating_sub(published.first_send_us) as f64 / 1e6;
         println!();
         println!(
-            "deliveries:  {} received of {} expected ({} subscribers × {} acked messages); \
-             drained {:.2} s after the last publish{}",
+            "deliveries:  {} received of {} expected ({} subscribers × the acked messages of \
+             their room, {} in all); drained {:.2} s after the last publish{}",
             self.received,
             self.expected,
             self.subscribers,
@@ -362,6 +363,17 @@ impl Deliveries {
 
 /// One member against the acked messages (`acked_sets[publisher][seq]`):
 /// (acked but not received, received but never acked).
+/// Per publisher, what it had acked into `room` (nothing from the
+/// publishers of other rooms).
+fn acked_in(pubs: &[PublisherResult], room: usize) -> Vec<&[bool]> {
+    pubs.iter()
+        .map(|p| match p.member.recorder.room == room {
+            true => p.acked_seqs.as_slice(),
+            false => &[],
+        })
+        .collect()
+}
+
 fn compare_with_acked(acked_sets: &[&[bool]], has: impl Fn(usize, u64) -> bool) -> (u64, u64) {
     let (mut missing, mut unacked) = (0, 0);
     for (p, set) in acked_sets.iter().enumerate() {
@@ -390,6 +402,9 @@ fn print_server_latency(drain: &Drain) {
 /// members of the room too).
 #[derive(Default)]
 struct OwnCopies {
+    /// What the publishers that joined should have received: every acked
+    /// message of their room.
+    expected: u64,
     received: u64,
     duplicates: u64,
     out_of_order: u64,
@@ -408,6 +423,10 @@ impl OwnCopies {
         let mut own = OwnCopies::default();
         for p in pubs {
             let r = &p.member.recorder;
+            if p.member.setup.is_ok() {
+                let room = acked_in(pubs, r.room);
+                own.expected += room.iter().map(|s| s.iter().filter(|&&a| a).count() as u64).sum::<u64>();
+            }
             own.latency.merge(&r.latency);
             own.received += r.unique;
             own.duplicates += r.duplicates;
@@ -426,13 +445,14 @@ impl OwnCopies {
         own
     }
 
-    fn is_perfect(&self, expected: u64) -> bool {
-        self.received == expected
+    fn is_perfect(&self) -> bool {
+        self.received == self.expected
             && self.duplicates + self.out_of_order + self.id_order_violations == 0
             && self.server_closes == 0
     }
 
-    fn print(&self, expected: u64) {
+    fn print(&self) {
+        let expected = self.expected;
         println!(
             "  publishers' own copies: {} received of {expected} expected, duplicates {}, \
              out of order {}, id order violations {}{}",

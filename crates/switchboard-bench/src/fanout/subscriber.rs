@@ -54,13 +54,15 @@ impl MemberResult {
 
 /// One subscriber, from connecting to closing.
 pub async fn subscriber(
+    index: usize,
     token: String,
     shared: Arc<Shared>,
     connect_slots: Arc<Semaphore>,
     ready: mpsc::UnboundedSender<bool>,
     stop: watch::Receiver<bool>,
 ) -> MemberResult {
-    let mut recorder = shared.recorder();
+    let room = shared.room_of(index);
+    let mut recorder = shared.recorder(room);
     let url = client::ws_url_with_token(&client::ws_endpoint(&shared.args.common.url), &token);
     let setup = async {
         let _slot = connect_slots
@@ -68,7 +70,7 @@ pub async fn subscriber(
             .await
             .map_err(|_| "connect slots closed".to_string())?;
         shared
-            .connect_and_join(&url, |text| recorder.frame(text, |_| {}))
+            .connect_and_join(&url, room, |text| recorder.frame(text, |_| {}))
             .await
     }
     .await;
