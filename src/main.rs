@@ -75,9 +75,10 @@ fn load(path: Option<&std::path::Path>) -> Result<Config, ExitCode> {
 }
 
 /// jemalloc, because it gives memory back: a background thread returns
-/// pages freed for a second (`dirty_decay_ms`) to the system outright
+/// pages unused for 0.2 s (`dirty_decay_ms`) to the system outright
 /// (`muzzy_decay_ms:0`: no lazy `MADV_FREE`, which would stay in RSS), so
-/// after a wave of connections has gone, so has their memory. It also
+/// after a wave of connections has gone, so has their memory; pages in
+/// use again sooner (any steady traffic) are never given back. It also
 /// packs an idle connection's small allocations tighter than glibc (4.1
 /// against 5.4 KB each in the shared harness). See "Benchmarks" in the
 /// README.
@@ -90,7 +91,7 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[cfg(all(target_os = "linux", not(target_env = "musl")))]
 #[allow(non_upper_case_globals)]
 #[export_name = "_rjem_malloc_conf"]
-pub static malloc_conf: &[u8] = b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
+pub static malloc_conf: &[u8] = b"background_thread:true,dirty_decay_ms:200,muzzy_decay_ms:0\0";
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

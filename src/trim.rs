@@ -1,7 +1,6 @@
 //! Giving memory back after a wave of connections has gone. The allocator
 //! does most of it: jemalloc (the global allocator, see `src/main.rs`)
-//! returns the pages freed for a second to the system from a background
-//! thread. What it cannot return is memory still held: so the maps that
+//! returns pages unused for 0.2 s to the system from a background thread. What it cannot return is memory still held: so the maps that
 //! grow with the connections (the hubs' sessions and users, the memory
 //! broker's registry) shrink once mostly empty, with [`shrink_map`].
 

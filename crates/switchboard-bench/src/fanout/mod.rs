@@ -178,7 +178,9 @@ async fn run_once(args: FanoutArgs) -> Result<(bool, serde_json::Value), String>
         return Err("--publishers, --messages and --rate must be positive".into());
     }
     if args.rooms == 0 || args.rooms > args.publishers {
-        return Err("--rooms must be between 1 and --publishers (each room needs a publisher)".into());
+        return Err(
+            "--rooms must be between 1 and --publishers (each room needs a publisher)".into(),
+        );
     }
     let deadline = Instant::now() + Duration::from_secs(args.common.duration_s);
     let stats = ServerStats::new(&args.common.url, args.common.api_key.clone())?;

@@ -425,7 +425,10 @@ impl OwnCopies {
             let r = &p.member.recorder;
             if p.member.setup.is_ok() {
                 let room = acked_in(pubs, r.room);
-                own.expected += room.iter().map(|s| s.iter().filter(|&&a| a).count() as u64).sum::<u64>();
+                own.expected += room
+                    .iter()
+                    .map(|s| s.iter().filter(|&&a| a).count() as u64)
+                    .sum::<u64>();
             }
             own.latency.merge(&r.latency);
             own.received += r.unique;
