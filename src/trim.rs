@@ -1,8 +1,10 @@
 //! Giving memory back after a wave of connections has gone. The allocator
 //! does most of it: jemalloc (the global allocator, see `src/main.rs`)
-//! returns pages unused for 0.2 s to the system from a background thread. What it cannot return is memory still held: so the maps that
-//! grow with the connections (the hubs' sessions and users, the memory
-//! broker's registry) shrink once mostly empty, with [`shrink_map`].
+//! returns pages unused for 0.2 s to the system from a background
+//! thread. What it cannot return is memory still held: so the maps that
+//! grow with the connections (the hubs' sessions, users and rooms, the
+//! brokers' registries, presence and subscriptions) shrink once mostly
+//! empty, with [`shrink_map`].
 
 /// Shrinks a map that has emptied to under a quarter of its capacity (to
 /// twice its length), so a wave of connections that has gone leaves no
