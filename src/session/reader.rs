@@ -58,11 +58,13 @@ impl From<ProtocolError> for ReadError {
     }
 }
 
-/// A fragmented message being put together.
+/// A fragmented message being put together. The fragments are copied:
+/// each one's bytes would otherwise keep the whole read buffer it arrived
+/// in alive (a client sending one-byte fragments one at a time would hold
+/// a buffer per byte).
 struct Fragments {
     text: bool,
-    parts: Vec<Bytes>,
-    size: usize,
+    whole: BytesMut,
 }
 
 pub struct FrameReader {
@@ -95,8 +97,11 @@ impl FrameReader {
             let message = match frame {
                 Frame::Text(bytes) => AggregatedMessage::Text(text(bytes)?),
                 Frame::Binary(bytes) => AggregatedMessage::Binary(bytes),
-                Frame::Ping(bytes) => AggregatedMessage::Ping(bytes),
-                Frame::Pong(bytes) => AggregatedMessage::Pong(bytes),
+                // Copied (at most 125 bytes): a ping's payload waits in the
+                // outbound queue as the pong's, and must not keep the read
+                // buffer it came in alive meanwhile.
+                Frame::Ping(bytes) => AggregatedMessage::Ping(Bytes::copy_from_slice(&bytes)),
+                Frame::Pong(_) => AggregatedMessage::Pong(Bytes::new()),
                 Frame::Close(reason) => AggregatedMessage::Close(reason),
                 Frame::Continuation(item) => match self.fragment(item)? {
                     Some(message) => message,
@@ -120,32 +125,23 @@ impl FrameReader {
         if let Some(text) = first {
             self.fragments = Some(Fragments {
                 text,
-                parts: Vec::new(),
-                size: 0,
+                whole: BytesMut::new(),
             });
         }
         let Some(fragments) = self.fragments.as_mut() else {
             return Err(ReadError::Protocol(ProtocolError::ContinuationNotStarted));
         };
-        fragments.size += bytes.len();
-        if fragments.size > self.max_bytes {
+        if fragments.whole.len() + bytes.len() > self.max_bytes {
             return Err(ReadError::TooBig);
         }
-        if !bytes.is_empty() {
-            fragments.parts.push(bytes);
-        }
+        fragments.whole.extend_from_slice(&bytes);
         if !last {
             return Ok(None);
         }
         let Fragments {
             text: is_text,
-            parts,
-            size,
+            whole,
         } = self.fragments.take().expect("checked above");
-        let mut whole = BytesMut::with_capacity(size);
-        for part in parts {
-            whole.extend_from_slice(&part);
-        }
         let whole = whole.freeze();
         Ok(Some(if is_text {
             AggregatedMessage::Text(text(whole)?)
