@@ -8,8 +8,10 @@
 //! ```
 //!
 //! - [`session`]: one actor per WebSocket; auth is checked before it starts
-//!   ([`http`]), it answers client frames (one file per frame) and owns a
-//!   bounded outbound queue.
+//!   ([`http::ws`], actix-http's upgrade service, which hands it the TCP
+//!   socket), it reads the socket, answers client frames (one file per
+//!   frame) and owns a bounded outbound queue that its writer task drains
+//!   into the socket.
 //! - [`hub`]: one actor per actix-web worker thread; routes by room, user and
 //!   to everyone; owns the join replay/live seam.
 //! - [`broker`]: ids, history, presence, the connection registry and
