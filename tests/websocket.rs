@@ -267,6 +267,26 @@ async fn an_upgrade_elsewhere_is_404_and_ws_without_upgrade_is_400() {
     let hub = Hub::start(Broker::Memory);
     let (_, head, _) = raw_upgrade(&hub, "/health", b"").await;
     assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+    // An upgrade that is not a whole handshake: 400, and the connection ends.
+    let port = hub
+        .ws_url()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .trim_end_matches("/ws")
+        .to_owned();
+    let mut socket = TcpStream::connect(format!("127.0.0.1:{port}"))
+        .await
+        .expect("connect");
+    let request = "GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n\r\n";
+    socket.write_all(request.as_bytes()).await.expect("write");
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, socket.read_to_end(&mut answer))
+        .await
+        .expect("the connection ends")
+        .expect("read");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     let status = reqwest::get(hub.http("/ws"))
         .await
         .expect("GET /ws")

@@ -19,7 +19,7 @@ use actix_codec::{Encoder, Framed};
 use actix_http::body::BodySize;
 use actix_http::h1::{Codec, Message};
 use actix_http::ws::{HandshakeError, Parser};
-use actix_http::{Request, RequestHead, Response, StatusCode};
+use actix_http::{ConnectionType, Request, RequestHead, Response, StatusCode};
 use actix_web::dev::{fn_service, ServiceFactory};
 use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
 use bytes::{Bytes, BytesMut};
@@ -80,14 +80,14 @@ async fn upgrade(
             actix_http::header::CONTENT_TYPE,
             actix_http::header::HeaderValue::from_static("application/json"),
         );
-        let _ = answer(&mut socket, &mut codec, res, Some(body)).await;
+        let _ = answer(&mut socket, &mut codec, refusal(res), Some(body)).await;
         return;
     };
     let mut handshake = match handshake {
         Ok(builder) => builder,
         Err(e) => {
-            let res = Response::from(e).drop_body();
-            let _ = answer(&mut socket, &mut codec, res, None).await;
+            let res = refusal(Response::from(e).drop_body());
+            let _ = answer(&mut socket, &mut codec, res, Some(Bytes::new())).await;
             return;
         }
     };
@@ -119,6 +119,12 @@ async fn upgrade(
             }
         }
     }
+}
+
+/// An error answer to an upgrade request: the connection ends after it.
+fn refusal(mut res: Response<()>) -> Response<()> {
+    res.head_mut().set_connection_type(ConnectionType::Close);
+    res
 }
 
 /// Writes an HTTP response (head, and `body` if any) on the connection.
