@@ -71,19 +71,12 @@ async fn upgrade(
     let parts = framed.into_parts();
     let (mut codec, mut socket) = (parts.codec, parts.io);
     let head = req.head();
-    let handshake = if head.uri.path() == "/ws" {
-        actix_http::ws::handshake(head)
-    } else {
-        let body = Bytes::from_static(br#"{"error":"not_found","message":"no such endpoint"}"#);
-        let mut res = Response::with_body(StatusCode::NOT_FOUND, ());
-        res.headers_mut().insert(
-            actix_http::header::CONTENT_TYPE,
-            actix_http::header::HeaderValue::from_static("application/json"),
-        );
-        let _ = answer(&mut socket, &mut codec, refusal(res), Some(body)).await;
+    if head.uri.path() != "/ws" {
+        let (res, body) = not_found();
+        let _ = answer(&mut socket, &mut codec, res, Some(body)).await;
         return;
-    };
-    let mut handshake = match handshake {
+    }
+    let mut handshake = match actix_http::ws::handshake(head) {
         Ok(builder) => builder,
         Err(e) => {
             let res = refusal(Response::from(e).drop_body());
@@ -119,6 +112,17 @@ async fn upgrade(
             }
         }
     }
+}
+
+/// The app's 404 (JSON `not_found`), for an upgrade request elsewhere.
+fn not_found() -> (Response<()>, Bytes) {
+    let body = Bytes::from_static(br#"{"error":"not_found","message":"no such endpoint"}"#);
+    let mut res = Response::with_body(StatusCode::NOT_FOUND, ());
+    res.headers_mut().insert(
+        actix_http::header::CONTENT_TYPE,
+        actix_http::header::HeaderValue::from_static("application/json"),
+    );
+    (refusal(res), body)
 }
 
 /// An error answer to an upgrade request: the connection ends after it.
