@@ -96,19 +96,17 @@ async fn server_close(socket: &mut TcpStream, buf: &mut Vec<u8>) -> (u16, String
     }
 }
 
+/// A raw TCP connection to the hub.
+async fn tcp(hub: &Hub) -> TcpStream {
+    TcpStream::connect(("127.0.0.1", hub.port))
+        .await
+        .expect("connect")
+}
+
 /// Sends an upgrade request for `path` (and `extra` bytes in the same
 /// write); returns the socket, the response head and what followed it.
 async fn raw_upgrade(hub: &Hub, path: &str, extra: &[u8]) -> (TcpStream, String, Vec<u8>) {
-    let port = hub
-        .ws_url()
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .trim_end_matches("/ws")
-        .to_owned();
-    let mut socket = TcpStream::connect(format!("127.0.0.1:{port}"))
-        .await
-        .expect("connect");
+    let mut socket = tcp(hub).await;
     let mut request = format!(
         "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
@@ -268,16 +266,7 @@ async fn an_upgrade_elsewhere_is_404_and_ws_without_upgrade_is_400() {
     let (_, head, _) = raw_upgrade(&hub, "/health", b"").await;
     assert!(head.starts_with("HTTP/1.1 404"), "{head}");
     // An upgrade that is not a whole handshake: 400, and the connection ends.
-    let port = hub
-        .ws_url()
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .trim_end_matches("/ws")
-        .to_owned();
-    let mut socket = TcpStream::connect(format!("127.0.0.1:{port}"))
-        .await
-        .expect("connect");
+    let mut socket = tcp(&hub).await;
     let request = "GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n\r\n";
     socket.write_all(request.as_bytes()).await.expect("write");
     let mut answer = Vec::new();

@@ -1,5 +1,6 @@
-//! HTTP: the WebSocket upgrade (`/ws`, [`ws`], the server's upgrade service), the admin API (`/api/...`,
-//! [`api`], behind [`api_key`]), health and metrics ([`health`]),
+//! HTTP: the WebSocket upgrade (`/ws`, [`ws`], the server's upgrade
+//! service), the admin API (`/api/...`, [`api`], behind [`api_key`]),
+//! health and metrics ([`health`]),
 //! development tokens ([`dev`], when enabled) and the static demo
 //! (`server.static_dir` at `/`). Routes only; each concern has its own file.
 

@@ -94,9 +94,10 @@ async fn upgrade(
             tracing::debug!(connection_id = %accepted.connection_id, user = %accepted.claims.sub, "session accepted");
             // What the client sent behind its request, without the
             // dispatcher's 8 KiB buffer around it.
-            let leftover = match parts.read_buf.is_empty() {
-                true => BytesMut::new(),
-                false => BytesMut::from(&parts.read_buf[..]),
+            let leftover = if parts.read_buf.is_empty() {
+                BytesMut::new()
+            } else {
+                BytesMut::from(&parts.read_buf[..])
             };
             Session::start(state, hub, accepted, socket, leftover);
         }

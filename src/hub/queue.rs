@@ -50,6 +50,16 @@ struct Inner {
     writer: Option<Waker>,
 }
 
+impl Inner {
+    /// The writer is woken on the next push or status change.
+    fn wake_me(&mut self, cx: &mut Context<'_>) {
+        match &self.writer {
+            Some(waker) if waker.will_wake(cx.waker()) => {}
+            _ => self.writer = Some(cx.waker().clone()),
+        }
+    }
+}
+
 /// One handle on a session's queue (the session, its hub and its writer
 /// each hold one).
 #[derive(Clone)]
@@ -132,10 +142,7 @@ impl OutboundQueue {
         if inner.items.capacity() > KEEP_SLOTS {
             inner.items.shrink_to(KEEP_SLOTS);
         }
-        match &inner.writer {
-            Some(waker) if waker.will_wake(cx.waker()) => {}
-            _ => inner.writer = Some(cx.waker().clone()),
-        }
+        inner.wake_me(cx);
         Status::Open
     }
 
@@ -143,10 +150,7 @@ impl OutboundQueue {
     /// it changes or an item is pushed.
     pub fn watch(&self, cx: &mut Context<'_>) -> Status {
         let mut inner = self.0.borrow_mut();
-        match &inner.writer {
-            Some(waker) if waker.will_wake(cx.waker()) => {}
-            _ => inner.writer = Some(cx.waker().clone()),
-        }
+        inner.wake_me(cx);
         inner.status
     }
 

@@ -36,7 +36,7 @@ mod reply;
 mod task;
 mod writer;
 
-pub use self::writer::{SocketWriter, CLOSE_TIMEOUT};
+pub use self::writer::CLOSE_TIMEOUT;
 
 use std::collections::{HashSet, VecDeque};
 use std::rc::Rc;
@@ -50,6 +50,7 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
 use self::reader::{FrameReader, ReadError};
+use self::writer::SocketWriter;
 
 use crate::auth::Claims;
 use crate::hub::{queue, CloseSession, Connect, Disconnect, Hub, Outbound, OutboundQueue};

@@ -249,10 +249,7 @@ impl Deliveries {
     fn add(&mut self, s: &MemberResult, acked_sets: &[&[bool]]) {
         let r = &s.recorder;
         self.subscribers += 1;
-        self.expected += acked_sets
-            .iter()
-            .map(|set| set.iter().filter(|&&a| a).count() as u64)
-            .sum::<u64>();
+        self.expected += acked_count(acked_sets);
         self.latency.merge(&r.latency);
         self.received += r.unique;
         let (missing, unacked) = compare_with_acked(acked_sets, |p, seq| r.has(p, seq));
@@ -374,6 +371,13 @@ fn acked_in(pubs: &[PublisherResult], room: usize) -> Vec<&[bool]> {
         .collect()
 }
 
+/// How many messages `sets` (from [`acked_in`]) say were acked.
+fn acked_count(sets: &[&[bool]]) -> u64 {
+    sets.iter()
+        .map(|set| set.iter().filter(|&&a| a).count() as u64)
+        .sum()
+}
+
 fn compare_with_acked(acked_sets: &[&[bool]], has: impl Fn(usize, u64) -> bool) -> (u64, u64) {
     let (mut missing, mut unacked) = (0, 0);
     for (p, set) in acked_sets.iter().enumerate() {
@@ -424,11 +428,7 @@ impl OwnCopies {
         for p in pubs {
             let r = &p.member.recorder;
             if p.member.setup.is_ok() {
-                let room = acked_in(pubs, r.room);
-                own.expected += room
-                    .iter()
-                    .map(|s| s.iter().filter(|&&a| a).count() as u64)
-                    .sum::<u64>();
+                own.expected += acked_count(&acked_in(pubs, r.room));
             }
             own.latency.merge(&r.latency);
             own.received += r.unique;
