@@ -229,7 +229,7 @@ export interface DisconnectedDetail {
   code: number;
   reason: string;
   willReconnect: boolean;
-  /** When `willReconnect`: the delay before the next attempt. */
+  /** When `willReconnect`: the delay before the next attempt (after a 1001: drawn from `goingAwayReconnectWindowMs`). */
   delayMs?: number;
 }
 
