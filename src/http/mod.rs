@@ -8,6 +8,7 @@ mod api;
 mod api_key;
 mod bearer;
 mod dev;
+pub mod echo;
 mod health;
 pub mod ws;
 
