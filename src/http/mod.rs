@@ -45,8 +45,7 @@ pub fn routes(cfg: &mut web::ServiceConfig, config: &Config) {
                 .route("/tasks/{id}/progress", web::post().to(api::task_progress))
                 .route("/stats", web::get().to(api::stats)),
         );
-    let dir = std::path::Path::new(&config.server.static_dir);
-    if !config.server.static_dir.is_empty() && dir.is_dir() {
+    if let Some(dir) = config.static_dir() {
         cfg.service(
             actix_files::Files::new("/", dir)
                 .index_file("index.html")
