@@ -21,6 +21,8 @@ use crate::config::Config;
 pub fn routes(cfg: &mut web::ServiceConfig, config: &Config) {
     if config.auth.dev_tokens {
         cfg.route("/dev/token", web::post().to(dev::token));
+    } else {
+        cfg.route("/dev/token", web::to(dev::disabled));
     }
     cfg.route("/ws", web::get().to(ws::without_upgrade))
         .route("/health", web::get().to(health::ready))
