@@ -198,15 +198,54 @@ async fn start_state(config: Config) -> Result<AppState, ServerError> {
     Ok(AppState::new(config, instance_id, verifier, broker, tasks))
 }
 
+/// The first stdout line, `listening on HOST:PORT` (tools and tests read
+/// it; keep it as it is), then, in the log, where to point a browser and a
+/// WebSocket client.
 fn announce(addr: SocketAddr, state: &AppState, workers: usize) {
     let mut out = io::stdout().lock();
     let _ = writeln!(out, "listening on {addr}");
     let _ = out.flush();
+    drop(out);
+    let config = &state.config;
     tracing::info!(%addr, instance = %state.instance_id, workers, broker = state.broker.kind, "switchboard listening");
+    if config.loopback_for_dev_tokens() {
+        tracing::info!(
+            "auth.dev_tokens is on and server.host is not set: listening on {} only, not reachable \
+             from other machines (set server.host, e.g. SWITCHBOARD__SERVER__HOST=0.0.0.0, to change that)",
+            addr.ip()
+        );
+    }
+    let base = reachable_at(addr);
+    if config.static_dir().is_some() {
+        if config.auth.dev_tokens {
+            tracing::info!(
+                "open http://{base}/ in a browser: the demo chat (and http://{base}/dashboard.html)"
+            );
+        } else {
+            tracing::info!(
+                "the demo is served at http://{base}/, but its chat needs development tokens: \
+                 start the hub with auth.dev_tokens = true (SWITCHBOARD__AUTH__DEV_TOKENS=true)"
+            );
+        }
+    }
     tracing::info!(
-        "get a token: `switchboard token --user alice` (from a checkout: `cargo run --release -- token --user alice`), \
-         then connect to ws://{addr}/ws?token=<token>"
+        "WebSocket clients connect to ws://{base}/ws?token=<token>; get a token with \
+         `switchboard token --user alice` (from a checkout: `cargo run --release -- token --user alice`)"
     );
+}
+
+/// `host:port` a client on this machine can use for `addr`: `localhost`
+/// for every interface and for loopback, else the address itself.
+fn reachable_at(addr: SocketAddr) -> String {
+    let ip = addr.ip();
+    let local = ip.is_unspecified()
+        || ip == std::net::IpAddr::from([127, 0, 0, 1])
+        || ip == std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST);
+    if local {
+        format!("localhost:{}", addr.port())
+    } else {
+        addr.to_string()
+    }
 }
 
 /// The share of `server.shutdown_grace_s` over which sessions are closed

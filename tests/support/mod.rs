@@ -72,6 +72,8 @@ pub struct Hub {
     pub dir: tempfile::TempDir,
     pub broker: Broker,
     pub prefix: String,
+    /// The first line the hub printed on stdout (`listening on HOST:PORT`).
+    pub listening: String,
 }
 
 pub struct HubBuilder {
@@ -80,6 +82,7 @@ pub struct HubBuilder {
     prefix: String,
     extra: String,
     env: Vec<(String, String)>,
+    unset: Vec<String>,
     redis_url: String,
 }
 
@@ -94,6 +97,12 @@ impl HubBuilder {
     }
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.env.push((key.into(), value.into()));
+        self
+    }
+    /// Leaves a base variable (`SWITCHBOARD__SERVER__HOST`, …) out of the
+    /// hub's environment, so the config file or the default decides.
+    pub fn unset(mut self, key: &str) -> Self {
+        self.unset.push(key.into());
         self
     }
     /// Share a Redis prefix (a cluster) with another hub.
@@ -137,6 +146,9 @@ impl HubBuilder {
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
+        for k in &self.unset {
+            cmd.env_remove(k);
+        }
         let mut child = cmd.spawn().expect("spawn switchboard");
         let stdout = child.stdout.take().expect("stdout");
         let mut line = String::new();
@@ -160,6 +172,7 @@ impl HubBuilder {
             dir,
             broker: self.broker,
             prefix: self.prefix,
+            listening: line.trim_end().to_owned(),
         }
     }
 }
@@ -172,6 +185,7 @@ impl Hub {
             prefix: unique_prefix(),
             extra: String::new(),
             env: Vec::new(),
+            unset: Vec::new(),
             redis_url: redis_url(),
         }
     }
