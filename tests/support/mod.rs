@@ -3,6 +3,8 @@
 //! to it over real WebSockets and HTTP.
 #![allow(dead_code)]
 
+pub mod raw;
+
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -31,6 +33,17 @@ pub enum Broker {
 
 pub fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// A process's resident memory, in MiB.
+pub fn rss_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    kib / 1024
 }
 
 /// A key prefix no other test uses.
@@ -193,6 +206,11 @@ impl Hub {
     /// A hub with the test defaults.
     pub fn start(broker: Broker) -> Hub {
         Self::builder(broker).start()
+    }
+
+    /// The hub process's resident memory, in MiB.
+    pub fn rss_mib(&self) -> u64 {
+        rss_mib(self.pid())
     }
 
     pub fn pid(&self) -> u32 {
