@@ -159,7 +159,8 @@ async fn nbf_and_iat_a_little_ahead_are_accepted() {
         json!({"sub": "alice", "nbf": now + 55}),
     ] {
         let mut c = Client::connect(&hub.ws_url(), &token_with(claims.clone())).await;
-        assert_eq!(c.recv().await["type"], "welcome", "{claims}");
+        assert_eq!(c.welcome["user"], "alice", "{claims}");
+        assert_eq!(c.request(json!({"type": "ping"})).await["type"], "pong");
     }
     let late = token_with(json!({"sub": "alice", "nbf": now + 120}));
     assert_eq!(refused(&hub, &late).await, unauthorized());
