@@ -286,7 +286,7 @@ async def test_a_worker_that_lost_its_claim_writes_nothing(
 
 
 async def test_stop_finishes_the_running_task_first(
-    hubs: Any, workers: Any, clients: list[Client]
+    hubs: Any, workers: Any, clients: list[Client], r: aioredis.Redis
 ) -> None:
     hub = external_hub(hubs)
     worker = worker_for(hub)
@@ -304,6 +304,8 @@ async def test_stop_finishes_the_running_task_first(
     await asyncio.wait_for(started.wait(), 10)
     await running.stop(grace_s=10)
     assert await handle.result(timeout_s=5) == "done before the stop"
+    consumers = await r.xinfo_consumers(Keys(hub.prefix).stream, GROUP)
+    assert worker.name not in [c["name"] for c in consumers], "a stopped worker leaves the group"
 
 
 async def test_a_plain_function_runs_in_a_thread(

@@ -89,9 +89,8 @@ class AsyncApi:
         api_key: str,
         *,
         timeout_s: float = 10.0,
-        client: Optional[httpx.AsyncClient] = None,
     ) -> None:
-        self._http = client or httpx.AsyncClient(
+        self._http = httpx.AsyncClient(
             base_url=base_url.rstrip("/"), timeout=timeout_s, headers=_headers(api_key)
         )
 
@@ -176,9 +175,8 @@ class Api:
         api_key: str,
         *,
         timeout_s: float = 10.0,
-        client: Optional[httpx.Client] = None,
     ) -> None:
-        self._http = client or httpx.Client(
+        self._http = httpx.Client(
             base_url=base_url.rstrip("/"), timeout=timeout_s, headers=_headers(api_key)
         )
 

@@ -698,7 +698,14 @@ class Client:
         assert self._wake is not None
         while not self._closing:
             self._set_state("connecting")
-            code, reason = await self._session()
+            try:
+                code, reason = await self._session()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # a bug must not end the reconnect loop
+                log.exception("connection failed unexpectedly")
+                self._emit(ErrorEvent(e, "connect"))
+                code, reason = 1006, "client error"
             if self._closing:
                 return
             if not self._may_retry(code, reason):

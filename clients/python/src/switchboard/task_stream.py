@@ -210,6 +210,15 @@ class TaskStream:
             if "BUSYGROUP" not in str(e):
                 raise
 
+    async def forget_consumer(self, consumer: str) -> None:
+        """At a stop: removes the consumer from the group when it holds no
+        entry (one it holds stays, for another worker to take over)."""
+        held = await self.redis.xpending_range(
+            self.keys.stream, GROUP, min="-", max="+", count=1, consumername=consumer
+        )
+        if not held:
+            await self.redis.xgroup_delconsumer(self.keys.stream, GROUP, consumer)
+
     # -- 1. read -----------------------------------------------------------
 
     async def read_new(self, consumer: str, count: int, block_ms: int) -> list[Entry]:

@@ -184,17 +184,23 @@ class Worker:
         stream = TaskStream(r, self._keys, self._result_ttl_ms)
         self._stopping = asyncio.Event()
         log.info(
-            "worker started",
-            extra={"consumer": self.name, "tasks": sorted(self._handlers), "hands": self.concurrency},
+            "worker %s started: tasks %s, %d hands",
+            self.name,
+            ", ".join(sorted(self._handlers)),
+            self.concurrency,
         )
         try:
             await self._loop(stream)
         finally:
             if self._hands:
                 await asyncio.gather(*self._hands, return_exceptions=True)
+            try:
+                await stream.forget_consumer(self.name)
+            except (RedisError, OSError):
+                pass
             if own_redis:
                 await r.aclose()
-            log.info("worker stopped", extra={"consumer": self.name})
+            log.info("worker %s stopped", self.name)
 
     async def stop(self, grace_s: float = 10.0) -> None:
         """Stops taking work; waits at most ``grace_s`` for the running tasks,
@@ -239,7 +245,7 @@ class Worker:
                     group_ready = False  # the stream was deleted: make it again
                 failures += 1
                 delay = min(5.0, 0.2 * 2 ** min(failures, 5))
-                log.warning("reading tasks failed; retrying", extra={"error": str(e), "in_s": delay})
+                log.warning("reading tasks failed (%s); retrying in %.1f s", e, delay)
                 await self._sleep_unless_stopping(delay)
                 continue
             for entry, taken_over in entries:
@@ -266,7 +272,7 @@ class Worker:
         try:
             started = await stream.start(entry, self.max_attempts, taken_over, LOST_ERROR)
             if started.exhausted_error is not None:
-                log.info("task failed: attempts spent", extra={"task_id": entry.task_id})
+                log.info("task %s failed: its attempts are spent", entry.task_id)
                 await stream.close_entry(entry, started.exhausted_error, started.attempt)
                 return
             if started.attempt == 0:
@@ -274,24 +280,23 @@ class Worker:
                 return
             await self._attempts(stream, entry, started.attempt)
         except asyncio.CancelledError:
-            log.warning("task abandoned at stop; it will be taken over", extra={"task_id": entry.task_id})
+            log.warning("task %s abandoned at stop; it will be taken over", entry.task_id)
             raise
         except (RedisError, OSError) as e:
-            log.warning(
-                "task step failed on Redis; it will be taken over",
-                extra={"task_id": entry.task_id, "error": str(e)},
-            )
+            log.warning("task %s: a step failed on Redis (%s); it will be taken over", entry.task_id, e)
+        except Exception:
+            log.exception("task %s: unexpected error; it will be taken over", entry.task_id)
 
     async def _attempts(self, stream: TaskStream, entry: Entry, attempt: int) -> None:
         while True:
             ok, value, retry = await self._attempt_renewed(stream, entry, attempt)
             if ok:
                 if not await stream.finish(entry, attempt, value, None):
-                    log.warning("task result dropped: claim lost", extra={"task_id": entry.task_id})
+                    log.warning("task %s: result dropped, another worker owns it now", entry.task_id)
                 return
             if not retry or attempt >= self.max_attempts:
                 if not await stream.finish(entry, attempt, None, value):
-                    log.warning("task failure dropped: claim lost", extra={"task_id": entry.task_id})
+                    log.warning("task %s: failure dropped, another worker owns it now", entry.task_id)
                 return
             if not await self._backoff_renewed(stream, entry, attempt):
                 return
@@ -319,10 +324,10 @@ class Worker:
             await asyncio.sleep(every)
             try:
                 if not await stream.renew(self.name, entry, attempt):
-                    log.warning("task claim lost to another worker", extra={"task_id": entry.task_id})
+                    log.warning("task %s: claim lost to another worker", entry.task_id)
                     return
             except (RedisError, OSError) as e:
-                log.warning("renewing a task's claim failed", extra={"task_id": entry.task_id, "error": str(e)})
+                log.warning("task %s: renewing the claim failed (%s)", entry.task_id, e)
 
     async def _backoff_renewed(self, stream: TaskStream, entry: Entry, attempt: int) -> bool:
         """Waits before the next attempt (1 s, 2 s, 4 s… at most a third of
@@ -360,7 +365,7 @@ class Worker:
         except asyncio.CancelledError:
             raise
         except Exception as e:  # a handler's error is the attempt's error
-            log.info("task attempt failed", extra={"task_id": entry.task_id, "error": repr(e)})
+            log.info("task %s attempt %d failed: %r", entry.task_id, attempt, e)
             return False, f"{type(e).__name__}: {e}"[:1024], True
         try:
             return True, json.dumps(result, separators=(",", ":")), True
