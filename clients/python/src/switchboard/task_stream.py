@@ -232,13 +232,17 @@ class TaskStream:
             entries.extend(self._entries(items))
         return entries
 
-    async def take_over(self, consumer: str, count: int, idle_ms: int) -> list[Entry]:
-        """Entries other consumers held for ``idle_ms`` without renewing."""
+    async def take_over(
+        self, consumer: str, count: int, idle_ms: int, cursor: str = "0-0"
+    ) -> tuple[list[Entry], str]:
+        """Entries other consumers held for ``idle_ms`` without renewing, and
+        the cursor to go on from (``0-0`` once the whole pending list was
+        scanned)."""
         reply = await self.redis.xautoclaim(
-            self.keys.stream, GROUP, consumer, idle_ms, "0-0", count=count
+            self.keys.stream, GROUP, consumer, idle_ms, cursor, count=count
         )
         items = reply[1] if len(reply) > 1 else []
-        return self._entries(items)
+        return self._entries(items), _text(reply[0]) or "0-0"
 
     def _entries(self, items: Any) -> list[Entry]:
         out = []

@@ -220,6 +220,7 @@ class Worker:
         visibility_ms = int(self.visibility_timeout_s * 1000)
         loop = asyncio.get_running_loop()
         next_takeover = 0.0
+        cursor = "0-0"
         failures = 0
         group_ready = False
         while not self._stopping.is_set():
@@ -233,9 +234,10 @@ class Worker:
                     group_ready = True
                 entries: list[tuple[Entry, bool]] = []
                 if loop.time() >= next_takeover:
-                    next_takeover = loop.time() + self.visibility_timeout_s / 2
-                    taken = await stream.take_over(self.name, free, visibility_ms)
+                    taken, cursor = await stream.take_over(self.name, free, visibility_ms, cursor)
                     entries = [(e, True) for e in taken]
+                    if cursor == "0-0":  # scanned to the end: again in half a timeout
+                        next_takeover = loop.time() + self.visibility_timeout_s / 2
                 if not entries:
                     fresh = await stream.read_new(self.name, free, READ_BLOCK_MS)
                     entries = [(e, False) for e in fresh]
