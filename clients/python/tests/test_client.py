@@ -63,6 +63,10 @@ async def test_refusals_are_errors_with_the_hubs_code(hubs: Any, clients: list[C
     with pytest.raises(SwitchboardError) as e:
         await c.task("no-such-task", {})
     assert e.value.code == "not_found"
+    with pytest.raises(TypeError):
+        await c.publish("chat.x", object())  # not JSON: refused at the call
+    await c.join("chat.x")
+    assert await c.publish("chat.x", "still connected")
 
 
 async def test_a_timed_out_request_is_never_sent_and_the_buffer_is_bounded(

@@ -113,7 +113,12 @@ class _Outgoing:
     done: Callable[[], bool]
     """True once nobody waits for it any more: it is then never sent."""
     join_room: Optional[str] = None
-    timer: Optional[asyncio.TimerHandle] = None
+    text: str = ""
+    """The frame with its ``ref``, as sent."""
+
+    def __post_init__(self) -> None:
+        # Encoded now: data that is not JSON fails the call, not the writer.
+        self.text = json.dumps({**self.frame, "ref": self.ref}, separators=(",", ":"))
 
 
 @dataclass(eq=False)
@@ -871,7 +876,7 @@ class Client:
                 continue
             self._pending[req.ref] = req
             try:
-                await ws.send(json.dumps({**req.frame, "ref": req.ref}))
+                await ws.send(req.text)
             except ConnectionClosed:
                 # Not sent: back to the front, for the next connection.
                 self._pending.pop(req.ref, None)
