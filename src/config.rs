@@ -29,6 +29,8 @@ pub struct Config {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServerConfig {
+    /// Empty: every interface (`0.0.0.0`), or loopback only (`127.0.0.1`)
+    /// while `auth.dev_tokens` is on (see `Config::listen_host`).
     pub host: String,
     pub port: u16,
     /// Empty: hostname plus a random suffix (see `Config::instance_id`).
@@ -100,6 +102,11 @@ pub struct LimitsConfig {
     pub max_message_bytes: usize,
     pub max_rooms_per_connection: usize,
     pub max_outbound_queue: usize,
+    /// Payload bytes queued for one client (with `max_outbound_queue`).
+    pub max_outbound_bytes: usize,
+    /// How long a client's socket may take nothing that is waiting for it
+    /// before the session is closed as a slow consumer.
+    pub write_timeout_s: u64,
     pub messages_per_second: u32,
     pub burst: u32,
     pub rate_limit_strikes: u32,
@@ -155,7 +162,7 @@ fn default_webhook_timeout() -> u64 {
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
-            host: "0.0.0.0".into(),
+            host: String::new(),
             port: 8000,
             instance_id: String::new(),
             workers: 0,
@@ -211,6 +218,8 @@ impl Default for LimitsConfig {
             max_message_bytes: 65_536,
             max_rooms_per_connection: 100,
             max_outbound_queue: 1024,
+            max_outbound_bytes: 1024 * 1024,
+            write_timeout_s: 10,
             messages_per_second: 50,
             burst: 100,
             rate_limit_strikes: 20,
@@ -453,6 +462,7 @@ impl Config {
                 l.max_rooms_per_connection,
             ),
             ("limits.max_outbound_queue", l.max_outbound_queue),
+            ("limits.write_timeout_s", l.write_timeout_s as usize),
             ("limits.messages_per_second", l.messages_per_second as usize),
             ("limits.burst", l.burst as usize),
             ("limits.rate_limit_strikes", l.rate_limit_strikes as usize),
@@ -473,6 +483,13 @@ impl Config {
                 "at least 64",
             );
         }
+        if l.max_outbound_bytes < l.max_message_bytes {
+            return bad(
+                "limits.max_outbound_bytes",
+                l.max_outbound_bytes,
+                "at least limits.max_message_bytes (a client must be able to receive one message)",
+            );
+        }
         Ok(())
     }
 
@@ -486,6 +503,30 @@ impl Config {
             .map(|_| char::from(b"0123456789abcdefghijklmnopqrstuvwxyz"[rand::random_range(0..36)]))
             .collect();
         format!("{host}-{suffix}")
+    }
+
+    /// The address to listen on: `server.host` when set; else loopback only
+    /// while `auth.dev_tokens` is on (a hub that hands out tokens for any
+    /// name must not be reachable from the network by default), and every
+    /// interface otherwise.
+    pub fn listen_host(&self) -> &str {
+        match self.server.host.as_str() {
+            "" if self.auth.dev_tokens => "127.0.0.1",
+            "" => "0.0.0.0",
+            host => host,
+        }
+    }
+
+    /// Whether [`Config::listen_host`] fell back to loopback because of
+    /// `auth.dev_tokens` (the start-up log says so).
+    pub fn loopback_for_dev_tokens(&self) -> bool {
+        self.server.host.is_empty() && self.auth.dev_tokens
+    }
+
+    /// The folder served at `/` (`server.static_dir`), when set and present.
+    pub fn static_dir(&self) -> Option<&Path> {
+        let dir = Path::new(&self.server.static_dir);
+        (!self.server.static_dir.is_empty() && dir.is_dir()).then_some(dir)
     }
 
     pub fn uses_dev_secret(&self) -> bool {
@@ -683,6 +724,30 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("limits.nope"), "{e}");
+    }
+
+    #[test]
+    fn listen_host_is_loopback_with_dev_tokens_unless_set() {
+        let host = |env: &[(&str, &str)]| load("", env).unwrap().listen_host().to_owned();
+        assert_eq!(host(&[]), "0.0.0.0");
+        assert_eq!(
+            host(&[("SWITCHBOARD__AUTH__DEV_TOKENS", "true")]),
+            "127.0.0.1"
+        );
+        assert_eq!(
+            host(&[
+                ("SWITCHBOARD__AUTH__DEV_TOKENS", "true"),
+                ("SWITCHBOARD__SERVER__HOST", "0.0.0.0")
+            ]),
+            "0.0.0.0"
+        );
+        let c = load(
+            "[server]\nhost = \"0.0.0.0\"\n[auth]\ndev_tokens = true\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.listen_host(), "0.0.0.0");
+        assert!(!c.loopback_for_dev_tokens());
     }
 
     #[test]

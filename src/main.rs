@@ -118,7 +118,9 @@ fn main() -> ExitCode {
             interval_ms,
         } => demo_feed(&config, &url, api_key, &room, interval_ms),
         Command::CheckConfig => {
-            print!("{}", config.masked().to_toml_string());
+            let mut shown = config.masked();
+            shown.server.host = config.listen_host().to_owned();
+            print!("{}", shown.to_toml_string());
             ExitCode::SUCCESS
         }
         Command::Worker { workers } => run_worker(config, workers),
@@ -198,16 +200,17 @@ fn run_worker(config: Config, workers: Option<usize>) -> ExitCode {
     finish("switchboard worker", worker(config, loops))
 }
 
-/// Binds `server.host`:`server.port` and serves until SIGTERM or SIGINT.
+/// Binds `server.host`:`server.port` (see `Config::listen_host`) and
+/// serves until SIGTERM or SIGINT.
 fn serve(config: Config) -> Result<(), ServerError> {
-    let listener = std::net::TcpListener::bind((config.server.host.as_str(), config.server.port))?;
+    let listener = std::net::TcpListener::bind((config.listen_host(), config.server.port))?;
     actix_web::rt::System::new().block_on(server::run(config, listener, server::signal()))
 }
 
 /// Binds `server.host`:`server.port` (health and metrics) and runs task
 /// workers until SIGTERM or SIGINT.
 fn worker(config: Config, loops: usize) -> Result<(), ServerError> {
-    let listener = std::net::TcpListener::bind((config.server.host.as_str(), config.server.port))?;
+    let listener = std::net::TcpListener::bind((config.listen_host(), config.server.port))?;
     actix_web::rt::System::new().block_on(server::run_worker(
         config,
         listener,
@@ -216,11 +219,17 @@ fn worker(config: Config, loops: usize) -> Result<(), ServerError> {
     ))
 }
 
+/// Logs on stderr: text (coloured only on a terminal, and not with
+/// `NO_COLOR` set), or JSON with `SWITCHBOARD_LOG_FORMAT=json`.
 fn init_tracing() {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let colour = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     if std::env::var("SWITCHBOARD_LOG_FORMAT").is_ok_and(|f| f == "json") {
         builder.json().init();

@@ -106,7 +106,8 @@ fn http_server(
         .listen("switchboard", listener, move || {
             // Runs once on each worker thread: that worker's hub lives here.
             let limits = &state.config.limits;
-            let hub = Hub::new(state.broker.clone(), limits.max_outbound_queue).start();
+            let bounds = crate::session::outbound::Bounds::from_limits(limits);
+            let hub = Hub::new(state.broker.clone(), bounds).start();
             state.add_hub(hub.clone());
             let app_state = state.clone();
             let app = App::new()
@@ -197,24 +198,73 @@ async fn start_state(config: Config) -> Result<AppState, ServerError> {
     Ok(AppState::new(config, instance_id, verifier, broker, tasks))
 }
 
+/// The first stdout line, `listening on HOST:PORT` (tools and tests read
+/// it; keep it as it is), then, in the log, where to point a browser and a
+/// WebSocket client.
 fn announce(addr: SocketAddr, state: &AppState, workers: usize) {
     let mut out = io::stdout().lock();
     let _ = writeln!(out, "listening on {addr}");
     let _ = out.flush();
+    drop(out);
+    let config = &state.config;
     tracing::info!(%addr, instance = %state.instance_id, workers, broker = state.broker.kind, "switchboard listening");
+    if config.loopback_for_dev_tokens() {
+        tracing::info!(
+            "auth.dev_tokens is on and server.host is not set: listening on {} only, not reachable \
+             from other machines (set server.host, e.g. SWITCHBOARD__SERVER__HOST=0.0.0.0, to change that)",
+            addr.ip()
+        );
+    }
+    let base = reachable_at(addr);
+    if config.static_dir().is_some() {
+        if config.auth.dev_tokens {
+            tracing::info!(
+                "open http://{base}/ in a browser: the demo chat (and http://{base}/dashboard.html)"
+            );
+        } else {
+            tracing::info!(
+                "the demo is served at http://{base}/, but its chat needs development tokens: \
+                 start the hub with auth.dev_tokens = true (SWITCHBOARD__AUTH__DEV_TOKENS=true)"
+            );
+        }
+    }
     tracing::info!(
-        "get a token: `switchboard token --user alice` (from a checkout: `cargo run --release -- token --user alice`), \
-         then connect to ws://{addr}/ws?token=<token>"
+        "WebSocket clients connect to ws://{base}/ws?token=<token>; get a token with \
+         `switchboard token --user alice` (from a checkout: `cargo run --release -- token --user alice`)"
     );
 }
 
-/// Closes every session with 1001 `going away` and waits for the close
-/// frames to be written, then removes this instance from the broker; each
-/// step bounded so the whole stays within `grace`.
+/// `host:port` a client on this machine can use for `addr`: `localhost`
+/// for every interface and for loopback, else the address itself.
+fn reachable_at(addr: SocketAddr) -> String {
+    let ip = addr.ip();
+    let local = ip.is_unspecified()
+        || ip == std::net::IpAddr::from([127, 0, 0, 1])
+        || ip == std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST);
+    if local {
+        format!("localhost:{}", addr.port())
+    } else {
+        addr.to_string()
+    }
+}
+
+/// The share of `server.shutdown_grace_s` over which sessions are closed
+/// (the rest is for their close frames and the broker's clean-up).
+const DRAIN_WINDOW: f64 = 0.6;
+
+/// Closes every session with 1001 `going away`, in batches spread over
+/// [`DRAIN_WINDOW`] of `grace` (see [`AppState::begin_shutdown`]), and
+/// waits for the close frames to be written, then removes this instance
+/// from the broker; each step bounded so the whole stays within `grace`.
 async fn drain(state: &AppState, grace: Duration) {
     let deadline = Instant::now() + grace;
-    tracing::info!("shutting down: closing every session with 1001 going away");
-    state.begin_shutdown(CloseReason::GoingAway);
+    let window = grace.mul_f64(DRAIN_WINDOW);
+    tracing::info!(
+        connections = state.open_connections(),
+        window_ms = window.as_millis() as u64,
+        "shutting down: closing every session with 1001 going away, in batches"
+    );
+    state.begin_shutdown(CloseReason::GoingAway, window);
     if tokio::time::timeout_at(deadline, state.sockets_closed())
         .await
         .is_err()

@@ -39,6 +39,87 @@ both_brokers!(admin_endpoints_need_a_valid_key, |broker| async move {
     }
 });
 
+#[tokio::test]
+async fn without_configured_keys_the_api_says_it_is_closed() {
+    let hub = Hub::builder(Broker::Memory)
+        .env("SWITCHBOARD__AUTH__API_KEYS", "")
+        .start();
+    let api = hub.api().await;
+    let (status, body) = api
+        .call(api.http.get(hub.http("/api/stats")).bearer_auth("any-key"))
+        .await;
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(body["error"], "unauthorized");
+    let message = body["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("admin API is closed") && message.contains("auth.api_keys"),
+        "{body}"
+    );
+    // With keys configured, a wrong one is told apart from a closed API.
+    let hub = Hub::start(Broker::Memory);
+    let (_, body) = api
+        .call(
+            api.http
+                .get(hub.http("/api/stats"))
+                .bearer_auth("wrong-key"),
+        )
+        .await;
+    assert!(
+        !body["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("closed"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn dev_tokens_off_the_path_says_how_to_turn_them_on() {
+    let hub = Hub::start(Broker::Memory);
+    let api = hub.api().await;
+    let (status, body) = api
+        .call(
+            api.http
+                .post(hub.http("/dev/token"))
+                .json(&json!({"user": "alice"})),
+        )
+        .await;
+    assert_eq!(status, 404, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("auth.dev_tokens = true"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn dev_tokens_refuse_a_name_saying_why() {
+    let hub = Hub::builder(Broker::Memory)
+        .env("SWITCHBOARD__AUTH__DEV_TOKENS", "true")
+        .start();
+    let api = hub.api().await;
+    let ask = |user: &'static str| {
+        api.http
+            .post(hub.http("/dev/token"))
+            .json(&json!({ "user": user }))
+    };
+    let (status, body) = api.call(ask("Alice Smith")).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"], "bad_request");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("no spaces"),
+        "{body}"
+    );
+    let (status, body) = api.call(ask("Zoë")).await;
+    assert_eq!(status, 200, "a non-ASCII letter is a letter: {body}");
+    assert_eq!(body["user"], "Zoë");
+}
+
 both_brokers!(publish_to_room_user_and_everyone, |broker| async move {
     let hub = Hub::start(broker);
     let api = hub.api().await;

@@ -1,6 +1,7 @@
 //! `POST /dev/token` (only with `auth.dev_tokens = true`): a development
 //! token for any user name, for the demo chat. Never turn it on where
-//! anyone else can reach the hub: it hands out identities.
+//! anyone else can reach the hub: it hands out identities. Turned off, the
+//! path answers 404 with a message saying how to turn it on.
 
 use std::time::Duration;
 
@@ -19,10 +20,11 @@ struct Body {
     user: String,
 }
 
-/// A name fit for a demo: 1–64 characters of letters, digits, `_.-`.
+/// A name fit for a demo: 1–64 characters (not bytes: "Zoë" is three) of
+/// letters, digits, `_.-`.
 fn demo_name(user: &str) -> bool {
     !user.is_empty()
-        && user.len() <= 64
+        && user.chars().count() <= 64
         && user
             .chars()
             .all(|c| c.is_alphanumeric() || matches!(c, '_' | '.' | '-'))
@@ -33,7 +35,7 @@ pub async fn token(state: web::Data<AppState>, body: web::Bytes) -> Result<HttpR
         .map_err(|e| ApiError::bad_request(format!("invalid body: {e}")))?;
     if !demo_name(&body.user) {
         return Err(ApiError::bad_request(
-            "user: 1-64 characters of letters, digits, _ . -",
+            "user: 1-64 characters of letters, digits, _ . - (no spaces)",
         ));
     }
     let token = crate::auth::mint(&state.config.auth, &body.user, None, None, TTL, None)
@@ -41,6 +43,17 @@ pub async fn token(state: web::Data<AppState>, body: web::Bytes) -> Result<HttpR
     tracing::info!(user = %body.user, "development token minted");
     Ok(HttpResponse::Ok()
         .json(json!({"token": token, "user": body.user, "expires_in": TTL.as_secs()})))
+}
+
+/// `/dev/token` with `auth.dev_tokens` off: 404, saying how to turn it on
+/// (the demo chat shows this message).
+pub async fn disabled() -> HttpResponse {
+    super::json_error(
+        actix_web::http::StatusCode::NOT_FOUND,
+        "not_found",
+        "development tokens are off on this hub: start it with auth.dev_tokens = true \
+         (SWITCHBOARD__AUTH__DEV_TOKENS=true), on your own machine only",
+    )
 }
 
 #[cfg(test)]
@@ -51,5 +64,6 @@ mod tests {
         assert!(!super::demo_name(""));
         assert!(!super::demo_name("a b"));
         assert!(!super::demo_name(&"a".repeat(65)));
+        assert!(super::demo_name(&"é".repeat(64)));
     }
 }

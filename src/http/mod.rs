@@ -8,6 +8,7 @@ mod api;
 mod api_key;
 mod bearer;
 mod dev;
+pub mod echo;
 mod health;
 pub mod ws;
 
@@ -21,6 +22,8 @@ use crate::config::Config;
 pub fn routes(cfg: &mut web::ServiceConfig, config: &Config) {
     if config.auth.dev_tokens {
         cfg.route("/dev/token", web::post().to(dev::token));
+    } else {
+        cfg.route("/dev/token", web::to(dev::disabled));
     }
     cfg.route("/ws", web::get().to(ws::without_upgrade))
         .route("/health", web::get().to(health::ready))
@@ -45,8 +48,7 @@ pub fn routes(cfg: &mut web::ServiceConfig, config: &Config) {
                 .route("/tasks/{id}/progress", web::post().to(api::task_progress))
                 .route("/stats", web::get().to(api::stats)),
         );
-    let dir = std::path::Path::new(&config.server.static_dir);
-    if !config.server.static_dir.is_empty() && dir.is_dir() {
+    if let Some(dir) = config.static_dir() {
         cfg.service(
             actix_files::Files::new("/", dir)
                 .index_file("index.html")

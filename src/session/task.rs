@@ -161,19 +161,6 @@ impl Session {
     }
 
     fn reply_task_error(&mut self, e: TaskError, reference: &Ref, ctx: &mut Context<Self>) {
-        let err = match e {
-            TaskError::TooManyPending => ErrorReply::new(
-                ErrorCode::LimitExceeded,
-                format!(
-                    "at most {} tasks may be pending per user",
-                    self.state.config.tasks.max_pending_per_user
-                ),
-            ),
-            e => {
-                tracing::error!(error = %e, connection_id = %self.connection_id, "task call failed");
-                ErrorReply::internal()
-            }
-        };
-        self.reply_error(err, reference, ctx);
+        self.reply_error(ErrorReply::from(&e), reference, ctx);
     }
 }

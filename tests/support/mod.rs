@@ -72,6 +72,8 @@ pub struct Hub {
     pub dir: tempfile::TempDir,
     pub broker: Broker,
     pub prefix: String,
+    /// The first line the hub printed on stdout (`listening on HOST:PORT`).
+    pub listening: String,
 }
 
 pub struct HubBuilder {
@@ -80,6 +82,7 @@ pub struct HubBuilder {
     prefix: String,
     extra: String,
     env: Vec<(String, String)>,
+    unset: Vec<String>,
     redis_url: String,
 }
 
@@ -94,6 +97,12 @@ impl HubBuilder {
     }
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.env.push((key.into(), value.into()));
+        self
+    }
+    /// Leaves a base variable (`SWITCHBOARD__SERVER__HOST`, …) out of the
+    /// hub's environment, so the config file or the default decides.
+    pub fn unset(mut self, key: &str) -> Self {
+        self.unset.push(key.into());
         self
     }
     /// Share a Redis prefix (a cluster) with another hub.
@@ -137,6 +146,9 @@ impl HubBuilder {
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
+        for k in &self.unset {
+            cmd.env_remove(k);
+        }
         let mut child = cmd.spawn().expect("spawn switchboard");
         let stdout = child.stdout.take().expect("stdout");
         let mut line = String::new();
@@ -160,6 +172,7 @@ impl HubBuilder {
             dir,
             broker: self.broker,
             prefix: self.prefix,
+            listening: line.trim_end().to_owned(),
         }
     }
 }
@@ -172,6 +185,7 @@ impl Hub {
             prefix: unique_prefix(),
             extra: String::new(),
             env: Vec::new(),
+            unset: Vec::new(),
             redis_url: redis_url(),
         }
     }
@@ -561,6 +575,19 @@ impl Api {
             status,
             serde_json::from_str(&text).unwrap_or(Value::String(text)),
         )
+    }
+
+    /// A metric's value from `/metrics` (`name` with its labels, as the
+    /// line has them; 0 when absent).
+    pub async fn metric(&self, name: &str) -> f64 {
+        let (_, body) = self
+            .call(self.http.get(format!("{}/metrics", self.base)))
+            .await;
+        let text = body.as_str().unwrap_or_default().to_owned();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
     }
 
     pub async fn publish_room(&self, room: &str, data: Value) -> String {

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # crates/switchboard-bench/scripts/tasks.sh — Switchboard's async tasks on one machine, the way
-# /work/shared/bench/peers/tasks measures Celery and BullMQ: an `echo` task with a 100-byte
+# the comparison harness's peers/tasks/run.sh measures Celery and BullMQ: an `echo` task with a 100-byte
 # payload, the worker side (here: the hub with tasks.workers = W) under `taskset -c 0`, the
 # client (switchboard-bench tasks) and redis-server under `taskset -c 1`; N=5000 throughput
 # runs, then fixed rates 1000/s and 200/s for 5 s each, latency from each task's scheduled
@@ -8,13 +8,14 @@
 # peers' run.sh (from a copy of the bench directory) in the same invocation and prints theirs.
 #
 #   crates/switchboard-bench/scripts/tasks.sh               # builds (cargo build --release --workspace), ~2 minutes
-#   PEERS=1 crates/switchboard-bench/scripts/tasks.sh       # plus Celery and BullMQ, ~3 more minutes
+#   PEERS=1 PEERS_SRC=path/to/bench crates/switchboard-bench/scripts/tasks.sh   # plus Celery and BullMQ, ~3 more minutes
 #   BUILD=0 WORKERS="2" N=2000 crates/switchboard-bench/scripts/tasks.sh
 #
 # Overrides: WORKERS ("1 2 4"), N (5000), RUNS (2), RATE (1000), LOW_RATE (200, 0 skips it),
 # SECS (5), WARMUP (2000), CLIENTS (50), WINDOW (32), DRAIN_S (30), PAYLOAD_BYTES (100),
 # WORKER_CPU (0), CLIENT_CPU (1), HUB_LOG (RUST_LOG of the hub), BIN_DIR (target/release),
-# BUILD (1), PEERS (0), PEERS_SRC (/work/shared/bench), OUT (a new temporary directory).
+# BUILD (1), PEERS (0), PEERS_SRC (the bench directory holding peers/tasks/run.sh; default
+# bench/ at the repository's root), OUT (a new temporary directory).
 # Starts its own redis-server on a free port (--save "" --appendonly no), FLUSHALLs it before
 # each system, and stops everything it started by PID (TERM, then KILL), never by name.
 set -euo pipefail
@@ -38,7 +39,12 @@ HUB_LOG=${HUB_LOG:-"info,switchboard::tasks=debug"}
 BIN_DIR=${BIN_DIR:-$ROOT/target/release}
 BUILD=${BUILD:-1}
 PEERS=${PEERS:-0}
-PEERS_SRC=${PEERS_SRC:-/work/shared/bench}
+PEERS_SRC=${PEERS_SRC:-$ROOT/bench}
+if [ "$PEERS" = 1 ] && [ ! -f "$PEERS_SRC/peers/tasks/run.sh" ]; then
+  echo "PEERS=1 runs the peers' task bench from PEERS_SRC, a directory holding peers/tasks/run.sh;" >&2
+  echo "there is none in $PEERS_SRC: set PEERS_SRC=<that directory>, or run with PEERS=0 (Switchboard alone)." >&2
+  exit 2
+fi
 OUT=${OUT:-$(mktemp -d "${TMPDIR:-/tmp}/switchboard-tasks.XXXXXX")}
 mkdir -p "$OUT"
 
