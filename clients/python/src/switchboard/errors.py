@@ -9,8 +9,9 @@ class SwitchboardError(Exception):
     """A refused or failed request.
 
     ``code`` is the hub's error code (``bad_request``, ``forbidden``,
-    ``limit_exceeded``, ``rate_limited``, ``not_found``, ``internal``) or one
-    of the client's: ``timeout`` (no reply in time; a request that timed out
+    ``limit_exceeded``, ``rate_limited``, ``not_found``, ``unavailable`` (a
+    backend such as Redis is away: retry), ``internal``) or one of the
+    client's: ``timeout`` (no reply in time; a request that timed out
     is never sent later), ``disconnected`` (the connection went down after
     the request was sent: it may or may not have been carried out, so it is
     not sent again), ``offline`` (not connected, with ``offline="reject"``),
