@@ -132,6 +132,9 @@ pub struct TasksConfig {
     pub max_pending_per_user: usize,
     /// How long a task's record (status, result) is kept after its last change.
     pub result_ttl_s: u64,
+    /// Bytes of ended tasks' records (results, errors) kept per user; the
+    /// oldest go first.
+    pub max_record_bytes_per_user: usize,
     pub handlers: BTreeMap<String, HandlerConfig>,
 }
 
@@ -246,6 +249,7 @@ impl Default for TasksConfig {
             idempotency_ttl_s: 86_400,
             max_pending_per_user: 100,
             result_ttl_s: 86_400,
+            max_record_bytes_per_user: 4 * 1024 * 1024,
             handlers: BTreeMap::new(),
         }
     }
@@ -316,6 +320,10 @@ impl Config {
             ("tasks.idempotency_ttl_s", t.idempotency_ttl_s),
             ("tasks.max_pending_per_user", t.max_pending_per_user as u64),
             ("tasks.result_ttl_s", t.result_ttl_s),
+            (
+                "tasks.max_record_bytes_per_user",
+                t.max_record_bytes_per_user as u64,
+            ),
         ] {
             if value == 0 {
                 return bad(key, 0, "at least 1");

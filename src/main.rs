@@ -60,7 +60,7 @@ enum Command {
     },
     /// Run task workers only (cluster mode): health and metrics on server.host:server.port.
     Worker {
-        /// Worker loops (default: tasks.workers, or 4 when that is 0).
+        /// Tasks run at once (default: tasks.workers, or 4 when that is 0).
         #[arg(long)]
         workers: Option<usize>,
     },
@@ -193,11 +193,11 @@ fn run_worker(config: Config, workers: Option<usize>) -> ExitCode {
         return ExitCode::from(2);
     }
     init_tracing();
-    let loops = workers.unwrap_or(match config.tasks.workers {
+    let hands = workers.unwrap_or(match config.tasks.workers {
         0 => 4,
         n => n,
     });
-    finish("switchboard worker", worker(config, loops))
+    finish("switchboard worker", worker(config, hands))
 }
 
 /// Binds `server.host`:`server.port` (see `Config::listen_host`) and
@@ -209,12 +209,12 @@ fn serve(config: Config) -> Result<(), ServerError> {
 
 /// Binds `server.host`:`server.port` (health and metrics) and runs task
 /// workers until SIGTERM or SIGINT.
-fn worker(config: Config, loops: usize) -> Result<(), ServerError> {
+fn worker(config: Config, hands: usize) -> Result<(), ServerError> {
     let listener = std::net::TcpListener::bind((config.listen_host(), config.server.port))?;
     actix_web::rt::System::new().block_on(server::run_worker(
         config,
         listener,
-        loops,
+        hands,
         server::signal(),
     ))
 }

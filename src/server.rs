@@ -62,12 +62,12 @@ pub async fn run(
     announce(addr, &state, workers);
     let tasks = &state.config.tasks;
     // A worker runs only what it has a handler for: none configured, none run.
-    let loops = if tasks.handlers.is_empty() {
+    let hands = if tasks.handlers.is_empty() {
         0
     } else {
         tasks.workers
     };
-    let pool = WorkerPool::start(state.tasks.clone(), tasks, &state.instance_id, loops)?;
+    let pool = WorkerPool::start(state.tasks.clone(), tasks, &state.instance_id, hands)?;
     let handle = server.handle();
     let mut serving = actix_web::rt::spawn(server);
     tokio::select! {
@@ -130,14 +130,14 @@ fn http_server(
     Ok(server)
 }
 
-/// Runs task workers only (`switchboard worker`): `loops` worker loops on
+/// Runs task workers only (`switchboard worker`): up to `hands` tasks at once on
 /// the Redis queue, and `/health/live`, `/health/ready`, `/metrics` on
 /// `listener`, until `shutdown` resolves; then the workers finish what
 /// they hold within `server.shutdown_grace_s`.
 pub async fn run_worker(
     config: Config,
     listener: TcpListener,
-    loops: usize,
+    hands: usize,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
     let task_names: Vec<String> = config.tasks.handlers.keys().cloned().collect();
@@ -161,12 +161,12 @@ pub async fn run_worker(
     .disable_signals()
     .shutdown_timeout(grace.as_secs())
     .listen(listener)?;
-    let pool = WorkerPool::start(tasks, &config.tasks, &instance_id, loops)?;
+    let pool = WorkerPool::start(tasks, &config.tasks, &instance_id, hands)?;
     let mut out = io::stdout().lock();
     let _ = writeln!(out, "listening on {addr}");
     let _ = out.flush();
     drop(out);
-    tracing::info!(%addr, instance = %instance_id, workers = loops, "switchboard worker running");
+    tracing::info!(%addr, instance = %instance_id, workers = hands, "switchboard worker running");
     let server = server.run();
     let handle = server.handle();
     let serving = actix_web::rt::spawn(server);

@@ -7,19 +7,27 @@ step; this module says *what* the step is.
 
 Layout (``prefix`` is the hub's ``redis.prefix``):
 
-=================================  ==================  ==========================================
-key                                kind                content
-=================================  ==================  ==========================================
-``{prefix}:tasks``                 stream, group       one entry per task: ``task_id``, ``name``,
-                                   ``workers``         ``user``, ``payload`` (JSON text)
-``{prefix}:task:{id}``             hash                the record: ``status``, ``attempts``,
-                                                       ``progress``, ``result`` (JSON text),
-                                                       ``error``, ``updated_at`` (ms), ``payload``
-``{prefix}:task_pending:{user}``   set                 the user's tasks not finished
-``{prefix}:user:{user}``           channel             ``task`` frames for the user's connections
-``{prefix}:tasks:dead``            stream              failed tasks: ``task_id``, ``name``,
-                                                       ``user``, ``payload``, ``error``, ``attempts``
-=================================  ==================  ==========================================
+Every task key carries the hash tag ``{tasks}`` (one Redis Cluster slot):
+
+=======================================  ===========  ==========================================
+key                                      kind         content
+=======================================  ===========  ==========================================
+``{prefix}:{tasks}:queue``               stream,      one entry per task: ``task_id``, ``name``,
+                                         group        ``user``, ``payload`` (JSON text)
+                                         ``workers``
+``{prefix}:{tasks}:task:{id}``           hash         the record: ``status``, ``attempts``,
+                                                      ``progress``, ``result`` (JSON text),
+                                                      ``error``, ``updated_at`` (ms), ``payload``
+                                                      (until the task ends)
+``{prefix}:{tasks}:pending:{user}``      sorted set   the user's tasks not ended
+``{prefix}:{tasks}:kept:{user}``         sorted set   the user's ended records, ``{bytes}:{id}``
+                                                      → when it ended (ms)
+``{prefix}:{tasks}:kept_bytes:{user}``   string       their bytes in all
+``{prefix}:{tasks}:dead``                stream       failed tasks: ``task_id``, ``name``,
+                                                      ``user``, ``payload``, ``error``,
+                                                      ``attempts``
+``{prefix}:user:{user}``                 channel      ``task`` frames for the user's connections
+=======================================  ===========  ==========================================
 
 Steps:
 
@@ -41,6 +49,9 @@ Steps:
    outcome removes the record's ``payload``, then the entry is acked, the id
    leaves the user's pending set and, when failed, the task is copied to the
    dead letters.
+5. **retain**: the ended record is counted against the user's byte budget
+   (the hub's ``tasks.max_record_bytes_per_user``); the oldest records past
+   it are deleted.
 """
 
 from __future__ import annotations
@@ -71,18 +82,28 @@ class Keys:
     prefix: str = "sb"
 
     @property
+    def base(self) -> str:
+        return f"{self.prefix}:{{tasks}}"
+
+    @property
     def stream(self) -> str:
-        return f"{self.prefix}:tasks"
+        return f"{self.base}:queue"
 
     @property
     def dead_letters(self) -> str:
-        return f"{self.prefix}:tasks:dead"
+        return f"{self.base}:dead"
 
     def record(self, task_id: str) -> str:
-        return f"{self.prefix}:task:{task_id}"
+        return f"{self.base}:task:{task_id}"
 
     def pending(self, user: str) -> str:
-        return f"{self.prefix}:task_pending:{user}"
+        return f"{self.base}:pending:{user}"
+
+    def kept(self, user: str) -> str:
+        return f"{self.base}:kept:{user}"
+
+    def kept_bytes(self, user: str) -> str:
+        return f"{self.base}:kept_bytes:{user}"
 
     def user_channel(self, user: str) -> str:
         return f"{self.prefix}:user:{user}"
@@ -179,6 +200,35 @@ return 1
 )
 
 
+_RETAIN = """
+-- KEYS[1] the user's kept records, KEYS[2] their bytes. ARGV: task id,
+-- bytes, now, TTL ms, budget. Returns the ids of the records to delete.
+local now = tonumber(ARGV[3])
+local expired = now - tonumber(ARGV[4])
+local total = tonumber(redis.call('GET', KEYS[2]) or '0')
+for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', expired)) do
+  total = total - tonumber(string.match(member, '^(%d+):'))
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', expired)
+redis.call('ZADD', KEYS[1], now, ARGV[2] .. ':' .. ARGV[1])
+total = total + tonumber(ARGV[2])
+local evicted = {}
+while total > tonumber(ARGV[5]) and redis.call('ZCARD', KEYS[1]) > 1 do
+  local member = redis.call('ZPOPMIN', KEYS[1])[1]
+  local bytes, id = string.match(member, '^(%d+):(.*)$')
+  total = total - tonumber(bytes)
+  evicted[#evicted + 1] = id
+end
+if total < 0 then total = 0 end
+redis.call('SET', KEYS[2], total, 'PX', ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return evicted
+"""
+
+RECORD_OVERHEAD = 256
+"""What an ended record holds besides its result or error, as the hub counts it."""
+
+
 @dataclass(frozen=True)
 class Started:
     """What the start step decided."""
@@ -193,10 +243,18 @@ class Started:
 class TaskStream:
     """The protocol's steps on one Redis and one prefix."""
 
-    def __init__(self, redis: aioredis.Redis, keys: Keys, result_ttl_ms: int) -> None:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        keys: Keys,
+        result_ttl_ms: int,
+        max_record_bytes: int = 4 * 1024 * 1024,
+    ) -> None:
         self.redis = redis
         self.keys = keys
         self.result_ttl_ms = result_ttl_ms
+        self.max_record_bytes = max_record_bytes
+        self._retain = redis.register_script(_RETAIN)
         self._start = redis.register_script(_START)
         self._progress = redis.register_script(_PROGRESS)
         self._retry = redis.register_script(_RETRY)
@@ -375,7 +433,7 @@ class TaskStream:
         set, and copied to the dead letters when it failed."""
         pipe = self.redis.pipeline(transaction=False)
         pipe.xack(self.keys.stream, GROUP, entry.entry_id)
-        pipe.srem(self.keys.pending(entry.user), entry.task_id)
+        pipe.zrem(self.keys.pending(entry.user), entry.task_id)
         if dead_error is not None:
             pipe.xadd(
                 self.keys.dead_letters,
@@ -391,6 +449,28 @@ class TaskStream:
                 approximate=True,
             )
         await pipe.execute()
+        await self.retain(entry, len(dead_error) if dead_error is not None else None)
+
+    async def retain(self, entry: Entry, error_len: Optional[int]) -> None:
+        """Counts the ended record against the user's byte budget and deletes
+        the oldest records past it (what is not deleted expires anyway)."""
+        if error_len is None:
+            result = await self.redis.hget(self.keys.record(entry.task_id), "result")
+            size = len(result or b"")
+        else:
+            size = error_len
+        evicted = await self._retain(
+            keys=[self.keys.kept(entry.user), self.keys.kept_bytes(entry.user)],
+            args=[
+                entry.task_id,
+                RECORD_OVERHEAD + size,
+                now_ms(),
+                self.result_ttl_ms,
+                self.max_record_bytes,
+            ],
+        )
+        if evicted:
+            await self.redis.delete(*[self.keys.record(_text(i)) for i in evicted])
 
 
 def _text(v: Any) -> str:

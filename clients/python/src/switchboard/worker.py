@@ -97,9 +97,9 @@ class _Registration:
 class Worker:
     """Runs Python handlers for tasks queued by Switchboard hubs on Redis.
 
-    ``prefix``, ``visibility_timeout_s``, ``max_attempts`` and
-    ``result_ttl_s`` must match the hub's ``redis.prefix`` and ``tasks.*``
-    keys."""
+    ``prefix``, ``visibility_timeout_s``, ``max_attempts``,
+    ``result_ttl_s`` and ``max_record_bytes_per_user`` must match the hub's
+    ``redis.prefix`` and ``tasks.*`` keys."""
 
     def __init__(
         self,
@@ -110,6 +110,7 @@ class Worker:
         visibility_timeout_s: float = 60,
         max_attempts: int = 3,
         result_ttl_s: float = 86400,
+        max_record_bytes_per_user: int = 4 * 1024 * 1024,
         name: Optional[str] = None,
         redis: Optional[aioredis.Redis] = None,
     ) -> None:
@@ -125,6 +126,7 @@ class Worker:
         self._redis = redis
         self._keys = Keys(prefix)
         self._result_ttl_ms = int(result_ttl_s * 1000)
+        self._max_record_bytes = max_record_bytes_per_user
         self._handlers: dict[str, _Registration] = {}
         self._stopping: Optional[asyncio.Event] = None
         self._hands: set[asyncio.Task[None]] = set()
@@ -181,7 +183,7 @@ class Worker:
             raise RuntimeError("no handlers: register some with @worker.handler(name)")
         own_redis = self._redis is None
         r = self._redis or aioredis.Redis.from_url(self._redis_url)
-        stream = TaskStream(r, self._keys, self._result_ttl_ms)
+        stream = TaskStream(r, self._keys, self._result_ttl_ms, self._max_record_bytes)
         self._stopping = asyncio.Event()
         log.info(
             "worker %s started: tasks %s, %d hands",
