@@ -286,6 +286,7 @@ pub async fn stats(state: web::Data<AppState>) -> ApiResult {
         "local_rooms": stats.local_rooms,
         "users": stats.users,
         "cluster_connections": stats.connections,
+        "instances": stats.instances,
         "uptime_s": state.started_at.elapsed().as_secs(),
     })))
 }

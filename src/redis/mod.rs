@@ -246,32 +246,14 @@ impl Redis {
             .collect())
     }
 
-    /// Sends each pipeline to its slot's node (all of them at once) and
-    /// answers their replies in order; on a single server they are one
-    /// round trip. Each pipeline's commands must share a slot.
+    /// Sends the pipelines, all at once (on a multiplexed connection they
+    /// share the round trip), each to its slot's node on a cluster; their
+    /// replies in order. Each pipeline's commands must share a slot.
     pub async fn pipelines(
         &self,
-        pipes: Vec<(Option<String>, redis::Pipeline)>,
+        pipes: Vec<redis::Pipeline>,
     ) -> RedisResult<Vec<Vec<Value>>> {
-        if self.mode() != RedisMode::Cluster {
-            let mut all = redis::pipe();
-            let mut sizes = Vec::new();
-            for (_, pipe) in &pipes {
-                sizes.push(pipe.cmd_iter().count());
-                for cmd in pipe.cmd_iter() {
-                    all.add_command(cmd.clone());
-                }
-            }
-            let replies: Vec<Value> = self
-                .exec(move |mut c| async move { all.query_async(&mut c).await })
-                .await?;
-            let mut replies = replies.into_iter();
-            return Ok(sizes
-                .into_iter()
-                .map(|n| replies.by_ref().take(n).collect())
-                .collect());
-        }
-        let parts = pipes.into_iter().map(|(_, pipe)| {
+        let parts = pipes.into_iter().map(|pipe| {
             self.exec(move |mut c| async move { pipe.query_async::<Vec<Value>>(&mut c).await })
         });
         futures_util::future::join_all(parts)
@@ -280,13 +262,20 @@ impl Redis {
             .collect()
     }
 
+    /// `items` grouped by the cluster slot of their key (one group when
+    /// not a cluster), in order within each group.
+    pub fn group<T, K: AsRef<[u8]>>(&self, items: impl Iterator<Item = (T, K)>) -> Vec<Vec<T>> {
+        if self.mode() != RedisMode::Cluster {
+            let all: Vec<T> = items.map(|(item, _)| item).collect();
+            return if all.is_empty() { Vec::new() } else { vec![all] };
+        }
+        group_by_slot(items)
+    }
+
     /// The indices of `keys`, grouped by cluster slot (one group when not
     /// a cluster), in order within each group.
     fn by_slot<'a>(&self, keys: impl Iterator<Item = Option<&'a str>>) -> Vec<Vec<usize>> {
-        if self.mode() != RedisMode::Cluster {
-            return vec![keys.enumerate().map(|(i, _)| i).collect()];
-        }
-        group_by_slot(keys.enumerate().map(|(i, key)| (i, key.unwrap_or(""))))
+        self.group(keys.enumerate().map(|(i, key)| (i, key.unwrap_or(""))))
     }
 }
 

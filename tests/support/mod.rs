@@ -3,6 +3,7 @@
 //! to it over real WebSockets and HTTP.
 #![allow(dead_code)]
 
+pub mod deployments;
 pub mod raw;
 
 use std::io::{BufRead, BufReader};
@@ -97,6 +98,8 @@ pub struct HubBuilder {
     env: Vec<(String, String)>,
     unset: Vec<String>,
     redis_url: String,
+    /// `redis.mode` and `redis.sentinel_master`.
+    redis_mode: (String, String),
 }
 
 impl HubBuilder {
@@ -128,6 +131,19 @@ impl HubBuilder {
         self.redis_url = url.into();
         self
     }
+    /// Run on this Redis deployment (a private server, a cluster, sentinels).
+    pub fn redis(mut self, deployment: &deployments::Deployment) -> Self {
+        self.redis_url = deployment.url();
+        self.redis_mode = (
+            deployment.mode().to_owned(),
+            deployment.sentinel_master().to_owned(),
+        );
+        if deployment.mode() != "standalone" {
+            // The deployment goes with the test: nothing to clean up.
+            self.owns_prefix = false;
+        }
+        self
+    }
     pub fn start(self) -> Hub {
         let dir = tempfile::tempdir().expect("tempdir");
         let kind = match self.broker {
@@ -146,6 +162,8 @@ impl HubBuilder {
             .env("SWITCHBOARD__SERVER__PORT", "0")
             .env("SWITCHBOARD__BROKER__KIND", kind)
             .env("SWITCHBOARD__REDIS__URL", &self.redis_url)
+            .env("SWITCHBOARD__REDIS__MODE", &self.redis_mode.0)
+            .env("SWITCHBOARD__REDIS__SENTINEL_MASTER", &self.redis_mode.1)
             .env("SWITCHBOARD__REDIS__PREFIX", &self.prefix)
             .env("RUST_LOG", "switchboard=debug,info")
             .stdout(Stdio::piped())
@@ -200,6 +218,7 @@ impl Hub {
             env: Vec::new(),
             unset: Vec::new(),
             redis_url: redis_url(),
+            redis_mode: ("standalone".into(), String::new()),
         }
     }
 

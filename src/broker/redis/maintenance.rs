@@ -155,7 +155,7 @@ impl RedisBroker {
                     .ignore();
             }
         }
-        self.redis.pipelines(vec![(Some(key), pipe)]).await?;
+        self.redis.pipelines(vec![pipe]).await?;
         // 2. Under each user.
         let scripts = &self.redis.scripts;
         let calls: Vec<ScriptCall<'_>> = held
@@ -187,13 +187,12 @@ impl RedisBroker {
         }
         fail_on_errors(self.redis.run_scripts(&changes).await?)?;
         if !gone.is_empty() {
-            let key = self.keys.instance_conns(&self.instance_id);
             let mut pipe = redis::pipe();
             for (id, room) in &gone {
                 pipe.srem(self.keys.conn_rooms(&self.instance_id, id), room.as_str())
                     .ignore();
             }
-            self.redis.pipelines(vec![(Some(key), pipe)]).await?;
+            self.redis.pipelines(vec![pipe]).await?;
         }
         Ok(())
     }
@@ -210,8 +209,7 @@ impl RedisBroker {
         for id in ids {
             pipe.smembers(self.keys.conn_rooms(owner, id));
         }
-        let key = self.keys.instance_conns(owner);
-        let replies = self.redis.pipelines(vec![(Some(key), pipe)]).await?;
+        let replies = self.redis.pipelines(vec![pipe]).await?;
         let replies = replies.into_iter().next().unwrap_or_default();
         Ok(replies
             .into_iter()
@@ -288,18 +286,28 @@ impl RedisBroker {
         fail_on_errors(self.redis.run_scripts(&leaves).await?)?;
         let users = batch.iter().filter_map(|(id, user)| {
             let key = self.keys.user_conns(user.as_deref()?);
-            let mut pipe = redis::pipe();
-            pipe.hdel(&key, id.as_str()).ignore();
-            Some((Some(key), pipe))
+            Some(((key.clone(), id.as_str()), key))
         });
-        self.redis.pipelines(users.collect()).await?;
+        let pipes = self
+            .redis
+            .group(users)
+            .into_iter()
+            .map(|group| {
+                let mut pipe = redis::pipe();
+                for (key, id) in group {
+                    pipe.hdel(key, id).ignore();
+                }
+                pipe
+            })
+            .collect();
+        self.redis.pipelines(pipes).await?;
         let key = self.keys.instance_conns(owner);
         let mut pipe = redis::pipe();
         for id in &ids {
             pipe.del(self.keys.conn_rooms(owner, id)).ignore();
         }
         pipe.hdel(&key, &ids).ignore();
-        self.redis.pipelines(vec![(Some(key), pipe)]).await?;
+        self.redis.pipelines(vec![pipe]).await?;
         Ok(())
     }
 

@@ -23,7 +23,6 @@ use super::messages::to_raw;
 use super::RedisBroker;
 use crate::broker::{BrokerError, BrokerResult, Publish, PublishDone};
 use crate::protocol::MessageId;
-use crate::redis::group_by_slot;
 
 /// The most publishes one batch carries.
 const MAX_BATCH: usize = 256;
@@ -127,7 +126,9 @@ impl RedisBroker {
         load: bool,
         outcomes: &mut [Option<Outcome>],
     ) {
-        let groups = group_by_slot(calls.iter().map(|&(i, p)| ((i, p), p.key.as_str())));
+        let groups = self
+            .redis
+            .group(calls.iter().map(|&(i, p)| ((i, p), p.key.as_str())));
         let pipes = groups
             .iter()
             .map(|group| {
@@ -142,7 +143,7 @@ impl RedisBroker {
                 for (_, p) in group {
                     pipe.add_command(p.cmd.clone());
                 }
-                (group.first().map(|(_, p)| p.key.clone()), pipe)
+                pipe
             })
             .collect();
         let failure = match self.redis.pipelines(pipes).await {

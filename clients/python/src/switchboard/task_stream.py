@@ -26,7 +26,8 @@ key                                      kind         content
 ``{prefix}:{tasks}:dead``                stream       failed tasks: ``task_id``, ``name``,
                                                       ``user``, ``payload``, ``error``,
                                                       ``attempts``
-``{prefix}:user:{user}``                 channel      ``task`` frames for the user's connections
+``{prefix}:user:{U}``                    channel      ``task`` frames for the user's connections
+                                                      (``U``: the user id, ``%{}`` escaped)
 =======================================  ===========  ==========================================
 
 Steps:
@@ -106,7 +107,10 @@ class Keys:
         return f"{self.base}:kept_bytes:{user}"
 
     def user_channel(self, user: str) -> str:
-        return f"{self.prefix}:user:{user}"
+        """The user's channel: its id is the hash tag, ``%``, ``{`` and ``}``
+        escaped as the hub does."""
+        tag = user.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
+        return f"{self.prefix}:user:{{{tag}}}"
 
 
 @dataclass(frozen=True)
