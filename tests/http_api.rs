@@ -97,6 +97,10 @@ both_brokers!(malformed_bodies_are_400_bad_request, |broker| async move {
         r#"{"room": "bad room", "data": 1}"#,
         r#"{"room": "lobby", "data": 1, "extra": true}"#,
         r#"{"broadcast": false, "data": 1}"#,
+        // A null target is refused, not taken for absent.
+        r#"{"broadcast": null, "user": "bob", "data": 1}"#,
+        r#"{"room": null, "user": "bob", "data": 1}"#,
+        r#"{"room": "lobby", "user": null, "data": 1}"#,
     ] {
         let request = api
             .http
@@ -292,3 +296,88 @@ both_brokers!(unknown_paths_are_json_404, |broker| async move {
     assert_eq!(status, 404);
     assert_eq!(body["error"], "not_found");
 });
+
+both_brokers!(
+    a_method_a_path_does_not_take_is_405_with_allow,
+    |broker| async move {
+        let hub = Hub::start(broker);
+        let api = hub.api().await;
+        for (method, path, allow) in [
+            ("DELETE", "/api/stats", "GET"),
+            ("GET", "/api/publish", "POST"),
+            ("PUT", "/api/rooms/lobby/history", "GET"),
+            ("POST", "/health/live", "GET"),
+            ("TRACE", "/metrics", "GET"),
+            ("POST", "/openapi.yaml", "GET"),
+        ] {
+            let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+            let request = api
+                .http
+                .request(method.clone(), hub.http(path))
+                .bearer_auth(API_KEY);
+            let response = request.send().await.expect("http");
+            let status = response.status().as_u16();
+            let allowed = response
+                .headers()
+                .get("allow")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            let body: Value = response.json().await.expect("a JSON body");
+            assert_eq!(
+                (status, allowed.as_deref(), &body["error"]),
+                (405, Some(allow), &json!("method_not_allowed")),
+                "{method} {path}: {body}"
+            );
+        }
+        // The API key is still checked first.
+        let (status, body) = api.call(api.http.delete(hub.http("/api/stats"))).await;
+        assert_eq!((status, &body["error"]), (401, &json!("unauthorized")));
+    }
+);
+
+both_brokers!(
+    the_openapi_document_is_served_without_a_key,
+    |broker| async move {
+        let hub = Hub::start(broker);
+        let response = reqwest::get(hub.http("/openapi.yaml")).await.expect("http");
+        assert_eq!(response.status().as_u16(), 200);
+        let content_type = response.headers().get("content-type").cloned();
+        assert_eq!(
+            content_type.as_ref().and_then(|v| v.to_str().ok()),
+            Some("application/yaml")
+        );
+        let text = response.text().await.expect("body");
+        let in_repo =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi.yaml"))
+                .expect("docs/openapi.yaml");
+        assert_eq!(text, in_repo, "the served document is docs/openapi.yaml");
+    }
+);
+
+both_brokers!(
+    dev_token_names_are_those_the_demo_page_allows,
+    |broker| async move {
+        let hub = Hub::builder(broker)
+            .toml("[auth]\ndev_tokens = true")
+            .start();
+        let api = hub.api().await;
+        let token = |user: &str| {
+            api.http
+                .post(hub.http("/dev/token"))
+                .json(&json!({ "user": user }))
+        };
+        let (status, body) = api.call(token("alice_1.x-y")).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["user"], "alice_1.x-y");
+        assert!(body["token"].is_string());
+        // Letters outside [A-Za-z] were taken before, and the 64 counted bytes.
+        for user in ["josé", "名前", "a b", ""] {
+            let (status, body) = api.call(token(user)).await;
+            assert_eq!(
+                (status, &body["error"]),
+                (400, &json!("bad_request")),
+                "{user:?}: {body}"
+            );
+        }
+    }
+);

@@ -99,14 +99,28 @@ fn user_param(user: &str) -> Result<&str, ApiError> {
     }
 }
 
-/// The body of `POST /api/publish`.
+/// The body of `POST /api/publish`. A target given as `null` is refused,
+/// not taken for absent.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PublishBody {
+    #[serde(default, deserialize_with = "not_null")]
     room: Option<String>,
+    #[serde(default, deserialize_with = "not_null")]
     user: Option<String>,
+    #[serde(default, deserialize_with = "not_null")]
     broadcast: Option<bool>,
     data: Value,
+}
+
+/// A field that, when present, must hold a value of its type (`null`
+/// included in "present": it is refused).
+fn not_null<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
 }
 
 /// What a publish body may hold beyond its `data`.

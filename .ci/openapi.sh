@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# Checks the running hub against its OpenAPI document (docs/openapi.yaml,
+# served at /openapi.yaml) with Schemathesis: no 5xx, and every answer
+# (status code, content type, body) as the document says. Once with the
+# memory broker, once with the Redis broker when $REDIS_URL is set (under a
+# key prefix of its own, deleted afterwards).
+#
+#   bash .ci/openapi.sh                 # what .ci/run calls
+#   MAX_EXAMPLES=200 bash .ci/openapi.sh
+#
+# Schemathesis lives in a virtual environment under target/ (never the
+# system Python).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SCHEMATHESIS_VERSION=4.32.5
+REDIS_PY_VERSION=8.2.0
+MAX_EXAMPLES=${MAX_EXAMPLES:-50}
+VENV=target/venv-schemathesis
+API_KEY=openapi-check-key
+
+log() { printf '\n== %s\n' "$*"; }
+
+if [ ! -x "$VENV/bin/schemathesis" ] || ! "$VENV/bin/schemathesis" --version | grep -q "$SCHEMATHESIS_VERSION"; then
+  log "installing schemathesis $SCHEMATHESIS_VERSION into $VENV"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q --disable-pip-version-check \
+    "schemathesis==$SCHEMATHESIS_VERSION" "redis==$REDIS_PY_VERSION"
+fi
+
+cargo build -q --bin switchboard
+BIN=target/debug/switchboard
+
+WORK=$(mktemp -d)
+HUB_PID=""
+PREFIX=""
+cleanup() {
+  if [ -n "$HUB_PID" ]; then kill "$HUB_PID" 2>/dev/null || true; wait "$HUB_PID" 2>/dev/null || true; fi
+  if [ -n "$PREFIX" ]; then delete_prefix "$PREFIX" || true; fi
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+delete_prefix() { # prefix: every key under it
+  "$VENV/bin/python" - "$REDIS_URL" "$1" <<'EOF'
+import sys, redis
+r = redis.Redis.from_url(sys.argv[1])
+keys = list(r.scan_iter(match=sys.argv[2] + ":*", count=1000))
+for i in range(0, len(keys), 500):
+    r.delete(*keys[i:i + 500])
+EOF
+}
+
+# check BROKER: starts a hub with that broker on a free port, runs
+# Schemathesis against it, stops it.
+check() {
+  local broker=$1 config="$WORK/$1.toml"
+  cat >"$config" <<EOF
+[server]
+host = "127.0.0.1"
+port = 0
+static_dir = ""
+shutdown_grace_s = 1
+
+[broker]
+kind = "$broker"
+
+[auth]
+api_keys = ["$API_KEY"]
+dev_tokens = true
+
+[tasks.handlers.echo]
+kind = "echo"
+EOF
+  if [ "$broker" = redis ]; then
+    PREFIX="openapi-$$-$RANDOM"
+    printf '\n[redis]\nurl = "%s"\nprefix = "%s"\n' "$REDIS_URL" "$PREFIX" >>"$config"
+  fi
+  RUST_LOG=warn "$BIN" serve --config "$config" >"$WORK/$broker.out" 2>"$WORK/$broker.err" &
+  HUB_PID=$!
+  local addr=""
+  for _ in $(seq 1 100); do
+    addr=$(sed -n 's/^listening on //p' "$WORK/$broker.out")
+    [ -n "$addr" ] && break
+    kill -0 "$HUB_PID" 2>/dev/null || break
+    sleep 0.1
+  done
+  if [ -z "$addr" ]; then
+    echo "the hub did not start"; cat "$WORK/$broker.err"; exit 1
+  fi
+  # Ready (the Redis broker subscribes first).
+  for _ in $(seq 1 100); do
+    curl -sf "http://$addr/health/ready" >/dev/null && break
+    sleep 0.1
+  done
+
+  log "schemathesis against the $broker broker (http://$addr)"
+  local status=0
+  "$VENV/bin/schemathesis" run "http://$addr/openapi.yaml" \
+    --url "http://$addr" \
+    --header "Authorization: Bearer $API_KEY" \
+    --checks all \
+    ${EXCLUDE:+--exclude-checks "$EXCLUDE"} \
+    --max-examples "$MAX_EXAMPLES" \
+    --seed 1 \
+    --workers 1 \
+    --no-color \
+    --suppress-health-check all || status=$?
+
+  kill "$HUB_PID" 2>/dev/null || true
+  wait "$HUB_PID" 2>/dev/null || true
+  HUB_PID=""
+  if grep -q "panicked" "$WORK/$broker.err"; then
+    echo "the hub panicked:"; grep -A5 panicked "$WORK/$broker.err"; status=1
+  fi
+  if [ -n "$PREFIX" ]; then delete_prefix "$PREFIX"; PREFIX=""; fi
+  return $status
+}
+
+check memory
+if [ -n "${REDIS_URL:-}" ]; then
+  check redis
+else
+  log "REDIS_URL unset: the Redis broker is not checked"
+fi
