@@ -1,4 +1,4 @@
-//! The `switchboard` command line (contract section 8): `serve` (the
+//! The `switchboard` command line (docs/protocol.md §12): `serve` (the
 //! default), `token`, `check-config`, `worker`.
 
 use std::path::PathBuf;

@@ -1,4 +1,4 @@
-//! Cluster mode (contract sections 1, 4, 5): several hubs on one Redis
+//! Cluster mode (docs/protocol.md §1, §9, §10): several hubs on one Redis
 //! behave as one, and survive Redis and instance failures. Fault tests use
 //! a private `redis-server` on a free port.
 
@@ -186,7 +186,7 @@ async fn kick_reaches_every_instance() {
 }
 
 #[tokio::test]
-async fn stats_are_cluster_wide_where_the_contract_says() {
+async fn stats_are_cluster_wide_where_documented() {
     let (h1, h2) = pair("");
     let mut a = h1.connect("alice").await;
     a.join("s1").await;

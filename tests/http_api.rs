@@ -1,4 +1,4 @@
-//! The HTTP API of contract section 5, against both brokers: every endpoint
+//! The HTTP API (docs/protocol.md §9, docs/openapi.yaml), against both brokers: every endpoint
 //! with and without a key, JSON errors, and what clients receive.
 
 mod support;

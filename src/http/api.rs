@@ -1,4 +1,4 @@
-//! The admin API of contract section 5 (the API key is checked once, by
+//! The admin API (docs/protocol.md §9, docs/openapi.yaml) (the API key is checked once, by
 //! [`super::api_key`], for the whole `/api` scope). Errors are JSON
 //! `{"error": code, "message": …}`.
 

@@ -1,9 +1,9 @@
-//! The contract's tables of codes: the `error` codes that keep a connection
+//! The tables of docs/protocol.md §4 and §5: the `error` codes that keep a connection
 //! open, and every close the server sends, each with its code and reason.
 
 use serde::Serialize;
 
-/// The error codes of contract section 3 ("Errors that keep the connection open").
+/// The error codes that keep a connection open (docs/protocol.md §4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
@@ -63,7 +63,7 @@ impl ErrorReply {
     }
 }
 
-/// Every way the server closes a WebSocket (contract section 3, "Closes").
+/// Every way the server closes a WebSocket (docs/protocol.md §5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloseReason {
     Normal,

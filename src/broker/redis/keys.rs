@@ -1,5 +1,5 @@
-//! Every Redis key and channel name, in one place (contract section 4 plus
-//! the helper keys listed in [`super`]).
+//! Every Redis key and channel name, in one place (the layout of
+//! docs/protocol.md §10, also listed in [`super`]).
 
 use crate::protocol::RoomName;
 

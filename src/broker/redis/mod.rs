@@ -3,12 +3,12 @@
 //!
 //! Commands go through a deadpool-redis pool ([`commands`]); the pub/sub
 //! connection belongs to the [`subscriber::RedisSubscriber`] actor. Keys
-//! ([`keys`]; prefix `sb` by default; contract section 4, plus helper keys
-//! marked *):
+//! ([`keys`]; prefix `sb` by default; docs/protocol.md §10; keys only
+//! the hub itself uses marked *):
 //!
 //! | key | kind | content |
 //! |---|---|---|
-//! | `sb:room:{room}` / `sb:user:{user}` / `sb:broadcast` | channels | see the contract ([`payload`]) |
+//! | `sb:room:{room}` / `sb:user:{user}` / `sb:broadcast` | channels | see docs/protocol.md §10 ([`payload`]) |
 //! | `sb:history:{room}` | stream | field `b`: the message without its id (the stream id is the id) |
 //! | `sb:connections` | hash | connection id → `{"user","instance","connected_at"}` |
 //! | `sb:user_connections` * | hash | user → connections, cluster-wide (the per-user limit) |
