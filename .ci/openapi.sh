@@ -15,17 +15,19 @@ cd "$(dirname "$0")/.."
 
 SCHEMATHESIS_VERSION=4.32.5
 REDIS_PY_VERSION=8.2.0
+WEBSOCKETS_VERSION=17.4
 MAX_EXAMPLES=${MAX_EXAMPLES:-50}
 VENV=target/venv-schemathesis
 API_KEY=openapi-check-key
 
 log() { printf '\n== %s\n' "$*"; }
 
-if [ ! -x "$VENV/bin/schemathesis" ] || ! "$VENV/bin/schemathesis" --version | grep -q "$SCHEMATHESIS_VERSION"; then
+if [ ! -x "$VENV/bin/schemathesis" ] || ! "$VENV/bin/schemathesis" --version | grep -q "$SCHEMATHESIS_VERSION" \
+  || ! "$VENV/bin/python" -c 'import redis, websockets' 2>/dev/null; then
   log "installing schemathesis $SCHEMATHESIS_VERSION into $VENV"
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q --disable-pip-version-check \
-    "schemathesis==$SCHEMATHESIS_VERSION" "redis==$REDIS_PY_VERSION"
+    "schemathesis==$SCHEMATHESIS_VERSION" "redis==$REDIS_PY_VERSION" "websockets==$WEBSOCKETS_VERSION"
 fi
 
 cargo build -q --bin switchboard
@@ -40,6 +42,35 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT
+
+# submit_task ADDR: submits an `echo` task over the WebSocket (a development
+# token from /dev/token), waits for it to finish, prints its id: the task
+# endpoints are then checked against a task that exists.
+submit_task() {
+  "$VENV/bin/python" - "$1" <<'PY'
+import asyncio, json, sys, urllib.request
+import websockets
+
+addr = sys.argv[1]
+req = urllib.request.Request(f"http://{addr}/dev/token", data=b'{"user":"openapi"}',
+                             headers={"content-type": "application/json"})
+token = json.load(urllib.request.urlopen(req))["token"]
+
+async def main():
+    async with websockets.connect(f"ws://{addr}/ws?token={token}") as ws:
+        await ws.send(json.dumps({"type": "task", "name": "echo", "payload": {"n": 1}, "ref": 1}))
+        task_id = None
+        while True:
+            frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            if frame.get("type") == "ack" and frame.get("ref") == 1:
+                task_id = frame["task_id"]
+            if frame.get("type") == "task" and frame.get("status") in ("done", "failed"):
+                print(task_id)
+                return
+
+asyncio.run(main())
+PY
+}
 
 delete_prefix() { # prefix: every key under it
   "$VENV/bin/python" - "$REDIS_URL" "$1" <<'EOF'
@@ -94,9 +125,17 @@ EOF
     sleep 0.1
   done
 
-  log "schemathesis against the $broker broker (http://$addr)"
+  local task_id
+  task_id=$(submit_task "$addr")
+  cat >"$WORK/schemathesis.toml" <<EOF
+[[operations]]
+include-path-regex = "^/api/tasks/"
+parameters = { "path.id" = "$task_id" }
+EOF
+
+  log "schemathesis against the $broker broker (http://$addr, task $task_id)"
   local status=0
-  "$VENV/bin/schemathesis" run "http://$addr/openapi.yaml" \
+  "$VENV/bin/schemathesis" --config-file "$WORK/schemathesis.toml" run "http://$addr/openapi.yaml" \
     --url "http://$addr" \
     --header "Authorization: Bearer $API_KEY" \
     --checks all \
