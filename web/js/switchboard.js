@@ -6,12 +6,17 @@
  *
  * - reconnects with exponential backoff and full jitter, except after the
  *   closes that must not be retried (1008 `unauthorized`, `kicked`,
- *   `forbidden origin`, `connection limit` after a few tries);
+ *   `forbidden origin`, `connection limit` after a few tries); after a 1001
+ *   (`going away`: the instance drains) the first retry waits a random delay
+ *   in a window, so that a whole instance's clients do not land on the
+ *   others at once;
  * - remembers the last message id of every room, rejoins with `since` and
  *   never hands the same message to the app twice;
  * - asks a token function for a token on every connect and shortly before
  *   the current one expires (sent as `refresh`);
- * - every request is a promise settled by the reply with the same `ref`.
+ * - every request is a promise settled by the reply with the same `ref`;
+ *   a request that times out while it still waits in the client (offline
+ *   queue, pacing buffer) is taken back and never sent.
  */
 /** An `Event` with a `detail`, like `CustomEvent` (which Node 20 lacks in some set-ups). */
 export class SwitchboardEvent extends Event {
@@ -24,7 +29,8 @@ export class SwitchboardEvent extends Event {
  * A refused or failed request. `code` is the hub's error code (`bad_request`, `forbidden`,
  * `limit_exceeded`, `rate_limited`, `not_found`, `internal`) or one of the client's:
  * `timeout`, `disconnected` (the connection went down before the reply), `closed`
- * (the client was closed, or gave up reconnecting), `queue_full`, `offline`
+ * (the client was closed, or gave up reconnecting), `queue_full` (too many requests wait
+ * for the connection, or for the pacing while connected), `offline`
  * (disconnected with the `reject` policy), `cancelled` (a join undone by `leave`).
  */
 export class SwitchboardError extends Error {
@@ -127,7 +133,7 @@ export class Switchboard extends EventTarget {
         this.tokenAt = 0;
         this.lastRx = 0;
         this.pingSentAt = 0;
-        /** Outgoing pacing: frames waiting for a token of the bucket. */
+        /** Outgoing pacing: frames waiting for a token of the bucket (bounded by `maxBufferedFrames` for new requests). */
         this.sendBuffer = [];
         this.bucket = 0;
         this.bucketAt = 0;
@@ -157,6 +163,8 @@ export class Switchboard extends EventTarget {
             pingTimeoutMs: options.pingTimeoutMs ?? 10000,
             maxFramesPerSecond: options.maxFramesPerSecond ?? 40,
             frameBurst: options.frameBurst ?? 80,
+            maxBufferedFrames: Math.max(1, options.maxBufferedFrames ?? 1000),
+            goingAwayReconnectWindowMs: options.goingAwayReconnectWindowMs ?? 5000,
         };
         if (this.opts.autoConnect) {
             setTimeout(() => {
@@ -303,6 +311,9 @@ export class Switchboard extends EventTarget {
         if (!existing && this._state !== "connected" && offline === "reject") {
             return Promise.reject(new SwitchboardError("offline", "not connected"));
         }
+        if (this._state === "connected" && existing?.inflight === undefined && this.bufferFull()) {
+            return Promise.reject(this.bufferFullError());
+        }
         const r = existing ?? { joined: false, everJoined: false, waiters: [] };
         if (!existing) {
             if (options.since !== undefined)
@@ -326,6 +337,9 @@ export class Switchboard extends EventTarget {
     }
     /** Leave a room (and stop rejoining it). Resolves at once when disconnected: there is nothing to leave. */
     leave(room, options = {}) {
+        // Refused before anything changes: the room stays joined, and a later leave can try again.
+        if (this._state === "connected" && this.bufferFull())
+            return Promise.reject(this.bufferFullError());
         const r = this.rooms.get(room);
         if (r) {
             this.rooms.delete(room);
@@ -337,7 +351,7 @@ export class Switchboard extends EventTarget {
         }
         if (this._state !== "connected")
             return Promise.resolve();
-        return this.request({ type: "leave", room }, { ...options, offline: "reject" }).then(() => undefined, (err) => {
+        return this.request({ type: "leave", room }, { ...options, offline: "reject" }, undefined, false).then(() => undefined, (err) => {
             // The connection went away: we are not in the room, and will not rejoin it.
             if (err.code === "disconnected" || err.code === "offline")
                 return undefined;
@@ -485,6 +499,7 @@ export class Switchboard extends EventTarget {
             ws.onclose = null;
         }
         this.ws = null;
+        const unsent = new Set(this.sendBuffer.map((b) => b.req));
         this.clearConnectionTimers();
         for (const r of this.rooms.values()) {
             r.joined = false;
@@ -492,9 +507,11 @@ export class Switchboard extends EventTarget {
         }
         const inflight = [...this.pending.values()];
         this.pending.clear();
+        const closed = `connection closed (${code}${reason ? " " + reason : ""})`;
         for (const req of inflight) {
             clearTimeout(req.timer);
-            req.reject(new SwitchboardError("disconnected", `connection closed (${code}${reason ? " " + reason : ""}) before the reply`));
+            const when = unsent.has(req) ? "before it was sent" : "before the reply";
+            req.reject(new SwitchboardError("disconnected", `${closed} ${when}`));
         }
         this.afterClose(code, reason);
     }
@@ -510,8 +527,16 @@ export class Switchboard extends EventTarget {
             return;
         }
         this.failures++;
-        const cap = Math.min(this.opts.backoffMaxMs, this.opts.backoffInitialMs * 2 ** Math.min(this.failures - 1, 30));
-        const delayMs = Math.floor(Math.random() * cap);
+        const spread = this.opts.goingAwayReconnectWindowMs;
+        let delayMs;
+        if (code === 1001 && spread > 0) {
+            // The instance drains: its clients reconnect spread over the window, not all at once.
+            delayMs = Math.floor(Math.random() * Math.min(spread, MAX_TIMER_MS));
+        }
+        else {
+            const cap = Math.min(this.opts.backoffMaxMs, this.opts.backoffInitialMs * 2 ** Math.min(this.failures - 1, 30));
+            delayMs = Math.floor(Math.random() * cap);
+        }
         this.setState("disconnected");
         this.emit("disconnected", { code, reason, willReconnect: true, delayMs });
         if (this._state !== "disconnected")
@@ -692,7 +717,8 @@ export class Switchboard extends EventTarget {
         }
     }
     // ------------------------------------------------------ request core --
-    request(frame, options = {}, onReply) {
+    /** `bounded`: refused with `queue_full` when the pacing buffer is full (false for the client's own frames). */
+    request(frame, options = {}, onReply, bounded = true) {
         return new Promise((resolve, reject) => {
             if (this._state === "closed") {
                 reject(new SwitchboardError("closed", "the client is closed"));
@@ -708,6 +734,10 @@ export class Switchboard extends EventTarget {
                 reject,
             };
             if (this._state === "connected") {
+                if (bounded && this.bufferFull()) {
+                    reject(this.bufferFullError());
+                    return;
+                }
                 this.armTimer(req, options.timeoutMs);
                 this.transmit(req);
                 return;
@@ -728,24 +758,47 @@ export class Switchboard extends EventTarget {
         if (!(timeoutMs > 0))
             return;
         req.timer = setTimeout(() => {
-            if (this.pending.get(req.ref) === req)
+            // Take the frame back from wherever it still waits, so that it can never reach the hub.
+            let unsent = false;
+            if (this.pending.get(req.ref) === req) {
                 this.pending.delete(req.ref);
-            else
-                this.outbox = this.outbox.filter((q) => q !== req);
-            req.reject(new SwitchboardError("timeout", `${req.frame.type}: no reply within ${timeoutMs} ms`));
+                unsent = this.unsend(req);
+            }
+            else {
+                const i = this.outbox.indexOf(req);
+                if (i >= 0)
+                    this.outbox.splice(i, 1);
+                unsent = i >= 0;
+            }
+            const what = unsent ? "it was not sent" : "it was sent, its outcome is unknown";
+            req.reject(new SwitchboardError("timeout", `${req.frame.type}: no reply within ${timeoutMs} ms (${what})`));
         }, timeoutMs);
     }
     transmit(req) {
         this.pending.set(req.ref, req);
         try {
-            this.sendText(JSON.stringify({ ...req.frame, ref: req.ref }));
+            this.sendText(JSON.stringify({ ...req.frame, ref: req.ref }), req);
         }
         catch {
             // The socket is going away; its close rejects the request with `disconnected`.
         }
     }
+    /** Removes a request's frame from the pacing buffer; false when it is not there (sent already). */
+    unsend(req) {
+        const i = this.sendBuffer.findIndex((b) => b.req === req);
+        if (i < 0)
+            return false;
+        this.sendBuffer.splice(i, 1);
+        return true;
+    }
+    bufferFull() {
+        return this.sendBuffer.length >= this.opts.maxBufferedFrames;
+    }
+    bufferFullError() {
+        return new SwitchboardError("queue_full", `${this.sendBuffer.length} frames already wait to be sent (maxBufferedFrames)`);
+    }
     /** Sends a frame now, or, past the pacing budget, as soon as the bucket allows (in order). */
-    sendText(text) {
+    sendText(text, req) {
         const rate = this.opts.maxFramesPerSecond;
         if (!(rate > 0)) {
             this.ws.send(text);
@@ -757,7 +810,7 @@ export class Switchboard extends EventTarget {
             this.ws.send(text);
             return;
         }
-        this.sendBuffer.push(text);
+        this.sendBuffer.push({ text, req });
         this.scheduleDrain();
     }
     refillBucket() {
@@ -779,7 +832,7 @@ export class Switchboard extends EventTarget {
             try {
                 while (this.sendBuffer.length > 0 && this.bucket >= 1) {
                     this.bucket -= 1;
-                    this.ws.send(this.sendBuffer.shift());
+                    this.ws.send(this.sendBuffer.shift().text);
                 }
             }
             catch {
@@ -851,8 +904,13 @@ export class Switchboard extends EventTarget {
             return;
         this.rooms.delete(room);
         if (r.inflight !== undefined && this._state === "connected") {
+            const join = this.pending.get(r.inflight);
             r.inflight = undefined;
-            this.request({ type: "leave", room }, { offline: "reject" }).catch(() => { });
+            if (join && this.unsend(join)) {
+                this.pending.delete(join.ref); // never sent: nothing to undo
+                return;
+            }
+            this.request({ type: "leave", room }, { offline: "reject" }, undefined, false).catch(() => { });
         }
     }
     // ----------------------------------------------------- token refresh --
@@ -899,7 +957,7 @@ export class Switchboard extends EventTarget {
             throw new SwitchboardError("disconnected", "connection lost during refresh");
         let ack;
         try {
-            ack = await this.request({ type: "refresh", token }, { offline: "reject" });
+            ack = await this.request({ type: "refresh", token }, { offline: "reject" }, undefined, false);
         }
         catch (e) {
             const error = e;

@@ -6,12 +6,17 @@
  *
  * - reconnects with exponential backoff and full jitter, except after the
  *   closes that must not be retried (1008 `unauthorized`, `kicked`,
- *   `forbidden origin`, `connection limit` after a few tries);
+ *   `forbidden origin`, `connection limit` after a few tries); after a 1001
+ *   (`going away`: the instance drains) the first retry waits a random delay
+ *   in a window, so that a whole instance's clients do not land on the
+ *   others at once;
  * - remembers the last message id of every room, rejoins with `since` and
  *   never hands the same message to the app twice;
  * - asks a token function for a token on every connect and shortly before
  *   the current one expires (sent as `refresh`);
- * - every request is a promise settled by the reply with the same `ref`.
+ * - every request is a promise settled by the reply with the same `ref`;
+ *   a request that times out while it still waits in the client (offline
+ *   queue, pacing buffer) is taken back and never sent.
  */
 
 // ---------------------------------------------------------------- types --
@@ -46,7 +51,11 @@ export interface SwitchboardOptions {
   autoConnect?: boolean;
   /** Reconnect after a close that may be retried. Default true. */
   reconnect?: boolean;
-  /** Time-out of every request, from the call to the reply, queueing included. Default 10000 ms; 0: none. */
+  /**
+   * Time-out of every request, from the call to the reply, queueing included. Default 10000 ms; 0: none.
+   * A request that times out before it was handed to the WebSocket is never sent; one that was
+   * sent may or may not have been carried out by the hub.
+   */
   requestTimeoutMs?: number;
   /** Requests made while disconnected: `"queue"` them (sent after the reconnect) or `"reject"` them. Default `"queue"`. */
   offline?: OfflinePolicy;
@@ -76,6 +85,17 @@ export interface SwitchboardOptions {
   maxFramesPerSecond?: number;
   /** The pacing bucket's size: this many frames may go at once. Default 80. */
   frameBurst?: number;
+  /**
+   * While connected, at most this many frames wait for the pacing; past it a new request is
+   * rejected at once with `queue_full` (nothing is dropped). Default 1000 (at least 1).
+   */
+  maxBufferedFrames?: number;
+  /**
+   * After a close 1001 `going away` (the instance shuts down), the first reconnect waits a random
+   * delay in [0, this), so that the clients of a draining instance spread over the others.
+   * Default 5000 ms; 0: the usual backoff.
+   */
+  goingAwayReconnectWindowMs?: number;
 }
 
 /** Options of one request. */
@@ -209,7 +229,7 @@ export interface DisconnectedDetail {
   code: number;
   reason: string;
   willReconnect: boolean;
-  /** When `willReconnect`: the delay before the next attempt. */
+  /** When `willReconnect`: the delay before the next attempt (after a 1001: drawn from `goingAwayReconnectWindowMs`). */
   delayMs?: number;
 }
 
@@ -271,7 +291,8 @@ export interface SwitchboardEventMap {
  * A refused or failed request. `code` is the hub's error code (`bad_request`, `forbidden`,
  * `limit_exceeded`, `rate_limited`, `not_found`, `internal`) or one of the client's:
  * `timeout`, `disconnected` (the connection went down before the reply), `closed`
- * (the client was closed, or gave up reconnecting), `queue_full`, `offline`
+ * (the client was closed, or gave up reconnecting), `queue_full` (too many requests wait
+ * for the connection, or for the pacing while connected), `offline`
  * (disconnected with the `reject` policy), `cancelled` (a join undone by `leave`).
  */
 export class SwitchboardError extends Error {
@@ -297,6 +318,12 @@ interface Request {
   resolve: (reply: Frame) => void;
   reject: (err: SwitchboardError) => void;
   timer?: Timer;
+}
+
+/** A frame waiting for the pacing; `req` when it is a request's, so that its time-out can take it back. */
+interface Buffered {
+  text: string;
+  req?: Request;
 }
 
 interface RoomState {
@@ -406,8 +433,8 @@ export class Switchboard extends EventTarget {
   private stableTimer?: Timer;
   private refreshTimer?: Timer;
   private pingTimer?: ReturnType<typeof setInterval>;
-  /** Outgoing pacing: frames waiting for a token of the bucket. */
-  private sendBuffer: string[] = [];
+  /** Outgoing pacing: frames waiting for a token of the bucket (bounded by `maxBufferedFrames` for new requests). */
+  private sendBuffer: Buffered[] = [];
   private bucket = 0;
   private bucketAt = 0;
   private drainTimer?: Timer;
@@ -442,6 +469,8 @@ export class Switchboard extends EventTarget {
       pingTimeoutMs: options.pingTimeoutMs ?? 10_000,
       maxFramesPerSecond: options.maxFramesPerSecond ?? 40,
       frameBurst: options.frameBurst ?? 80,
+      maxBufferedFrames: Math.max(1, options.maxBufferedFrames ?? 1000),
+      goingAwayReconnectWindowMs: options.goingAwayReconnectWindowMs ?? 5_000,
     };
     if (this.opts.autoConnect) {
       setTimeout(() => {
@@ -607,6 +636,9 @@ export class Switchboard extends EventTarget {
     if (!existing && this._state !== "connected" && offline === "reject") {
       return Promise.reject(new SwitchboardError("offline", "not connected"));
     }
+    if (this._state === "connected" && existing?.inflight === undefined && this.bufferFull()) {
+      return Promise.reject(this.bufferFullError());
+    }
     const r: RoomState = existing ?? { joined: false, everJoined: false, waiters: [] };
     if (!existing) {
       if (options.since !== undefined) r.lastId = options.since;
@@ -629,6 +661,8 @@ export class Switchboard extends EventTarget {
 
   /** Leave a room (and stop rejoining it). Resolves at once when disconnected: there is nothing to leave. */
   leave(room: string, options: RequestOptions = {}): Promise<void> {
+    // Refused before anything changes: the room stays joined, and a later leave can try again.
+    if (this._state === "connected" && this.bufferFull()) return Promise.reject(this.bufferFullError());
     const r = this.rooms.get(room);
     if (r) {
       this.rooms.delete(room);
@@ -639,7 +673,7 @@ export class Switchboard extends EventTarget {
       r.waiters = [];
     }
     if (this._state !== "connected") return Promise.resolve();
-    return this.request({ type: "leave", room }, { ...options, offline: "reject" }).then(
+    return this.request({ type: "leave", room }, { ...options, offline: "reject" }, undefined, false).then(
       () => undefined,
       (err: SwitchboardError) => {
         // The connection went away: we are not in the room, and will not rejoin it.
@@ -793,6 +827,7 @@ export class Switchboard extends EventTarget {
       ws.onclose = null;
     }
     this.ws = null;
+    const unsent = new Set(this.sendBuffer.map((b) => b.req));
     this.clearConnectionTimers();
     for (const r of this.rooms.values()) {
       r.joined = false;
@@ -800,9 +835,11 @@ export class Switchboard extends EventTarget {
     }
     const inflight = [...this.pending.values()];
     this.pending.clear();
+    const closed = `connection closed (${code}${reason ? " " + reason : ""})`;
     for (const req of inflight) {
       clearTimeout(req.timer);
-      req.reject(new SwitchboardError("disconnected", `connection closed (${code}${reason ? " " + reason : ""}) before the reply`));
+      const when = unsent.has(req) ? "before it was sent" : "before the reply";
+      req.reject(new SwitchboardError("disconnected", `${closed} ${when}`));
     }
     this.afterClose(code, reason);
   }
@@ -818,8 +855,15 @@ export class Switchboard extends EventTarget {
       return;
     }
     this.failures++;
-    const cap = Math.min(this.opts.backoffMaxMs, this.opts.backoffInitialMs * 2 ** Math.min(this.failures - 1, 30));
-    const delayMs = Math.floor(Math.random() * cap);
+    const spread = this.opts.goingAwayReconnectWindowMs;
+    let delayMs: number;
+    if (code === 1001 && spread > 0) {
+      // The instance drains: its clients reconnect spread over the window, not all at once.
+      delayMs = Math.floor(Math.random() * Math.min(spread, MAX_TIMER_MS));
+    } else {
+      const cap = Math.min(this.opts.backoffMaxMs, this.opts.backoffInitialMs * 2 ** Math.min(this.failures - 1, 30));
+      delayMs = Math.floor(Math.random() * cap);
+    }
     this.setState("disconnected");
     this.emit("disconnected", { code, reason, willReconnect: true, delayMs });
     if (this._state !== "disconnected") return; // a listener called close() or connect()
@@ -991,7 +1035,13 @@ export class Switchboard extends EventTarget {
 
   // ------------------------------------------------------ request core --
 
-  private request(frame: Frame, options: RequestOptions = {}, onReply?: (reply: Frame) => void): Promise<Frame> {
+  /** `bounded`: refused with `queue_full` when the pacing buffer is full (false for the client's own frames). */
+  private request(
+    frame: Frame,
+    options: RequestOptions = {},
+    onReply?: (reply: Frame) => void,
+    bounded = true,
+  ): Promise<Frame> {
     return new Promise<Frame>((resolve, reject) => {
       if (this._state === "closed") {
         reject(new SwitchboardError("closed", "the client is closed"));
@@ -1007,6 +1057,10 @@ export class Switchboard extends EventTarget {
         reject,
       };
       if (this._state === "connected") {
+        if (bounded && this.bufferFull()) {
+          reject(this.bufferFullError());
+          return;
+        }
         this.armTimer(req, options.timeoutMs);
         this.transmit(req);
         return;
@@ -1027,23 +1081,48 @@ export class Switchboard extends EventTarget {
   private armTimer(req: Request, timeoutMs = this.opts.requestTimeoutMs): void {
     if (!(timeoutMs > 0)) return;
     req.timer = setTimeout(() => {
-      if (this.pending.get(req.ref) === req) this.pending.delete(req.ref);
-      else this.outbox = this.outbox.filter((q) => q !== req);
-      req.reject(new SwitchboardError("timeout", `${req.frame.type}: no reply within ${timeoutMs} ms`));
+      // Take the frame back from wherever it still waits, so that it can never reach the hub.
+      let unsent = false;
+      if (this.pending.get(req.ref) === req) {
+        this.pending.delete(req.ref);
+        unsent = this.unsend(req);
+      } else {
+        const i = this.outbox.indexOf(req);
+        if (i >= 0) this.outbox.splice(i, 1);
+        unsent = i >= 0;
+      }
+      const what = unsent ? "it was not sent" : "it was sent, its outcome is unknown";
+      req.reject(new SwitchboardError("timeout", `${req.frame.type}: no reply within ${timeoutMs} ms (${what})`));
     }, timeoutMs);
   }
 
   private transmit(req: Request): void {
     this.pending.set(req.ref, req);
     try {
-      this.sendText(JSON.stringify({ ...req.frame, ref: req.ref }));
+      this.sendText(JSON.stringify({ ...req.frame, ref: req.ref }), req);
     } catch {
       // The socket is going away; its close rejects the request with `disconnected`.
     }
   }
 
+  /** Removes a request's frame from the pacing buffer; false when it is not there (sent already). */
+  private unsend(req: Request): boolean {
+    const i = this.sendBuffer.findIndex((b) => b.req === req);
+    if (i < 0) return false;
+    this.sendBuffer.splice(i, 1);
+    return true;
+  }
+
+  private bufferFull(): boolean {
+    return this.sendBuffer.length >= this.opts.maxBufferedFrames;
+  }
+
+  private bufferFullError(): SwitchboardError {
+    return new SwitchboardError("queue_full", `${this.sendBuffer.length} frames already wait to be sent (maxBufferedFrames)`);
+  }
+
   /** Sends a frame now, or, past the pacing budget, as soon as the bucket allows (in order). */
-  private sendText(text: string): void {
+  private sendText(text: string, req?: Request): void {
     const rate = this.opts.maxFramesPerSecond;
     if (!(rate > 0)) {
       this.ws!.send(text);
@@ -1055,7 +1134,7 @@ export class Switchboard extends EventTarget {
       this.ws!.send(text);
       return;
     }
-    this.sendBuffer.push(text);
+    this.sendBuffer.push({ text, req });
     this.scheduleDrain();
   }
 
@@ -1077,7 +1156,7 @@ export class Switchboard extends EventTarget {
       try {
         while (this.sendBuffer.length > 0 && this.bucket >= 1) {
           this.bucket -= 1;
-          this.ws.send(this.sendBuffer.shift()!);
+          this.ws.send(this.sendBuffer.shift()!.text);
         }
       } catch {
         /* the close will tell */
@@ -1144,8 +1223,13 @@ export class Switchboard extends EventTarget {
     if (r.joined || r.everJoined || r.waiters.length > 0 || this.rooms.get(room) !== r) return;
     this.rooms.delete(room);
     if (r.inflight !== undefined && this._state === "connected") {
+      const join = this.pending.get(r.inflight);
       r.inflight = undefined;
-      this.request({ type: "leave", room }, { offline: "reject" }).catch(() => {});
+      if (join && this.unsend(join)) {
+        this.pending.delete(join.ref); // never sent: nothing to undo
+        return;
+      }
+      this.request({ type: "leave", room }, { offline: "reject" }, undefined, false).catch(() => {});
     }
   }
 
@@ -1188,7 +1272,7 @@ export class Switchboard extends EventTarget {
     if (gen !== this.gen || this._state !== "connected") throw new SwitchboardError("disconnected", "connection lost during refresh");
     let ack: Frame;
     try {
-      ack = await this.request({ type: "refresh", token }, { offline: "reject" });
+      ack = await this.request({ type: "refresh", token }, { offline: "reject" }, undefined, false);
     } catch (e) {
       const error = e as SwitchboardError;
       if (gen === this.gen && error.code !== "disconnected") {

@@ -28,7 +28,7 @@ const PAGE = `<!doctype html>
     throw new Error("timed out waiting for " + what);
   };
   try {
-    const sb = new Switchboard(params.get("hub"), { token: () => params.get("token"), backoffInitialMs: 100, backoffMaxMs: 400 });
+    const sb = new Switchboard(params.get("hub"), { token: () => params.get("token"), backoffInitialMs: 100, backoffMaxMs: 400, goingAwayReconnectWindowMs: 1000 });
     const got = [];
     const events = [];
     sb.on("message", (m) => got.push(m.data.text));

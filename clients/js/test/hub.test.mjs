@@ -139,6 +139,55 @@ test("a task: task() resolves with its id; queued, running, done with the result
   assert.equal(k1, k2);
 });
 
+test("a publish that timed out waiting for the pacing is never sent", async () => {
+  // One frame per second, a bucket of one: the second of two publishes made together waits.
+  const paula = client("paula", { maxFramesPerSecond: 1, frameBurst: 1 });
+  await paula.join("late.paced");
+  const first = paula.publish("late.paced", "first");
+  const late = paula.publish("late.paced", "timed out", { timeoutMs: 50 });
+  await assert.rejects(late, (e) => {
+    assert.equal(e.code, "timeout");
+    assert.match(e.message, /not sent/);
+    return true;
+  });
+  // Sent after where the timed-out one waited: once it is stored, the other would be too.
+  const ids = [await first, await paula.publish("late.paced", "after")];
+  const { messages } = await api(hub, "GET", "/api/rooms/late.paced/history");
+  assert.deepEqual(
+    messages.map((m) => [m.id, m.data]),
+    [
+      [ids[0], "first"],
+      [ids[1], "after"],
+    ],
+  );
+});
+
+test("a publish that timed out waiting for the connection is not sent when it comes up", async () => {
+  const otto = client("otto", { autoConnect: false });
+  const bob = client("bob-witness");
+  const witnessed = record(bob, ["message"]);
+  await bob.join("late.offline");
+  const joined = otto.join("late.offline");
+  await assert.rejects(otto.publish("late.offline", "timed out", { timeoutMs: 50 }), (e) => {
+    assert.equal(e.code, "timeout");
+    assert.match(e.message, /not sent/);
+    return true;
+  });
+  otto.connect();
+  await joined;
+  const id = await otto.publish("late.offline", "after");
+  await waitFor(() => witnessed.some((e) => e.detail.id === id), { what: "the publish made after the time-out" });
+  assert.deepEqual(
+    witnessed.map((e) => e.detail.data),
+    ["after"],
+  );
+  const { messages } = await api(hub, "GET", "/api/rooms/late.offline/history");
+  assert.deepEqual(
+    messages.map((m) => m.data),
+    ["after"],
+  );
+});
+
 test("kicked by the API: an event with 1008 kicked, and no new connection attempt", async () => {
   const kim = client("kim");
   const seen = record(kim, ["connecting", "disconnected", "closed"]);

@@ -17,6 +17,7 @@ test("reconnect after the hub restarts on the same port, rooms rejoined", async 
     WebSocket,
     backoffInitialMs: 100,
     backoffMaxMs: 400,
+    goingAwayReconnectWindowMs: 200,
   });
   try {
     const log = record(sb, ["connecting", "connected", "disconnected", "recovery", "closed"]);
@@ -33,6 +34,7 @@ test("reconnect after the hub restarts on the same port, rooms rejoined", async 
     assert.equal(d.code, 1001);
     assert.equal(d.reason, "going away");
     assert.equal(d.willReconnect, true);
+    assert.ok(d.delayMs >= 0 && d.delayMs < 200, `the first retry after 1001 is drawn from the window: ${d.delayMs}`);
 
     await sleep(800); // a few attempts against a closed port (1006, backing off)
     const failed = log.filter((e) => e.type === "disconnected");

@@ -11,7 +11,14 @@ import {
   type TaskUpdate,
 } from "../src/switchboard.js";
 
-const options: SwitchboardOptions = { token: "jwt", WebSocket: NodeWebSocket, offline: "reject", maxQueue: 10 };
+const options: SwitchboardOptions = {
+  token: "jwt",
+  WebSocket: NodeWebSocket,
+  offline: "reject",
+  maxQueue: 10,
+  maxBufferedFrames: 500,
+  goingAwayReconnectWindowMs: 0,
+};
 const node = new Switchboard("ws://localhost:8000/ws", options);
 const browser = new Switchboard("/ws", { token: async () => "jwt", WebSocket: globalThis.WebSocket });
 

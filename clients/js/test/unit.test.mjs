@@ -2,7 +2,7 @@
 // easily be made to exercise (duplicates, refusals, back-off, queue bounds).
 import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
-import { test } from "node:test";
+import { mock, test } from "node:test";
 import { Switchboard, SwitchboardError, compareIds, decodeJwt } from "../dist/switchboard.js";
 import { mintToken, nextEvent, record, sleep, waitFor } from "./helpers.mjs";
 
@@ -51,7 +51,37 @@ function fakeSocketClass({ autoAck = true } = {}) {
   return FakeSocket;
 }
 
-const fast = { backoffInitialMs: 10, backoffMaxMs: 40 };
+const fast = { backoffInitialMs: 10, backoffMaxMs: 40, goingAwayReconnectWindowMs: 40 };
+
+/**
+ * Lets the client's promises and the fake socket's callbacks run (`setImmediate` stays real
+ * when the test mocks `setTimeout`, `setInterval` and `Date`).
+ */
+const settle = () => new Promise((resolve) => setImmediate(resolve));
+
+/** Under mocked timers: a client connected to a fake socket, pacing at one frame per second. */
+async function mockedClient(t, options = {}) {
+  t.mock.timers.enable({ apis: ["setTimeout", "setInterval", "Date"] });
+  const FakeSocket = fakeSocketClass(options.fake);
+  const sb = new Switchboard("ws://x/ws", {
+    token: "t",
+    WebSocket: FakeSocket,
+    autoConnect: false,
+    pingIntervalMs: 0,
+    maxFramesPerSecond: 1,
+    frameBurst: 1,
+    ...options.client,
+  });
+  sb.connect();
+  await settle();
+  FakeSocket.last.welcome();
+  assert.equal(sb.state, "connected");
+  const close = async () => {
+    t.mock.timers.reset(); // the close handshake runs on real timers
+    await sb.close();
+  };
+  return { sb, FakeSocket, sock: FakeSocket.last, close };
+}
 
 async function connected(FakeSocket, sb, user) {
   await waitFor(() => FakeSocket.last && FakeSocket.last.readyState === 0 && FakeSocket.last, { what: "a socket" });
@@ -281,7 +311,7 @@ test("backoff: full jitter under an exponential cap, reset after a stable connec
   const attempts = record(sb, ["connecting"]);
   await connected(FakeSocket, sb);
   await sleep(150); // stable: the next failure starts from the first cap again
-  FakeSocket.last.serverClose(1001, "going away");
+  FakeSocket.last.serverClose(1006, "");
   await waitFor(() => attempts.length >= 1);
   assert.ok(delays[6] < 20, `after a stable connection the delay is under the first cap (${delays[6]})`);
   await sb.close();
@@ -371,4 +401,103 @@ test("pacing: past the burst, frames go out at the configured rate, in order", a
   assert.ok(took >= 80, `10 frames over the burst at 100/s took ${took} ms`);
   assert.deepEqual(sock.sent.map((f) => f.data), Array.from({ length: 15 }, (_, i) => i));
   await sb.close();
+});
+
+test("a request that times out while it waits for the pacing is taken back: never sent", async (t) => {
+  const { sb, sock, close } = await mockedClient(t);
+  const first = sb.publish("r", "first"); // the bucket's only token
+  const late = sb.publish("r", "late", { timeoutMs: 100 });
+  const lateJoin = sb.join("late-room", { timeoutMs: 100 });
+  assert.deepEqual(sock.sent.map((f) => f.data), ["first"]);
+  t.mock.timers.tick(100);
+  await assert.rejects(late, (e) => e instanceof SwitchboardError && e.code === "timeout" && /not sent/.test(e.message));
+  await assert.rejects(lateJoin, (e) => e.code === "timeout");
+  assert.deepEqual(sb.joinedRooms, [], "a join that timed out before it was sent is forgotten");
+  const after = sb.publish("r", "after");
+  t.mock.timers.tick(1000); // the next token of the bucket
+  await Promise.all([first, after]);
+  // Neither the timed-out publish nor the join went out, and no leave undoes a join never sent.
+  assert.deepEqual(
+    sock.sent.map((f) => [f.type, f.data ?? f.room]),
+    [
+      ["publish", "first"],
+      ["publish", "after"],
+    ],
+  );
+  await close();
+});
+
+test("a request that times out after it was sent: outcome unknown", async (t) => {
+  const { sb, sock, close } = await mockedClient(t, { fake: { autoAck: false } });
+  const sent = sb.direct("bob", "hi", { timeoutMs: 100 }); // directs are not answered by this fake
+  assert.equal(sock.sent.length, 1);
+  t.mock.timers.tick(100);
+  await assert.rejects(sent, (e) => e.code === "timeout" && /sent, its outcome is unknown/.test(e.message));
+  await close();
+});
+
+test("the pacing buffer is bounded: past maxBufferedFrames a request is refused at once with queue_full", async (t) => {
+  const { sb, sock, close } = await mockedClient(t, { client: { maxBufferedFrames: 2 } });
+  await sb.join("kept"); // the bucket's only token
+  const waiting = [sb.publish("kept", 1), sb.publish("kept", 2)];
+  const full = (e) => e instanceof SwitchboardError && e.code === "queue_full" && /maxBufferedFrames/.test(e.message);
+  await assert.rejects(sb.publish("kept", 3), full);
+  await assert.rejects(sb.join("other"), full);
+  await assert.rejects(sb.leave("kept"), full);
+  assert.deepEqual(sb.joinedRooms, ["kept"], "a refused join or leave changes nothing");
+  t.mock.timers.tick(1000); // one frame goes: room for one more
+  waiting.push(sb.publish("kept", 4));
+  // One frame a second (a timer set during a tick counts from the tick's end: one second a tick).
+  t.mock.timers.tick(1000);
+  t.mock.timers.tick(1000);
+  await Promise.all(waiting);
+  assert.deepEqual(
+    sock.sent.map((f) => [f.type, f.data ?? f.room]),
+    [
+      ["join", "kept"],
+      ["publish", 1],
+      ["publish", 2],
+      ["publish", 4],
+    ],
+  );
+  await close();
+});
+
+test("after 1001 going away the first retry waits a delay drawn from goingAwayReconnectWindowMs, later ones back off", async (t) => {
+  const draws = [0.75, 0.5, 0.999];
+  t.mock.method(Math, "random", () => draws.shift());
+  const { sb, FakeSocket, close } = await mockedClient(t, {
+    client: { goingAwayReconnectWindowMs: 4000, backoffInitialMs: 100, backoffMaxMs: 100 },
+  });
+  const delays = [];
+  sb.on("disconnected", (d) => delays.push(d.delayMs));
+  FakeSocket.last.serverClose(1001, "going away");
+  assert.deepEqual(delays, [3000], "0.75 of the window");
+  t.mock.timers.tick(2999);
+  await settle();
+  assert.equal(FakeSocket.instances.length, 1, "no attempt before the drawn delay");
+  t.mock.timers.tick(1);
+  await settle();
+  assert.equal(FakeSocket.instances.length, 2, "the attempt at the drawn delay");
+  // That attempt fails: the usual backoff (full jitter under the cap), not the window.
+  FakeSocket.last.serverClose(1006, "");
+  assert.deepEqual(delays, [3000, 50]);
+  t.mock.timers.tick(50);
+  await settle();
+  assert.equal(FakeSocket.instances.length, 3);
+  FakeSocket.last.welcome();
+  FakeSocket.last.serverClose(1001, "going away");
+  assert.deepEqual(delays, [3000, 50, 3996], "every 1001 draws from the window again");
+  await close();
+});
+
+test("goingAwayReconnectWindowMs: 0: a 1001 is retried with the usual backoff", async (t) => {
+  t.mock.method(Math, "random", () => 0.5);
+  const { sb, FakeSocket, close } = await mockedClient(t, {
+    client: { goingAwayReconnectWindowMs: 0, backoffInitialMs: 100, backoffMaxMs: 100 },
+  });
+  const gone = nextEvent(sb, "disconnected");
+  FakeSocket.last.serverClose(1001, "going away");
+  assert.deepEqual(await gone, { code: 1001, reason: "going away", willReconnect: true, delayMs: 50 });
+  await close();
 });
