@@ -121,7 +121,8 @@ EOF
   fi
   # Ready (the Redis broker subscribes first).
   for _ in $(seq 1 100); do
-    curl -sf "http://$addr/health/ready" >/dev/null && break
+    "$VENV/bin/python" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1])' \
+      "http://$addr/health/ready" 2>/dev/null && break
     sleep 0.1
   done
 
