@@ -370,6 +370,20 @@ both_brokers!(
         assert_eq!(status, 200, "{body}");
         assert_eq!(body["user"], "alice_1.x-y");
         assert!(body["token"].is_string());
+        // An oversized body is a JSON 413 like every other error (it was
+        // actix's plain-text one).
+        let (status, body) = api
+            .call(
+                api.http
+                    .post(hub.http("/dev/token"))
+                    .json(&json!({ "user": "a".repeat(300_000) })),
+            )
+            .await;
+        assert_eq!(
+            (status, &body["error"]),
+            (413, &json!("too_large")),
+            "{body}"
+        );
         // Letters outside [A-Za-z] were taken before, and the 64 counted bytes.
         for user in ["josé", "名前", "a b", ""] {
             let (status, body) = api.call(token(user)).await;

@@ -53,6 +53,15 @@ impl ApiError {
         )
     }
 
+    /// A request body over `limit` bytes.
+    pub fn body_too_large(limit: usize) -> ApiError {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("the body is over {limit} bytes"),
+        )
+    }
+
     pub fn unauthorized() -> ApiError {
         Self::new(
             StatusCode::UNAUTHORIZED,
@@ -127,12 +136,15 @@ where
 const BODY_OVERHEAD: usize = 1024;
 
 /// The request body, refused with a JSON 413 past `limit` bytes.
-async fn read_body(mut payload: web::Payload, limit: usize) -> Result<web::BytesMut, ApiError> {
+pub(super) async fn read_body(
+    mut payload: web::Payload,
+    limit: usize,
+) -> Result<web::BytesMut, ApiError> {
     let mut body = web::BytesMut::new();
     while let Some(chunk) = payload.next().await {
         let chunk = chunk.map_err(|e| ApiError::bad_request(format!("reading the body: {e}")))?;
         if body.len() + chunk.len() > limit {
-            return Err(ApiError::too_large(limit));
+            return Err(ApiError::body_too_large(limit));
         }
         body.extend_from_slice(&chunk);
     }
