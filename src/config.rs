@@ -100,6 +100,11 @@ pub struct LimitsConfig {
     pub max_message_bytes: usize,
     pub max_rooms_per_connection: usize,
     pub max_outbound_queue: usize,
+    /// Payload bytes queued for one client (with `max_outbound_queue`).
+    pub max_outbound_bytes: usize,
+    /// How long a client's socket may take nothing that is waiting for it
+    /// before the session is closed as a slow consumer.
+    pub write_timeout_s: u64,
     pub messages_per_second: u32,
     pub burst: u32,
     pub rate_limit_strikes: u32,
@@ -211,6 +216,8 @@ impl Default for LimitsConfig {
             max_message_bytes: 65_536,
             max_rooms_per_connection: 100,
             max_outbound_queue: 1024,
+            max_outbound_bytes: 1024 * 1024,
+            write_timeout_s: 10,
             messages_per_second: 50,
             burst: 100,
             rate_limit_strikes: 20,
@@ -453,6 +460,7 @@ impl Config {
                 l.max_rooms_per_connection,
             ),
             ("limits.max_outbound_queue", l.max_outbound_queue),
+            ("limits.write_timeout_s", l.write_timeout_s as usize),
             ("limits.messages_per_second", l.messages_per_second as usize),
             ("limits.burst", l.burst as usize),
             ("limits.rate_limit_strikes", l.rate_limit_strikes as usize),
@@ -471,6 +479,13 @@ impl Config {
                 "limits.max_message_bytes",
                 l.max_message_bytes,
                 "at least 64",
+            );
+        }
+        if l.max_outbound_bytes < l.max_message_bytes {
+            return bad(
+                "limits.max_outbound_bytes",
+                l.max_outbound_bytes,
+                "at least limits.max_message_bytes (a client must be able to receive one message)",
             );
         }
         Ok(())

@@ -106,7 +106,8 @@ fn http_server(
         .listen("switchboard", listener, move || {
             // Runs once on each worker thread: that worker's hub lives here.
             let limits = &state.config.limits;
-            let hub = Hub::new(state.broker.clone(), limits.max_outbound_queue).start();
+            let bounds = crate::session::outbound::Bounds::from_limits(limits);
+            let hub = Hub::new(state.broker.clone(), bounds).start();
             state.add_hub(hub.clone());
             let app_state = state.clone();
             let app = App::new()
@@ -208,13 +209,23 @@ fn announce(addr: SocketAddr, state: &AppState, workers: usize) {
     );
 }
 
-/// Closes every session with 1001 `going away` and waits for the close
-/// frames to be written, then removes this instance from the broker; each
-/// step bounded so the whole stays within `grace`.
+/// The share of `server.shutdown_grace_s` over which sessions are closed
+/// (the rest is for their close frames and the broker's clean-up).
+const DRAIN_WINDOW: f64 = 0.6;
+
+/// Closes every session with 1001 `going away`, in batches spread over
+/// [`DRAIN_WINDOW`] of `grace` (see [`AppState::begin_shutdown`]), and
+/// waits for the close frames to be written, then removes this instance
+/// from the broker; each step bounded so the whole stays within `grace`.
 async fn drain(state: &AppState, grace: Duration) {
     let deadline = Instant::now() + grace;
-    tracing::info!("shutting down: closing every session with 1001 going away");
-    state.begin_shutdown(CloseReason::GoingAway);
+    let window = grace.mul_f64(DRAIN_WINDOW);
+    tracing::info!(
+        connections = state.open_connections(),
+        window_ms = window.as_millis() as u64,
+        "shutting down: closing every session with 1001 going away, in batches"
+    );
+    state.begin_shutdown(CloseReason::GoingAway, window);
     if tokio::time::timeout_at(deadline, state.sockets_closed())
         .await
         .is_err()

@@ -19,7 +19,12 @@ use crate::broker::Broker;
 use crate::config::Config;
 use crate::hub::{Hub, Shutdown};
 use crate::protocol::CloseReason;
+use crate::session::SessionKey;
 use crate::tasks::Tasks;
+
+/// Sessions an instance closes per second at least when it drains (on
+/// SIGTERM); more when `server.shutdown_grace_s` would not be enough.
+pub const DRAIN_PER_SECOND: usize = 5_000;
 
 pub struct AppState {
     pub config: Config,
@@ -87,8 +92,8 @@ impl AppState {
     }
 
     /// A key for a new session, unique within the instance.
-    pub fn next_session_key(&self) -> u64 {
-        self.next_session_key.fetch_add(1, Ordering::Relaxed)
+    pub fn next_session_key(&self) -> SessionKey {
+        SessionKey::new(self.next_session_key.fetch_add(1, Ordering::Relaxed))
     }
 
     pub fn shutting_down(&self) -> bool {
@@ -110,12 +115,19 @@ impl AppState {
     }
 
     /// Readiness turns 503, new connections are refused, and every hub
-    /// closes its sessions with `reason`.
-    pub fn begin_shutdown(&self, reason: CloseReason) {
+    /// closes its sessions with `reason`, spread over `window`: at least
+    /// [`DRAIN_PER_SECOND`] a second per instance, faster when that would
+    /// not be done within the window.
+    pub fn begin_shutdown(&self, reason: CloseReason, window: std::time::Duration) {
         self.shutting_down.store(true, Ordering::Release);
         let hubs = self.hubs.lock().map(|h| h.clone()).unwrap_or_default();
+        let per_second = DRAIN_PER_SECOND / hubs.len().max(1);
         for hub in hubs {
-            hub.do_send(Shutdown(reason));
+            hub.do_send(Shutdown {
+                reason,
+                per_second,
+                window,
+            });
         }
         self.sockets.close();
     }

@@ -320,11 +320,13 @@ async fn a_client_that_stops_reading_is_closed_1013_behind_what_it_was_sent() {
             assert_eq!(message["data"]["i"], sent, "the reader gets every message");
             sent += 1;
         }
-        if api.get("/api/stats").await.1["connections"] == 2 {
+        if api.metric("switchboard_slow_consumer_closes_total").await >= 1.0 {
             break;
         }
         assert!(sent < 2000, "sleepy was never closed");
     }
+    // Closed, but its socket is not gone yet: it still holds its place.
+    assert_eq!(api.get("/api/stats").await.1["connections"], 3);
     // What the socket had taken comes first, in order and whole, then the close.
     let mut next = 0;
     loop {
@@ -350,4 +352,10 @@ async fn a_client_that_stops_reading_is_closed_1013_behind_what_it_was_sent() {
         publisher.request(json!({"type": "ping"})).await["type"],
         "pong"
     );
+    // Once the client has ended its side, the socket goes, and its place.
+    drop(sleepy);
+    eventually("the closed socket's place is given back", || async {
+        (api.get("/api/stats").await.1["connections"] == 2).then_some(())
+    })
+    .await;
 }

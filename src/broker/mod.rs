@@ -29,7 +29,7 @@ use serde_json::Value;
 
 pub use self::fanout::{Envelope, Fanout, Target};
 use crate::config::{BrokerKind, Config};
-use crate::protocol::{MessageId, PresenceEntry, RoomName};
+use crate::protocol::{ErrorCode, ErrorReply, MessageId, PresenceEntry, RoomName};
 
 /// A connection as the registry knows it.
 #[derive(Debug, Clone)]
@@ -81,6 +81,26 @@ pub enum BrokerError {
 }
 
 pub type BrokerResult<T> = Result<T, BrokerError>;
+
+/// The one way a broker failure reaches a client or an API caller: what it
+/// may know (a limit, "retry"), with the details in the log only.
+impl From<&BrokerError> for ErrorReply {
+    fn from(e: &BrokerError) -> ErrorReply {
+        match e {
+            BrokerError::ConnectionLimit => {
+                ErrorReply::new(ErrorCode::LimitExceeded, "connection limit reached")
+            }
+            BrokerError::Unavailable(detail) => {
+                tracing::warn!(error = %detail, "request failed: broker unavailable");
+                ErrorReply::unavailable("broker")
+            }
+            BrokerError::Internal(detail) => {
+                tracing::error!(error = %detail, "request failed: broker error");
+                ErrorReply::internal()
+            }
+        }
+    }
+}
 
 /// Why a broker could not be started (bad settings; an unreachable Redis is
 /// not one: it is an outage, retried in the background).

@@ -11,44 +11,40 @@ use serde_json::{json, Value};
 use super::json_error;
 use crate::broker::BrokerError;
 use crate::metrics::metrics;
-use crate::protocol::{valid_user_id, MessageId, RoomName};
+use crate::protocol::{valid_user_id, ErrorCode, ErrorReply, MessageId, RoomName};
 use crate::state::AppState;
 
-/// An API error: its status and the JSON body `{"error": code, "message": …}`.
+/// An API error: the JSON body `{"error": code, "message": …}` with the
+/// code's HTTP status ([`ErrorCode::http_status`]).
 #[derive(Debug, thiserror::Error)]
-#[error("{code}: {message}")]
-pub struct ApiError {
-    status: StatusCode,
-    code: &'static str,
-    message: String,
-}
+#[error("{}: {}", .0.code.as_str(), .0.message)]
+pub struct ApiError(pub ErrorReply);
 
 impl actix_web::ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
-        self.status
+        StatusCode::from_u16(self.0.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
     }
     fn error_response(&self) -> HttpResponse {
-        json_error(self.status, self.code, self.message.clone())
+        json_error(
+            self.status_code(),
+            self.0.code.as_str(),
+            self.0.message.clone(),
+        )
     }
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError {
-            status,
-            code,
-            message: message.into(),
-        }
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> ApiError {
+        ApiError(ErrorReply::new(code, message))
     }
 
     pub fn bad_request(message: impl ToString) -> ApiError {
-        Self::new(StatusCode::BAD_REQUEST, "bad_request", message.to_string())
+        ApiError(ErrorReply::bad_request(message))
     }
 
     pub fn too_large(limit: usize) -> ApiError {
         Self::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_large",
+            ErrorCode::TooLarge,
             format!("data over limits.max_message_bytes ({limit} bytes)"),
         )
     }
@@ -56,16 +52,14 @@ impl ApiError {
     /// A request body over `limit` bytes.
     pub fn body_too_large(limit: usize) -> ApiError {
         Self::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_large",
+            ErrorCode::TooLarge,
             format!("the body is over {limit} bytes"),
         )
     }
 
     pub fn unauthorized() -> ApiError {
         Self::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
+            ErrorCode::Unauthorized,
             "a valid API key is required: Authorization: Bearer <key>",
         )
     }
@@ -73,24 +67,13 @@ impl ApiError {
 
 impl From<BrokerError> for ApiError {
     fn from(e: BrokerError) -> ApiError {
-        match e {
-            BrokerError::Unavailable(reason) => {
-                tracing::warn!(error = %reason, "api call failed: broker unavailable");
-                Self::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "unavailable",
-                    "broker unavailable",
-                )
-            }
-            e => {
-                tracing::error!(error = %e, "api call failed");
-                Self::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal",
-                    "processing failed",
-                )
-            }
-        }
+        ApiError(ErrorReply::from(&e))
+    }
+}
+
+impl From<crate::tasks::TaskError> for ApiError {
+    fn from(e: crate::tasks::TaskError) -> ApiError {
+        ApiError(ErrorReply::from(&e))
     }
 }
 
@@ -253,31 +236,8 @@ pub async fn disconnect_user(state: web::Data<AppState>, user: web::Path<String>
     Ok(HttpResponse::Ok().json(json!({"disconnected": n})))
 }
 
-impl From<crate::tasks::TaskError> for ApiError {
-    fn from(e: crate::tasks::TaskError) -> ApiError {
-        match e {
-            crate::tasks::TaskError::Unavailable(reason) => {
-                tracing::warn!(error = %reason, "api call failed: task queue unavailable");
-                Self::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "unavailable",
-                    "task queue unavailable",
-                )
-            }
-            e => {
-                tracing::error!(error = %e, "api call failed");
-                Self::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal",
-                    "processing failed",
-                )
-            }
-        }
-    }
-}
-
 fn no_such_task() -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such task")
+    ApiError(ErrorReply::not_found("no such task"))
 }
 
 /// `GET /api/tasks/{id}`: the task's record.
@@ -321,8 +281,7 @@ pub async fn task_progress(
         crate::tasks::Progressed::Reported => Ok(HttpResponse::Ok().json(json!({"ok": true}))),
         crate::tasks::Progressed::NotFound => Err(no_such_task()),
         crate::tasks::Progressed::NotRunning => Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "conflict",
+            ErrorCode::Conflict,
             "the task is not running",
         )),
     }

@@ -9,6 +9,7 @@ mod api;
 mod api_key;
 mod bearer;
 mod dev;
+pub mod echo;
 mod health;
 mod openapi;
 pub mod ws;
@@ -16,10 +17,11 @@ pub mod ws;
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::http::{Method, StatusCode};
 use actix_web::middleware::from_fn;
-use actix_web::{web, FromRequest, Handler, HttpResponse, Resource, Responder};
+use actix_web::{web, FromRequest, Handler, HttpResponse, Resource, Responder, ResponseError};
 use serde_json::json;
 
 use crate::config::Config;
+use crate::protocol::ErrorCode;
 
 pub fn routes(cfg: &mut web::ServiceConfig, config: &Config) {
     if config.auth.dev_tokens {
@@ -101,11 +103,11 @@ where
         .default_service(web::to(move || {
             let allow = allow.clone();
             async move {
-                let mut res = json_error(
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    "method_not_allowed",
-                    format!("this path takes {allow} only"),
-                );
+                let message = format!("this path takes {allow} only");
+                let mut res = ResponseError::error_response(&api::ApiError::new(
+                    ErrorCode::MethodNotAllowed,
+                    message,
+                ));
                 if let Ok(value) = HeaderValue::from_str(allow.as_str()) {
                     res.headers_mut().insert(header::ALLOW, value);
                 }

@@ -3,11 +3,11 @@
 //! actix-http hands every request that asks for a WebSocket upgrade, with
 //! its connection, to [`service`] (the HTTP server's upgrade service; see
 //! [`crate::server`]). It answers the handshake (actix-http's), makes the
-//! checks of contract section 2, in order — origin, token, instance full,
+//! checks of docs/protocol.md §2 ("Admission"), in order — origin, token, instance full,
 //! per-user limit — and gives the socket to a [`Session`]: from then on the
 //! session reads and writes it itself, with no HTTP machinery in between and
 //! no per-connection buffer while it is idle. A refused client is accepted
-//! and closed at once with the contract's code and reason.
+//! and closed at once with the documented code and reason.
 //!
 //! An upgrade request for another path is answered 404; `/ws` without an
 //! upgrade reaches the app's route ([`without_upgrade`]) and gets 400.
@@ -33,7 +33,7 @@ use crate::clock::now_ms;
 use crate::hub::Hub;
 use crate::metrics::metrics;
 use crate::protocol::CloseReason;
-use crate::session::{Accepted, Session, CLOSE_TIMEOUT};
+use crate::session::{Accepted, Held, Session, CLOSE_TIMEOUT};
 use crate::state::AppState;
 
 /// What actix-http hands the upgrade service: the request and its connection.
@@ -127,13 +127,13 @@ fn not_found() -> (Response<()>, Bytes) {
 }
 
 /// An error answer to an upgrade request: the connection ends after it.
-fn refusal(mut res: Response<()>) -> Response<()> {
+pub(crate) fn refusal(mut res: Response<()>) -> Response<()> {
     res.head_mut().set_connection_type(ConnectionType::Close);
     res
 }
 
 /// Writes an HTTP response (head, and `body` if any) on the connection.
-async fn answer(
+pub(crate) async fn answer(
     socket: &mut TcpStream,
     codec: &mut Codec,
     res: Response<()>,
@@ -166,8 +166,9 @@ async fn refuse(mut socket: TcpStream, reason: CloseReason) {
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, close).await;
 }
 
-/// The checks of contract section 2, in order; on success the connection
-/// holds an instance slot and is in the broker's registry.
+/// The admission checks, in order (origin, token, instance full, per-user
+/// limit); on success the connection holds an instance slot and is in the
+/// broker's registry, until its socket is gone ([`Held`]).
 async fn admit(head: &RequestHead, state: &Arc<AppState>) -> Result<Accepted, CloseReason> {
     if state.shutting_down() {
         return Err(CloseReason::GoingAway);
@@ -192,10 +193,11 @@ async fn admit(head: &RequestHead, state: &Arc<AppState>) -> Result<Accepted, Cl
     let slot = state.try_acquire_slot().ok_or(CloseReason::Overloaded)?;
     let connection_id = uuid::Uuid::new_v4().simple().to_string();
     register(state, &claims.sub, &connection_id).await?;
+    let held = Held::registered(slot, state.broker.clone(), &connection_id, &claims.sub);
     Ok(Accepted {
         claims,
         connection_id,
-        slot,
+        held,
     })
 }
 

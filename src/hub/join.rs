@@ -15,9 +15,12 @@ use actix::prelude::*;
 use futures_util::future::{BoxFuture, FutureExt, Shared};
 use tokio::sync::oneshot;
 
-use super::{Hub, Join, Outbound};
+use super::{Hub, Join};
 use crate::broker::{Broker, BrokerError, Envelope, History};
 use crate::protocol::{Ack, ErrorReply, MessageId, RoomName};
+use crate::session::outbound::{Bounds, Full, Outbound, OutboundQueue};
+use crate::session::reply::counted_error_frame;
+use crate::session::SessionKey;
 
 /// A member's delivery state in one room.
 pub(super) enum Membership {
@@ -25,13 +28,29 @@ pub(super) enum Membership {
     /// session's queue (kept here: no lookup per delivery).
     Live {
         floor: Option<MessageId>,
-        outbound: super::OutboundQueue,
+        outbound: OutboundQueue,
     },
     /// Join in progress: live frames wait here until the ack and replay are out.
-    Pending {
-        join_seq: u64,
-        buffered: Vec<Arc<Envelope>>,
-    },
+    Pending { join_seq: u64, buffered: Buffered },
+}
+
+/// Live frames for a joining member, bounded like its outbound queue.
+#[derive(Default)]
+pub(super) struct Buffered {
+    envelopes: Vec<Arc<Envelope>>,
+    bytes: usize,
+}
+
+impl Buffered {
+    pub fn push(&mut self, envelope: &Arc<Envelope>, bounds: Bounds) -> Result<(), Full> {
+        let size = envelope.frame.len();
+        if self.envelopes.len() >= bounds.frames || self.bytes + size > bounds.bytes {
+            return Err(Full);
+        }
+        self.bytes += size;
+        self.envelopes.push(envelope.clone());
+        Ok(())
+    }
 }
 
 /// A watch in flight or done, shared by the joins that wait for it.
@@ -39,7 +58,7 @@ type Watched = Shared<BoxFuture<'static, Result<(), String>>>;
 
 /// One room's members on this hub and the hub's subscription to it.
 pub(super) struct Room {
-    pub members: std::collections::HashMap<u64, Membership>,
+    pub members: std::collections::HashMap<SessionKey, Membership>,
     watched: Watched,
     /// References this hub holds on the room's channel (one, plus one per
     /// watch retried after a failure), all given back with the last member.
@@ -146,22 +165,18 @@ impl Hub {
         for entry in history.messages {
             self.push(key, Outbound::Frame(entry.frame));
         }
-        for envelope in buffered {
+        for envelope in buffered.envelopes {
             if envelope.id.is_none() || envelope.id > last {
                 self.push(key, Outbound::Delivery(envelope));
             }
         }
     }
 
-    /// The join could not be prepared: no membership, `internal` to the client.
+    /// The join could not be prepared: no membership, the error to the client.
     fn refuse_join(&mut self, join: &Join, e: BrokerError) {
-        tracing::error!(error = %e, room = %join.room, "join failed");
+        tracing::warn!(room = %join.room, "join failed");
         self.remove_membership(join.key, &join.room);
-        let frame = crate::protocol::error_frame(&ErrorReply::internal(), &join.reference);
-        crate::metrics::metrics()
-            .errors
-            .with_label_values(&[ErrorReply::internal().code.as_str()])
-            .inc();
+        let frame = counted_error_frame(&ErrorReply::from(&e), &join.reference);
         self.push(join.key, Outbound::Frame(frame));
     }
 }
@@ -192,7 +207,7 @@ impl Handler<Join> for Hub {
         // A join while an earlier one is pending takes over its buffer.
         let buffered = match state.members.remove(&msg.key) {
             Some(Membership::Pending { buffered, .. }) => buffered,
-            _ => Vec::new(),
+            _ => Buffered::default(),
         };
         state
             .members

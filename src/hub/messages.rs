@@ -1,6 +1,6 @@
 //! The messages between sessions and their hub: what a session asks of its
-//! hub, what the hub tells a session, and what goes down a session's
-//! outbound queue.
+//! hub and what the hub tells a session. (What goes down a session's
+//! outbound queue is [`crate::session::Outbound`].)
 
 use std::sync::Arc;
 
@@ -8,21 +8,8 @@ use actix::{Message, Recipient};
 use bytestring::ByteString;
 use tokio::sync::oneshot;
 
-use crate::broker::Envelope;
 use crate::protocol::{CloseReason, MessageId, Ref, RoomName};
-
-/// What goes down one session's outbound queue to its socket writer.
-#[derive(Debug)]
-pub enum Outbound {
-    /// A frame for this session only (ack, error, presence, pong, welcome).
-    Frame(ByteString),
-    /// A published frame shared with other recipients.
-    Delivery(Arc<Envelope>),
-    /// A WebSocket ping (heartbeat).
-    Ping,
-    /// A WebSocket pong answering the client's ping.
-    Pong(bytes::Bytes),
-}
+use crate::session::SessionKey;
 
 /// Hub → session: close yourself with this reason.
 #[derive(Message, Clone, Copy)]
@@ -30,11 +17,11 @@ pub enum Outbound {
 pub struct CloseSession(pub CloseReason);
 
 /// Session → hub: a new session on this worker. Its outbound queue was
-/// handed over on this thread ([`super::queue::hand_over`]).
+/// handed over on this thread ([`crate::session::outbound::hand_over`]).
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Connect {
-    pub key: u64,
+    pub key: SessionKey,
     pub user: Arc<str>,
     pub connection_id: Arc<str>,
     pub session: Recipient<CloseSession>,
@@ -47,7 +34,7 @@ pub struct Connect {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Acked {
-    pub key: u64,
+    pub key: SessionKey,
     pub frame: ByteString,
     pub answered: oneshot::Sender<()>,
 }
@@ -56,7 +43,7 @@ pub struct Acked {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Disconnect {
-    pub key: u64,
+    pub key: SessionKey,
 }
 
 /// Session → hub: make the session a member of `room` and answer it (the
@@ -64,7 +51,7 @@ pub struct Disconnect {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Join {
-    pub key: u64,
+    pub key: SessionKey,
     pub room: RoomName,
     pub since: Option<MessageId>,
     pub reference: Ref,
@@ -77,15 +64,20 @@ pub struct Join {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Leave {
-    pub key: u64,
+    pub key: SessionKey,
     pub room: RoomName,
     pub reference: Ref,
     pub quiet: bool,
     pub done: oneshot::Sender<()>,
 }
 
-/// Server → hub: the instance is shutting down; close every session, and
-/// every session that connects from now on, with this reason.
-#[derive(Message)]
+/// Server → hub: the instance is shutting down; close every session with
+/// `reason`, in batches (at least `per_second` a second, all within
+/// `window`), and every session that connects from now on at once.
+#[derive(Message, Clone, Copy)]
 #[rtype(result = "()")]
-pub struct Shutdown(pub CloseReason);
+pub struct Shutdown {
+    pub reason: CloseReason,
+    pub per_second: usize,
+    pub window: std::time::Duration,
+}

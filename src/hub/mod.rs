@@ -4,7 +4,7 @@
 //! Sessions register on connect ([`Connect`]) and deregister on every exit
 //! ([`Disconnect`]). The broker sends each hub one [`Fanout`] per publish
 //! (an `Arc`'d frame serialized once); the hub hands the same bytes to every
-//! local recipient's bounded outbound queue ([`queue`]). A full queue
+//! local recipient's bounded outbound queue ([`crate::session::outbound`]). A full queue
 //! closes that session with 1013 `slow consumer`; nobody else waits for it.
 //! Joins and their replay/live seam are in [`join`]; presence changes go
 //! through per-connection ordered lanes ([`presence`]).
@@ -17,7 +17,6 @@
 mod join;
 mod messages;
 mod presence;
-pub mod queue;
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
@@ -28,14 +27,13 @@ use actix::prelude::*;
 use tokio::sync::oneshot;
 
 use self::join::{Membership, Room};
-pub use self::messages::{
-    Acked, CloseSession, Connect, Disconnect, Join, Leave, Outbound, Shutdown,
-};
+pub use self::messages::{Acked, CloseSession, Connect, Disconnect, Join, Leave, Shutdown};
 use self::presence::{Change, Lanes};
-pub use self::queue::OutboundQueue;
 use crate::broker::{Broker, Envelope, Fanout, Target};
 use crate::metrics;
 use crate::protocol::{Ack, CloseReason, RoomName};
+use crate::session::outbound::{self, Bounds, Outbound, OutboundQueue};
+use crate::session::SessionKey;
 
 /// How many fan-out messages a hub's mailbox holds; past it the broker's
 /// fan-out policy applies (see [`crate::broker::fanout`]).
@@ -52,10 +50,12 @@ struct Member {
 
 pub struct Hub {
     broker: Broker,
-    max_outbound_queue: usize,
-    sessions: HashMap<u64, Member>,
+    /// What one session's queue may hold; a joining member's live buffer
+    /// has the same bounds.
+    bounds: Bounds,
+    sessions: HashMap<SessionKey, Member>,
     rooms: HashMap<RoomName, Room>,
-    users: HashMap<Arc<str>, Vec<u64>>,
+    users: HashMap<Arc<str>, Vec<SessionKey>>,
     next_join_seq: u64,
     presence: Option<Lanes>,
     /// Set by [`Shutdown`]: sessions that connect later are closed at once.
@@ -63,10 +63,10 @@ pub struct Hub {
 }
 
 impl Hub {
-    pub fn new(broker: Broker, max_outbound_queue: usize) -> Hub {
+    pub fn new(broker: Broker, bounds: Bounds) -> Hub {
         Hub {
             broker,
-            max_outbound_queue,
+            bounds,
             sessions: HashMap::new(),
             rooms: HashMap::new(),
             users: HashMap::new(),
@@ -77,7 +77,7 @@ impl Hub {
     }
 
     /// Hands `item` to the session's queue; a full queue closes the session.
-    fn push(&self, key: u64, item: Outbound) {
+    fn push(&self, key: SessionKey, item: Outbound) {
         let Some(member) = self.sessions.get(&key) else {
             return;
         };
@@ -88,7 +88,7 @@ impl Hub {
         }
     }
 
-    fn close(&self, key: u64, reason: CloseReason) {
+    fn close(&self, key: SessionKey, reason: CloseReason) {
         if let Some(member) = self.sessions.get(&key) {
             member.session.do_send(CloseSession(reason));
         }
@@ -111,10 +111,8 @@ impl Hub {
                     }
                 }
                 Membership::Pending { buffered, .. } => {
-                    if buffered.len() >= self.max_outbound_queue {
+                    if buffered.push(envelope, self.bounds).is_err() {
                         overflowing.push(*key);
-                    } else {
-                        buffered.push(envelope.clone());
                     }
                 }
             }
@@ -127,7 +125,7 @@ impl Hub {
     /// Queues a presence change of session `key` behind its earlier ones.
     fn record_presence(
         &self,
-        key: u64,
+        key: SessionKey,
         joined: bool,
         room: &RoomName,
         done: Option<oneshot::Sender<()>>,
@@ -149,7 +147,7 @@ impl Hub {
 
     /// Ends `key`'s membership of `room` (live or joining): presence leave
     /// queued, and the room's subscription given back with its last member.
-    fn remove_membership(&mut self, key: u64, room: &RoomName) -> bool {
+    fn remove_membership(&mut self, key: SessionKey, room: &RoomName) -> bool {
         let Some(state) = self.rooms.get_mut(room) else {
             return false;
         };
@@ -193,7 +191,7 @@ impl Handler<Connect> for Hub {
 
     fn handle(&mut self, msg: Connect, _: &mut Self::Context) {
         // Handed over on this thread just before; gone if the session is.
-        let Some(outbound) = queue::take_handed(msg.key) else {
+        let Some(outbound) = outbound::take_handed(msg.key) else {
             return;
         };
         if let Some(reason) = self.closing {
@@ -297,7 +295,7 @@ impl Handler<Fanout> for Hub {
 
 impl Hub {
     /// The local sessions a target reaches.
-    fn recipients(&self, target: &Target) -> Vec<u64> {
+    fn recipients(&self, target: &Target) -> Vec<SessionKey> {
         match target {
             Target::Room(room) => self
                 .rooms
@@ -311,13 +309,45 @@ impl Hub {
     }
 }
 
+/// How often a draining hub closes its next batch of sessions.
+const DRAIN_TICK: Duration = Duration::from_millis(100);
+
 impl Handler<Shutdown> for Hub {
     type Result = ();
 
-    fn handle(&mut self, msg: Shutdown, _: &mut Self::Context) {
-        self.closing = Some(msg.0);
-        for member in self.sessions.values() {
-            member.session.do_send(CloseSession(msg.0));
+    /// Closes the sessions in batches, one every [`DRAIN_TICK`]: at least
+    /// `per_second` a second, more when that would not end within the
+    /// window, so that clients do not all reconnect elsewhere at once.
+    fn handle(&mut self, msg: Shutdown, ctx: &mut Self::Context) {
+        if self.closing.is_some() {
+            return;
+        }
+        self.closing = Some(msg.reason);
+        let left: Vec<SessionKey> = self.sessions.keys().copied().collect();
+        let ticks = (msg.window.as_millis() / DRAIN_TICK.as_millis()).max(1) as usize;
+        let by_rate = msg.per_second * DRAIN_TICK.as_millis() as usize / 1000;
+        let batch = left.len().div_ceil(ticks).max(by_rate).max(1);
+        self.drain(left, batch, msg.reason, ctx);
+    }
+}
+
+impl Hub {
+    /// Closes the next `batch` of `left`, and the rest later.
+    fn drain(
+        &mut self,
+        mut left: Vec<SessionKey>,
+        batch: usize,
+        reason: CloseReason,
+        ctx: &mut Context<Self>,
+    ) {
+        let rest = left.split_off(left.len().saturating_sub(batch));
+        for key in rest {
+            self.close(key, reason);
+        }
+        if !left.is_empty() {
+            ctx.run_later(DRAIN_TICK, move |hub, ctx| {
+                hub.drain(left, batch, reason, ctx)
+            });
         }
     }
 }

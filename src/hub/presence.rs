@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::broker::Presence;
 use crate::protocol::RoomName;
+use crate::session::SessionKey;
 
 const LANES: usize = 8;
 
@@ -46,8 +47,8 @@ impl Lanes {
     }
 
     /// Queues a change of session `key`'s presence behind its earlier ones.
-    pub(super) fn push(&self, key: u64, change: Change) {
-        let lane = &self.0[key as usize % self.0.len()];
+    pub(super) fn push(&self, key: SessionKey, change: Change) {
+        let lane = &self.0[(key.get() % self.0.len() as u64) as usize];
         if lane.send(change).is_err() {
             tracing::error!("presence lane stopped; change not recorded");
         }

@@ -1,9 +1,12 @@
-//! The tables of docs/protocol.md §4 and §5: the `error` codes that keep a connection
-//! open, and every close the server sends, each with its code and reason.
+//! The tables of codes (docs/protocol.md §4, §5 and §9): every error code the hub answers (in an `error`
+//! frame that keeps a connection open, or in an HTTP error body), each with
+//! its HTTP status, and every close the server sends, each with its code
+//! and reason.
 
 use serde::Serialize;
 
-/// The error codes that keep a connection open (docs/protocol.md §4).
+/// Every error code: those of `error` frames (which keep a connection
+/// open) and those of the HTTP API's error bodies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
@@ -12,17 +15,33 @@ pub enum ErrorCode {
     LimitExceeded,
     RateLimited,
     NotFound,
+    /// The broker (Redis) or the task queue cannot be reached, or did not
+    /// answer in time: retry.
+    Unavailable,
     Internal,
+    /// HTTP only: no valid API key.
+    Unauthorized,
+    /// HTTP only: a method the path does not take.
+    MethodNotAllowed,
+    /// HTTP only: a body over its limit.
+    TooLarge,
+    /// HTTP only: the request does not fit the resource's state.
+    Conflict,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 6] = [
+    pub const ALL: [ErrorCode; 11] = [
         ErrorCode::BadRequest,
         ErrorCode::Forbidden,
         ErrorCode::LimitExceeded,
         ErrorCode::RateLimited,
         ErrorCode::NotFound,
+        ErrorCode::Unavailable,
         ErrorCode::Internal,
+        ErrorCode::Unauthorized,
+        ErrorCode::MethodNotAllowed,
+        ErrorCode::TooLarge,
+        ErrorCode::Conflict,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -32,7 +51,28 @@ impl ErrorCode {
             ErrorCode::LimitExceeded => "limit_exceeded",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::NotFound => "not_found",
+            ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::Conflict => "conflict",
+        }
+    }
+
+    /// The HTTP status an answer with this code has.
+    pub fn http_status(self) -> u16 {
+        match self {
+            ErrorCode::BadRequest => 400,
+            ErrorCode::Unauthorized => 401,
+            ErrorCode::Forbidden => 403,
+            ErrorCode::NotFound => 404,
+            ErrorCode::MethodNotAllowed => 405,
+            ErrorCode::Conflict => 409,
+            ErrorCode::TooLarge => 413,
+            ErrorCode::LimitExceeded | ErrorCode::RateLimited => 429,
+            ErrorCode::Internal => 500,
+            ErrorCode::Unavailable => 503,
         }
     }
 }
@@ -57,9 +97,16 @@ impl ErrorReply {
     pub fn forbidden(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::Forbidden, message)
     }
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::NotFound, message)
+    }
     /// `internal` never says more than this; details go to the log.
     pub fn internal() -> Self {
         Self::new(ErrorCode::Internal, "processing failed")
+    }
+    /// `unavailable` says what is away, never why; details go to the log.
+    pub fn unavailable(what: &str) -> Self {
+        Self::new(ErrorCode::Unavailable, format!("{what} unavailable, retry"))
     }
 }
 

@@ -6,36 +6,47 @@
 //! own writes it ([`writer`]), both on the session's worker thread.
 //!
 //! Reading: the actor consumes the connection's frame stream, enforces the
-//! size limit (1009), binary frames (1003), text that is not UTF-8 (1007),
-//! the token bucket with strikes,
+//! size limit (1009, from a frame's header), binary frames (1003), text
+//! that is not UTF-8 (1007), WebSocket protocol errors (1002), the token
+//! bucket with strikes (every frame counts, pings and pongs too),
 //! and hands each client frame to its handler: one file per frame of
-//! contract section 3 ([`join`], [`leave`], [`publish`] (publish and
+//! docs/protocol.md §3 ([`join`], [`leave`], [`publish`] (publish and
 //! direct), [`presence`], [`task`] (task, task_status, task_cancel),
 //! [`refresh`], [`ping`]), all answering
 //! through [`reply`].
 //!
-//! Writing: everything for the client — the session's own replies and the
-//! hub's deliveries — goes through one bounded queue of
-//! `limits.max_outbound_queue` items to the socket writer ([`writer`]).
-//! When the queue is full the session is closed with 1013 `slow consumer`
-//! instead of growing. A close is signalled to the writer, which sends it
-//! behind what is already queued (except for `slow consumer`).
+//! Writing: everything for the client — the session's own replies, its
+//! heartbeat pings and the hub's deliveries — goes through one queue
+//! ([`outbound`], bounded in frames and in bytes) to the socket writer
+//! ([`writer`]). When the queue is full, or the socket has taken nothing
+//! for `limits.write_timeout_s`, the session is closed with 1013 `slow
+//! consumer` instead of growing. A close is signalled to the writer, which
+//! sends it behind what is already queued (except for `slow consumer`).
 //!
-//! Lifetime: heartbeat pings every `server.heartbeat_s`; a client silent for
-//! `server.client_timeout_s` is closed; the token's `exp` closes the session
-//! with 1008 `token expired` unless a `refresh` moved it.
+//! Lifetime: heartbeat pings every `server.heartbeat_s`, each with a
+//! random payload; a client that has shown no sign of reading for
+//! `server.client_timeout_s` — no frame, no ping, no pong echoing one of
+//! ours (an unsolicited pong proves nothing) — is closed; the token's
+//! `exp` closes the session with 1008 `token expired` unless a `refresh`
+//! moved it. The connection's place among the instance's
+//! (`limits.max_connections`) and its entry in the registry (the per-user
+//! limit) are held until the socket is gone ([`Held`], owned by the
+//! writer), not merely until the session has stopped.
 
+pub mod echo;
 mod join;
 mod leave;
+pub mod outbound;
 mod ping;
 mod presence;
 mod publish;
 mod reader;
 mod refresh;
-mod reply;
+pub(crate) mod reply;
 mod task;
 mod writer;
 
+pub use self::outbound::Outbound;
 pub use self::writer::CLOSE_TIMEOUT;
 
 use std::collections::{HashSet, VecDeque};
@@ -49,11 +60,13 @@ use bytes::BytesMut;
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
+use self::outbound::{Bounds, OutboundQueue};
 use self::reader::{FrameReader, ReadError};
 use self::writer::SocketWriter;
 
 use crate::auth::Claims;
-use crate::hub::{queue, CloseSession, Connect, Disconnect, Hub, Outbound, OutboundQueue};
+use crate::broker::Broker;
+use crate::hub::{CloseSession, Connect, Disconnect, Hub};
 use crate::metrics::metrics;
 use crate::protocol::{
     parse_client_frame, ClientFrame, CloseReason, ErrorCode, ErrorReply, Ref, RoomName,
@@ -64,8 +77,70 @@ use crate::state::{AppState, ConnectionSlot};
 /// The longest a session timer waits (a year).
 const MAX_TIMER_MS: u64 = 365 * 24 * 3600 * 1000;
 
+/// A session's key, unique within the instance: how its hub knows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionKey(u64);
+
+impl SessionKey {
+    pub const fn new(n: u64) -> SessionKey {
+        SessionKey(n)
+    }
+
+    pub const fn get(self) -> u64 {
+        self.0
+    }
+}
+
+/// What a connection holds until its socket is gone: its place among the
+/// instance's connections and its entry in the broker's registry (which
+/// the per-user limit counts). Owned by the socket writer, so a closed
+/// session whose socket lingers (a client taking its close frame, at most
+/// [`CLOSE_TIMEOUT`]) still counts against both limits.
+pub struct Held {
+    slot: Option<ConnectionSlot>,
+    registered: Option<(Broker, Arc<str>, Arc<str>)>,
+}
+
+impl Held {
+    /// Nothing to hold (the echo endpoint's connections).
+    pub fn nothing() -> Held {
+        Held {
+            slot: None,
+            registered: None,
+        }
+    }
+
+    /// A slot, and the registry entry of `connection_id` (of `user`).
+    pub fn registered(
+        slot: ConnectionSlot,
+        broker: Broker,
+        connection_id: &str,
+        user: &str,
+    ) -> Held {
+        Held {
+            slot: Some(slot),
+            registered: Some((broker, connection_id.into(), user.into())),
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.slot = None;
+        let Some((broker, id, user)) = self.registered.take() else {
+            return;
+        };
+        // Dropped on a worker thread; at process exit there may be no
+        // runtime left, and the broker's shutdown removes the instance's
+        // registrations anyway.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move { broker.registry.unregister(&id, &user).await });
+        }
+    }
+}
+
 pub struct Session {
-    key: u64,
+    key: SessionKey,
     connection_id: Arc<str>,
     user: Arc<str>,
     claims: Claims,
@@ -77,19 +152,21 @@ pub struct Session {
     rooms: HashSet<RoomName>,
     bucket: TokenBucket,
     strikes: u32,
+    /// When the client last showed it reads (see the module doc).
     last_seen: Instant,
+    /// The payload of the last heartbeat ping, which a pong must echo.
+    ping_payload: Option<[u8; 8]>,
     expiry: Option<SpawnHandle>,
     /// The answers of the publishes in flight, oldest first.
     in_flight: VecDeque<oneshot::Receiver<()>>,
 }
 
-/// What an accepted connection brings to its session. The slot goes to
-/// the socket writer: it is given back once the close frame is written
-/// (or the connection is gone).
+/// What an accepted connection brings to its session. What it holds goes
+/// to the socket writer: it is given back once the socket is gone.
 pub struct Accepted {
     pub claims: Claims,
     pub connection_id: String,
-    pub slot: ConnectionSlot,
+    pub held: Held,
 }
 
 impl Session {
@@ -104,20 +181,27 @@ impl Session {
         leftover: BytesMut,
     ) {
         let limits = &state.config.limits;
-        let outbound = OutboundQueue::new(limits.max_outbound_queue);
+        let outbound = OutboundQueue::new(Bounds::from_limits(limits));
         let Accepted {
             claims,
             connection_id,
-            slot,
+            held,
         } = accepted;
         let socket = Rc::new(socket);
-        let writer =
-            SocketWriter::new(socket.clone(), outbound.clone(), slot, state.socket_token());
-        actix::spawn(writer);
-        let stream = FrameReader::new(socket, leftover, limits.max_message_bytes);
+        let stream = FrameReader::new(socket.clone(), leftover, limits.max_message_bytes);
         let bucket = TokenBucket::new(limits.messages_per_second, limits.burst);
         let key = state.next_session_key();
+        let write_timeout = Duration::from_secs(limits.write_timeout_s);
         Session::create(move |ctx| {
+            let writer = SocketWriter::new(
+                socket,
+                outbound.clone(),
+                held,
+                state.socket_token(),
+                ctx.address().recipient(),
+                write_timeout,
+            );
+            actix::spawn(writer);
             ctx.add_stream(stream);
             Session {
                 key,
@@ -132,6 +216,7 @@ impl Session {
                 bucket,
                 strikes: 0,
                 last_seen: Instant::now(),
+                ping_payload: None,
                 expiry: None,
                 in_flight: VecDeque::new(),
             }
@@ -183,23 +268,37 @@ impl Session {
         );
     }
 
-    /// Takes a token from the bucket; refuses (and after too many strikes
-    /// closes) when there is none.
-    fn within_rate(&mut self, reference: &Ref, ctx: &mut Context<Self>) -> bool {
+    /// Takes a token from the bucket for a client frame. With none left
+    /// the frame is refused: a strike, and after `limits.rate_limit_strikes`
+    /// in a row the session closes (1008 `rate limit`). `Err(true)`: refused
+    /// and the session goes on (a request gets `rate_limited`).
+    fn take_token(&mut self, ctx: &mut Context<Self>) -> Result<(), bool> {
         if self.bucket.try_take() {
             self.strikes = 0;
-            return true;
+            return Ok(());
         }
         self.strikes += 1;
-        let limits = &self.state.config.limits;
-        if self.strikes >= limits.rate_limit_strikes {
+        if self.strikes >= self.state.config.limits.rate_limit_strikes {
             self.close(CloseReason::RateLimit, ctx);
-        } else {
-            let message = format!("over {} messages per second", limits.messages_per_second);
-            let err = ErrorReply::new(ErrorCode::RateLimited, message);
-            self.reply_error(err, reference, ctx);
+            return Err(false);
         }
-        false
+        Err(true)
+    }
+
+    /// [`Self::take_token`] for a request: a refusal is answered with
+    /// `rate_limited`.
+    fn within_rate(&mut self, reference: &Ref, ctx: &mut Context<Self>) -> bool {
+        match self.take_token(ctx) {
+            Ok(()) => true,
+            Err(false) => false,
+            Err(true) => {
+                let per_second = self.state.config.limits.messages_per_second;
+                let message = format!("over {per_second} messages per second");
+                let err = ErrorReply::new(ErrorCode::RateLimited, message);
+                self.reply_error(err, reference, ctx);
+                false
+            }
+        }
     }
 
     fn on_text(&mut self, text: &str, ctx: &mut Context<Self>) {
@@ -271,7 +370,7 @@ impl Actor for Session {
             cfg.server.heartbeat_s,
         );
         self.send(Outbound::Frame(welcome), ctx);
-        queue::hand_over(self.key, self.outbound.clone());
+        outbound::hand_over(self.key, self.outbound.clone());
         self.hub.do_send(Connect {
             key: self.key,
             user: self.user.clone(),
@@ -285,8 +384,10 @@ impl Actor for Session {
                 if this.last_seen.elapsed() >= timeout {
                     this.close(CloseReason::ClientTimeout, ctx);
                 } else {
-                    // A full queue already means trouble; the ping can wait.
-                    let _ = this.outbound.push(Outbound::Ping);
+                    let payload = rand::random::<[u8; 8]>();
+                    this.ping_payload = Some(payload);
+                    // A ping that cannot be queued: a slow consumer.
+                    this.send(Outbound::Ping(payload), ctx);
                 }
             },
         );
@@ -298,13 +399,11 @@ impl Actor for Session {
     fn stopped(&mut self, _: &mut Self::Context) {
         // Ends the writer if no close was sent (the client went away).
         self.outbound.end();
-        queue::take_handed(self.key);
+        outbound::take_handed(self.key);
         self.hub.do_send(Disconnect { key: self.key });
         metrics().connections_open.dec();
-        let broker = self.state.broker.clone();
-        broker.subscriptions.unwatch_user(&self.user);
-        let (id, user) = (self.connection_id.clone(), self.user.clone());
-        actix::spawn(async move { broker.registry.unregister(&id, &user).await });
+        // The registry entry goes with the socket ([`Held`]).
+        self.state.broker.subscriptions.unwatch_user(&self.user);
     }
 }
 
@@ -318,24 +417,36 @@ impl Handler<CloseSession> for Session {
 
 impl StreamHandler<Result<AggregatedMessage, ReadError>> for Session {
     fn handle(&mut self, item: Result<AggregatedMessage, ReadError>, ctx: &mut Self::Context) {
-        self.last_seen = Instant::now();
-        match item {
-            Ok(AggregatedMessage::Text(text)) => self.on_text(&text, ctx),
-            Ok(AggregatedMessage::Binary(_)) => self.close(CloseReason::BinaryNotSupported, ctx),
-            Ok(AggregatedMessage::Ping(payload)) => self.send(Outbound::Pong(payload), ctx),
-            Ok(AggregatedMessage::Pong(_)) => {}
-            Ok(AggregatedMessage::Close(_)) => self.close(CloseReason::Normal, ctx),
-            Err(ReadError::TooBig) => self.close(CloseReason::MessageTooBig, ctx),
-            Err(ReadError::InvalidUtf8) => self.close(CloseReason::InvalidPayload, ctx),
-            // The client went away (reset): there is nobody to close.
-            Err(ReadError::Io(e)) => {
-                tracing::debug!(error = %e, connection_id = %self.connection_id, "client connection lost");
-                ctx.stop();
+        let message = match item {
+            Ok(message) => message,
+            Err(e) => {
+                tracing::debug!(error = %e, connection_id = %self.connection_id, "reading the connection ended");
+                return match e.close_reason() {
+                    Some(reason) => self.close(reason, ctx),
+                    // The client went away (reset): there is nobody to close.
+                    None => ctx.stop(),
+                };
             }
-            Err(e @ ReadError::Protocol(_)) => {
-                tracing::debug!(error = %e, connection_id = %self.connection_id, "websocket protocol error");
-                self.close(CloseReason::ProtocolError, ctx);
+        };
+        match message {
+            AggregatedMessage::Text(text) => {
+                self.last_seen = Instant::now();
+                self.on_text(&text, ctx);
             }
+            AggregatedMessage::Binary(_) => self.close(CloseReason::BinaryNotSupported, ctx),
+            AggregatedMessage::Ping(payload) => {
+                if self.take_token(ctx).is_ok() {
+                    self.last_seen = Instant::now();
+                    self.send(Outbound::Pong(payload), ctx);
+                }
+            }
+            AggregatedMessage::Pong(payload) => {
+                let answers_ours = self.ping_payload.is_some_and(|p| payload[..] == p[..]);
+                if self.take_token(ctx).is_ok() && answers_ours {
+                    self.last_seen = Instant::now();
+                }
+            }
+            AggregatedMessage::Close(_) => self.close(CloseReason::Normal, ctx),
         }
     }
 

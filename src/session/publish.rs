@@ -7,7 +7,7 @@ use actix::prelude::*;
 use serde_json::Value;
 use tokio::sync::oneshot;
 
-use super::reply::broker_error_frame;
+use super::reply::counted_error_frame;
 use super::Session;
 use crate::broker::{Publish, PublishDone};
 use crate::hub::Acked;
@@ -70,11 +70,10 @@ impl Session {
     fn start_publish(&mut self, publish: Publish, reference: Ref) {
         let (answered, answer) = oneshot::channel();
         let (hub, key) = (self.hub.clone(), self.key);
-        let connection_id = self.connection_id.clone();
         let done: PublishDone = Box::new(move |result| {
             let frame = match result {
                 Ok(id) => Ack::to(&reference).id(id).encode(),
-                Err(e) => broker_error_frame(&e, &connection_id, &reference),
+                Err(e) => counted_error_frame(&ErrorReply::from(&e), &reference),
             };
             hub.do_send(Acked {
                 key,

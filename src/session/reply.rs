@@ -9,9 +9,9 @@ use actix::prelude::*;
 use bytestring::ByteString;
 use tokio::sync::oneshot;
 
+use super::Outbound;
 use super::Session;
 use crate::broker::BrokerError;
-use crate::hub::Outbound;
 use crate::metrics::metrics;
 use crate::protocol::{error_frame, Ack, ErrorReply, Ref, RoomName};
 
@@ -44,15 +44,14 @@ impl Session {
         self.reply(counted_error_frame(&err, reference), ctx);
     }
 
-    /// A broker failure: `internal` to the client, the details to the log.
+    /// A broker failure, as [`ErrorReply::from`] tells it.
     pub(super) fn reply_broker_error(
         &mut self,
         err: BrokerError,
         reference: &Ref,
         ctx: &mut Context<Self>,
     ) {
-        let frame = broker_error_frame(&err, &self.connection_id, reference);
-        self.reply(frame, ctx);
+        self.reply_error(ErrorReply::from(&err), reference, ctx);
     }
 
     /// Reads no further frame until `answered` resolves (the hub has put
@@ -83,22 +82,12 @@ impl Session {
     }
 }
 
-/// An `error` frame, counted in `switchboard_errors_total`.
-fn counted_error_frame(err: &ErrorReply, reference: &Ref) -> ByteString {
+/// An `error` frame, counted in `switchboard_errors_total`: how every error
+/// reaches a client, from its session or its hub.
+pub(crate) fn counted_error_frame(err: &ErrorReply, reference: &Ref) -> ByteString {
     metrics()
         .errors
         .with_label_values(&[err.code.as_str()])
         .inc();
     error_frame(err, reference)
-}
-
-/// A broker failure as the client sees it (`internal`, counted); the
-/// details go to the log only.
-pub(super) fn broker_error_frame(
-    err: &BrokerError,
-    connection_id: &str,
-    reference: &Ref,
-) -> ByteString {
-    tracing::error!(error = %err, connection_id = %connection_id, "broker call failed");
-    counted_error_frame(&ErrorReply::internal(), reference)
 }

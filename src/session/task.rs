@@ -1,6 +1,6 @@
 //! `task` (`name`, `payload`, `idempotency_key`?), `task_status`
-//! (`task_id`) and `task_cancel` (`task_id`): async tasks (contract
-//! section 6).
+//! (`task_id`) and `task_cancel` (`task_id`): async tasks
+//! (docs/protocol.md §8).
 //!
 //! A submission is acked with its `task_id` and followed by a `task`
 //! frame with status `queued` (for a repeated idempotency key: the first
@@ -161,19 +161,6 @@ impl Session {
     }
 
     fn reply_task_error(&mut self, e: TaskError, reference: &Ref, ctx: &mut Context<Self>) {
-        let err = match e {
-            TaskError::TooManyPending => ErrorReply::new(
-                ErrorCode::LimitExceeded,
-                format!(
-                    "at most {} tasks may be pending per user",
-                    self.state.config.tasks.max_pending_per_user
-                ),
-            ),
-            e => {
-                tracing::error!(error = %e, connection_id = %self.connection_id, "task call failed");
-                ErrorReply::internal()
-            }
-        };
-        self.reply_error(err, reference, ctx);
+        self.reply_error(ErrorReply::from(&e), reference, ctx);
     }
 }

@@ -1,5 +1,5 @@
 //! The socket writer: a task of its own on the session's worker thread that
-//! drains the session's bounded outbound queue ([`crate::hub::queue`])
+//! drains the session's bounded outbound queue ([`super::outbound`])
 //! straight into its TCP socket.
 //!
 //! Each time it runs it encodes every queued item (up to [`CHUNK`] bytes)
@@ -8,15 +8,21 @@
 //! push and at most one wake-up of this task, and an idle connection holds
 //! no write buffer. Only what the socket does not take (the client reads
 //! slowly) is copied into a buffer of the connection's own; while that is
-//! there, nothing more is taken from the queue, so the queue's bound is what
-//! a slow client runs into (1013 `slow consumer`, decided by whoever pushes).
+//! there, nothing more is taken from the queue, so the queue's bounds are
+//! what a slow client runs into (1013 `slow consumer`, decided by whoever
+//! pushes). A socket that takes nothing for `limits.write_timeout_s` while
+//! something waits for it closes the session as a slow consumer too (the
+//! writer asks the session to close). So what one connection holds for its
+//! client is the queue's bounds plus at most one unsent batch
+//! ([`CHUNK`] plus one frame), for at most the write timeout.
 //!
 //! A close goes behind what is already queued (up to [`CLOSE_BACKLOG`] of
 //! it, encoded at once; the rest is dropped), except 1013 `slow consumer`,
 //! whose queue is dropped at once. Either way the queue takes no more once
 //! the close is signalled and the close frame is the last thing written.
-//! The connection slot is given back as soon as the close frame is encoded,
-//! the shutdown tracker's token once the socket has taken it. Then the
+//! The shutdown tracker's token is given back once the socket has taken the
+//! close frame; the connection's place and registry entry ([`Held`]) when
+//! the writer ends, the socket with it. Then the
 //! writer shuts down its side of the connection and reads (and drops)
 //! whatever the client still sends until it closes its side too, so that
 //! the client reads our close frame before the socket goes (closing a
@@ -35,18 +41,19 @@ use std::rc::Rc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use actix::Recipient;
 use actix_http::ws::{OpCode, Parser};
 use bytes::{Buf, BytesMut};
 use tokio::net::TcpStream;
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
+use super::outbound::{Outbound, OutboundQueue, Status};
+use super::Held;
 use crate::clock::now_us;
-use crate::hub::queue::Status;
-use crate::hub::{Outbound, OutboundQueue};
+use crate::hub::CloseSession;
 use crate::metrics;
 use crate::protocol::CloseReason;
-use crate::state::ConnectionSlot;
 
 /// At most this much is encoded per write.
 const CHUNK: usize = 64 * 1024;
@@ -78,10 +85,20 @@ pub struct SocketWriter {
     /// than we write).
     unsent: BytesMut,
     phase: Phase,
-    slot: Option<ConnectionSlot>,
+    /// Given back when the writer ends (the socket is gone).
+    _held: Held,
     token: Option<TaskTrackerToken>,
     /// Set once closing: when the client's time is up.
     deadline: Option<Pin<Box<Sleep>>>,
+    /// Who to ask for a close when the socket stalls.
+    session: Recipient<CloseSession>,
+    write_timeout: Duration,
+    /// When the socket last took bytes (or the wait for it began).
+    progressed: Instant,
+    /// Running while the socket takes nothing of what waits for it.
+    stall: Option<Pin<Box<Sleep>>>,
+    /// The session was asked to close for a stalled socket.
+    stall_reported: bool,
 }
 
 /// What an item puts on the wire, and its opcode.
@@ -89,8 +106,9 @@ fn payload(item: &Outbound) -> (&[u8], OpCode) {
     match item {
         Outbound::Frame(text) => (text.as_bytes(), OpCode::Text),
         Outbound::Delivery(envelope) => (envelope.frame.as_bytes(), OpCode::Text),
-        Outbound::Ping => (b"", OpCode::Ping),
+        Outbound::Ping(payload) => (payload, OpCode::Ping),
         Outbound::Pong(payload) => (payload, OpCode::Pong),
+        Outbound::Binary(payload) => (payload, OpCode::Binary),
     }
 }
 
@@ -126,17 +144,24 @@ impl SocketWriter {
     pub(super) fn new(
         socket: Rc<TcpStream>,
         queue: OutboundQueue,
-        slot: ConnectionSlot,
+        held: Held,
         token: TaskTrackerToken,
+        session: Recipient<CloseSession>,
+        write_timeout: Duration,
     ) -> SocketWriter {
         SocketWriter {
             socket,
             queue,
             unsent: BytesMut::new(),
             phase: Phase::Open,
-            slot: Some(slot),
+            _held: held,
             token: Some(token),
             deadline: None,
+            session,
+            write_timeout,
+            progressed: Instant::now(),
+            stall: None,
+            stall_reported: false,
         }
     }
 
@@ -145,6 +170,9 @@ impl SocketWriter {
     fn poll_unsent(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while !self.unsent.is_empty() {
             let n = write_some(&self.socket, &self.unsent)?;
+            if n > 0 {
+                self.progressed = Instant::now();
+            }
             self.unsent.advance(n);
             if !self.unsent.is_empty() {
                 std::task::ready!(self.socket.poll_write_ready(cx))?;
@@ -173,6 +201,10 @@ impl SocketWriter {
             if !buf.is_empty() {
                 let n = write_some(&self.socket, &buf)?;
                 if n < buf.len() {
+                    if n > 0 || self.unsent.is_empty() {
+                        // The wait for the socket starts now.
+                        self.progressed = Instant::now();
+                    }
                     self.unsent.extend_from_slice(&buf[n..]);
                 }
             }
@@ -200,21 +232,48 @@ impl SocketWriter {
             }
         }
         Parser::write_close(&mut self.unsent, Some(reason.to_ws()), false);
-        self.slot = None;
+        self.stall = None;
         self.deadline = Some(Box::pin(tokio::time::sleep(CLOSE_TIMEOUT)));
         self.phase = Phase::Closing;
+    }
+
+    /// The socket takes nothing of what waits for it: once that has lasted
+    /// the write timeout, the session is asked (once) to close as a slow
+    /// consumer; its close reaches the writer through the queue.
+    fn poll_stall(&mut self, cx: &mut Context<'_>) {
+        if self.stall_reported {
+            return;
+        }
+        let deadline = self.progressed + self.write_timeout;
+        let stall = self
+            .stall
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if stall.deadline() != deadline {
+            stall.as_mut().reset(deadline);
+        }
+        if stall.as_mut().poll(cx).is_ready() {
+            tracing::debug!("the client's socket took nothing within limits.write_timeout_s");
+            self.stall_reported = true;
+            self.session
+                .do_send(CloseSession(CloseReason::SlowConsumer));
+        }
     }
 
     /// The open phase: `Ready` when the session closes or ends.
     fn poll_open(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Status>> {
         for _ in 0..CHUNKS_PER_RUN {
             if self.poll_unsent(cx)?.is_pending() {
-                // Blocked on the client: only a close or the end matters now.
+                // Blocked on the client: only a close, the end or the
+                // write timeout matter now.
                 return match self.queue.watch(cx) {
-                    Status::Open => Poll::Pending,
+                    Status::Open => {
+                        self.poll_stall(cx);
+                        Poll::Pending
+                    }
                     status => Poll::Ready(Ok(status)),
                 };
             }
+            self.stall = None;
             let (status, more) = self.write_queued(cx)?;
             if status != Status::Open {
                 return Poll::Ready(Ok(status));
@@ -304,8 +363,8 @@ mod tests {
         let mut buf = BytesMut::new();
         let mut now = None;
         encode(&mut buf, &Outbound::Frame("hello".into()), &mut now);
-        encode(&mut buf, &Outbound::Ping, &mut now);
-        // FIN + text, 5 bytes, "hello"; FIN + ping, empty.
-        assert_eq!(&buf[..], b"\x81\x05hello\x89\x00");
+        encode(&mut buf, &Outbound::Ping(*b"12345678"), &mut now);
+        // FIN + text, 5 bytes, "hello"; FIN + ping, 8 bytes.
+        assert_eq!(&buf[..], b"\x81\x05hello\x89\x0812345678");
     }
 }

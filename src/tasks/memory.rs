@@ -136,7 +136,7 @@ impl TaskQueue for MemoryTasks {
             }
             let pending = s.pending.entry(submission.user.clone()).or_default();
             if pending.len() >= max {
-                return Err(TaskError::TooManyPending);
+                return Err(TaskError::TooManyPending(max));
             }
             let task_id = new_task_id();
             pending.insert(task_id.clone());

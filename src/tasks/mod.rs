@@ -1,4 +1,4 @@
-//! Async tasks (contract section 6): a client submits work by name, gets
+//! Async tasks (docs/protocol.md §8): a client submits work by name, gets
 //! an id at once, and follows the task's life in `task` frames on every
 //! connection of its user, on any instance.
 //!
@@ -31,13 +31,15 @@ use serde_json::value::RawValue;
 pub use self::record::TaskRecord;
 use crate::broker::Broker;
 use crate::config::{BrokerKind, Config};
+use crate::protocol::{ErrorCode, ErrorReply};
 
 /// Why a task operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum TaskError {
-    /// The user already has `tasks.max_pending_per_user` tasks not finished.
-    #[error("too many pending tasks")]
-    TooManyPending,
+    /// The user already has this many (`tasks.max_pending_per_user`)
+    /// tasks not finished.
+    #[error("too many pending tasks (at most {0})")]
+    TooManyPending(usize),
     /// The queue's backend cannot be reached.
     #[error("task queue unavailable: {0}")]
     Unavailable(String),
@@ -55,6 +57,26 @@ impl From<crate::broker::BrokerError> for TaskError {
 }
 
 pub type TaskResult<T> = Result<T, TaskError>;
+
+/// The one way a task queue failure reaches a client or an API caller.
+impl From<&TaskError> for ErrorReply {
+    fn from(e: &TaskError) -> ErrorReply {
+        match e {
+            TaskError::TooManyPending(max) => ErrorReply::new(
+                ErrorCode::LimitExceeded,
+                format!("at most {max} tasks may be pending per user"),
+            ),
+            TaskError::Unavailable(detail) => {
+                tracing::warn!(error = %detail, "request failed: task queue unavailable");
+                ErrorReply::unavailable("task queue")
+            }
+            TaskError::Internal(detail) => {
+                tracing::error!(error = %detail, "request failed: task queue error");
+                ErrorReply::internal()
+            }
+        }
+    }
+}
 
 /// A client's `task` frame, checked.
 #[derive(Debug, Clone)]

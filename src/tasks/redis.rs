@@ -622,7 +622,7 @@ impl TaskQueue for RedisTasks {
                     .delete(&[self.idempotency_key(&submission.user, key)])
                     .await;
             }
-            return Err(TaskError::TooManyPending);
+            return Err(TaskError::TooManyPending(self.max_pending));
         }
         Ok(Prepared {
             task_id,

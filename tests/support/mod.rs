@@ -563,6 +563,19 @@ impl Api {
         )
     }
 
+    /// A metric's value from `/metrics` (`name` with its labels, as the
+    /// line has them; 0 when absent).
+    pub async fn metric(&self, name: &str) -> f64 {
+        let (_, body) = self
+            .call(self.http.get(format!("{}/metrics", self.base)))
+            .await;
+        let text = body.as_str().unwrap_or_default().to_owned();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+
     pub async fn publish_room(&self, room: &str, data: Value) -> String {
         let (status, body) = self
             .post("/api/publish", json!({"room": room, "data": data}))

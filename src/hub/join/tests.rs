@@ -13,8 +13,15 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use crate::broker::memory::MemoryBroker;
 use crate::broker::{Broker, BrokerResult, Fanout, Presence, Subscriptions};
 use crate::config::Config;
-use crate::hub::{CloseSession, Connect, Disconnect, Hub, Join, Leave, Outbound, OutboundQueue};
+use crate::hub::{CloseSession, Connect, Disconnect, Hub, Join, Leave};
 use crate::protocol::{MessageId, PresenceEntry, RoomName};
+use crate::session::outbound::{self, Bounds, Outbound, OutboundQueue};
+use crate::session::SessionKey;
+
+const BOUNDS: Bounds = Bounds {
+    frames: 64,
+    bytes: 1 << 20,
+};
 
 /// The memory broker's subscriptions, with `watch_room` held until the
 /// test lets it through.
@@ -110,7 +117,7 @@ async fn setup() -> Setup {
         inner: memory,
         events,
     });
-    let hub = Hub::new(broker.clone(), 64).start();
+    let hub = Hub::new(broker.clone(), BOUNDS).start();
     Setup {
         broker,
         gate,
@@ -123,13 +130,14 @@ async fn setup() -> Setup {
 
 impl Setup {
     async fn connect(&self, key: u64, user: &str) -> OutboundQueue {
-        let queue = OutboundQueue::new(64);
-        crate::hub::queue::hand_over(key, queue.clone());
+        let queue = OutboundQueue::new(BOUNDS);
+        let key = SessionKey::new(key);
+        outbound::hand_over(key, queue.clone());
         let session = FakeSession.start().recipient();
         let connect = Connect {
             key,
             user: user.into(),
-            connection_id: format!("c{key}").into(),
+            connection_id: format!("c{}", key.get()).into(),
             session,
         };
         self.hub.send(connect).await.unwrap();
@@ -140,7 +148,7 @@ impl Setup {
     fn join(&self, key: u64, since: Option<MessageId>, r: u64) -> oneshot::Receiver<()> {
         let (done, answered) = oneshot::channel();
         self.hub.do_send(Join {
-            key,
+            key: SessionKey::new(key),
             room: self.room.clone(),
             since,
             reference: Some(json!(r)),
@@ -152,7 +160,7 @@ impl Setup {
     fn leave(&self, key: u64, r: u64) -> oneshot::Receiver<()> {
         let (done, answered) = oneshot::channel();
         self.hub.do_send(Leave {
-            key,
+            key: SessionKey::new(key),
             room: self.room.clone(),
             reference: Some(json!(r)),
             quiet: false,
@@ -166,7 +174,12 @@ impl Setup {
         let id = self.broker.messages.publish_room(&self.room, "p", &data);
         let id = id.await.unwrap();
         // The hub has handled the fan-out once a later message is through.
-        self.hub.send(Disconnect { key: u64::MAX }).await.unwrap();
+        self.hub
+            .send(Disconnect {
+                key: SessionKey::new(u64::MAX),
+            })
+            .await
+            .unwrap();
         id
     }
 }
@@ -253,7 +266,12 @@ async fn a_second_joiner_waits_for_the_first_joiners_subscription() {
     let mut second = s.connect(2, "bob").await;
     let first_answered = s.join(1, None, 1);
     let mut second_answered = s.join(2, None, 2);
-    s.hub.send(Disconnect { key: u64::MAX }).await.unwrap();
+    s.hub
+        .send(Disconnect {
+            key: SessionKey::new(u64::MAX),
+        })
+        .await
+        .unwrap();
     assert!(
         second_answered.try_recv().is_err(),
         "bob acked before the room was watched"

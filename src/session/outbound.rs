@@ -1,17 +1,27 @@
-//! A session's outbound queue: bounded, and confined to the session's
-//! worker thread.
+//! A session's outbox: the bounded queue of everything on its way to the
+//! client, confined to the session's worker thread.
 //!
 //! Everything that writes to it runs on that thread: the hub (fan-out, join
 //! replays, acks), the session (its own replies, pings) and the socket
-//! writer that drains it (a task of its own). So it is a
-//! plain `VecDeque` behind an `Rc<RefCell>`: a push is a bounds check, a
+//! writer that drains it (a task of its own, [`super::writer`]). So it is a
+//! plain `VecDeque` behind an `Rc<RefCell>`: a push is two bounds checks, a
 //! `push_back` and at most one wake-up of the writer, with no atomics and
 //! no lock. Anything from another thread (a publish's ack from the memory
-//! broker's thread) reaches it through the hub's mailbox ([`super::Acked`]).
+//! broker's thread) reaches it through the hub's mailbox
+//! ([`crate::hub::Acked`]).
+//!
+//! **Bounds.** At most [`Bounds::frames`] items (`limits.max_outbound_queue`)
+//! and [`Bounds::bytes`] bytes of payload (`limits.max_outbound_bytes`); a
+//! push past either is refused ([`Full`]) and whoever pushed closes the
+//! session with 1013 `slow consumer`. An empty queue takes one item of any
+//! size (a large presence list or replayed message must not be refused
+//! forever), so what one connection pins here is at most the larger of the
+//! byte bound and one frame. A delivery shared with other recipients counts
+//! its whole size for each: it stays alive for as long as any queue holds it.
 //!
 //! Actor messages must be `Send`, so a session hands its queue to its hub
 //! through a per-thread slot ([`hand_over`], taken by the hub's
-//! [`super::Connect`] handler on the same thread).
+//! [`crate::hub::Connect`] handler on the same thread).
 //!
 //! The queue also carries the session's end: [`OutboundQueue::close`] (a
 //! close frame goes out behind what is queued) or [`OutboundQueue::end`]
@@ -21,15 +31,66 @@
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::task::{Context, Waker};
 
-use super::Outbound;
+use bytestring::ByteString;
+
+use super::SessionKey;
+use crate::broker::Envelope;
 use crate::protocol::CloseReason;
 
 /// An emptied queue keeps at most this many slots.
 const KEEP_SLOTS: usize = 16;
 
-/// The queue is at `limits.max_outbound_queue` items.
+/// What goes down one session's outbound queue to its socket writer.
+#[derive(Debug)]
+pub enum Outbound {
+    /// A frame for this session only (ack, error, presence, pong, welcome).
+    Frame(ByteString),
+    /// A published frame shared with other recipients.
+    Delivery(Arc<Envelope>),
+    /// A WebSocket ping (heartbeat) with its payload, which the client's
+    /// pong must echo.
+    Ping([u8; 8]),
+    /// A WebSocket pong answering the client's ping.
+    Pong(bytes::Bytes),
+    /// A binary message: only the echo endpoint of the WebSocket
+    /// conformance run ([`super::echo`]) sends one.
+    Binary(bytes::Bytes),
+}
+
+impl Outbound {
+    /// The bytes it puts on the wire, without the frame header.
+    pub fn payload_len(&self) -> usize {
+        match self {
+            Outbound::Frame(text) => text.len(),
+            Outbound::Delivery(envelope) => envelope.frame.len(),
+            Outbound::Ping(payload) => payload.len(),
+            Outbound::Pong(payload) | Outbound::Binary(payload) => payload.len(),
+        }
+    }
+}
+
+/// How much one queue may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounds {
+    /// Items (`limits.max_outbound_queue`).
+    pub frames: usize,
+    /// Payload bytes (`limits.max_outbound_bytes`).
+    pub bytes: usize,
+}
+
+impl Bounds {
+    pub fn from_limits(limits: &crate::config::LimitsConfig) -> Bounds {
+        Bounds {
+            frames: limits.max_outbound_queue,
+            bytes: limits.max_outbound_bytes,
+        }
+    }
+}
+
+/// The queue is at one of its [`Bounds`].
 #[derive(Debug)]
 pub struct Full;
 
@@ -45,7 +106,9 @@ pub enum Status {
 
 struct Inner {
     items: VecDeque<Outbound>,
-    capacity: usize,
+    /// Payload bytes of `items`.
+    bytes: usize,
+    bounds: Bounds,
     status: Status,
     writer: Option<Waker>,
 }
@@ -58,6 +121,11 @@ impl Inner {
             _ => self.writer = Some(cx.waker().clone()),
         }
     }
+
+    fn clear(&mut self) {
+        self.items = VecDeque::new();
+        self.bytes = 0;
+    }
 }
 
 /// One handle on a session's queue (the session, its hub and its writer
@@ -66,16 +134,20 @@ impl Inner {
 pub struct OutboundQueue(Rc<RefCell<Inner>>);
 
 impl OutboundQueue {
-    pub fn new(capacity: usize) -> OutboundQueue {
+    pub fn new(bounds: Bounds) -> OutboundQueue {
         OutboundQueue(Rc::new(RefCell::new(Inner {
             items: VecDeque::new(),
-            capacity: capacity.max(1),
+            bytes: 0,
+            bounds: Bounds {
+                frames: bounds.frames.max(1),
+                bytes: bounds.bytes.max(1),
+            },
             status: Status::Open,
             writer: None,
         })))
     }
 
-    /// Queues `item`; `Full` at the bound. After a close or the end the
+    /// Queues `item`; `Full` at a bound. After a close or the end the
     /// item is dropped (the session is going away).
     pub fn push(&self, item: Outbound) -> Result<(), Full> {
         let waker = {
@@ -83,9 +155,12 @@ impl OutboundQueue {
             if inner.status != Status::Open {
                 return Ok(());
             }
-            if inner.items.len() >= inner.capacity {
+            let size = item.payload_len();
+            let over_bytes = inner.bytes + size > inner.bounds.bytes && !inner.items.is_empty();
+            if inner.items.len() >= inner.bounds.frames || over_bytes {
                 return Err(Full);
             }
+            inner.bytes += size;
             inner.items.push_back(item);
             inner.writer.take()
         };
@@ -93,6 +168,17 @@ impl OutboundQueue {
             waker.wake();
         }
         Ok(())
+    }
+
+    /// Payload bytes the queue can still take before its byte bound.
+    pub fn room_bytes(&self) -> usize {
+        let inner = self.0.borrow();
+        inner.bounds.bytes.saturating_sub(inner.bytes)
+    }
+
+    /// Whether nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.0.borrow().items.is_empty()
     }
 
     /// The session closes with `reason` (the first close wins).
@@ -113,7 +199,7 @@ impl OutboundQueue {
             }
             inner.status = status;
             if status == Status::Ended {
-                inner.items = VecDeque::new();
+                inner.clear();
             }
             inner.writer.take()
         };
@@ -135,6 +221,7 @@ impl OutboundQueue {
             return inner.status;
         }
         while let Some(item) = inner.items.pop_front() {
+            inner.bytes -= item.payload_len();
             if !take(item) {
                 return Status::Open;
             }
@@ -156,7 +243,9 @@ impl OutboundQueue {
 
     /// Writer side, once closing: everything still queued, emptying it.
     pub fn take_all(&self) -> VecDeque<Outbound> {
-        std::mem::take(&mut self.0.borrow_mut().items)
+        let mut inner = self.0.borrow_mut();
+        inner.bytes = 0;
+        std::mem::take(&mut inner.items)
     }
 
     /// The writer is gone (the connection is): drops what is queued and
@@ -164,14 +253,17 @@ impl OutboundQueue {
     pub fn abandon(&self) {
         let mut inner = self.0.borrow_mut();
         inner.status = Status::Ended;
-        inner.items = VecDeque::new();
+        inner.clear();
         inner.writer = None;
     }
 
     /// The next item if one is queued; for tests.
     #[cfg(test)]
     pub fn try_recv(&self) -> Option<Outbound> {
-        self.0.borrow_mut().items.pop_front()
+        let mut inner = self.0.borrow_mut();
+        let item = inner.items.pop_front()?;
+        inner.bytes -= item.payload_len();
+        Some(item)
     }
 
     /// The next item, waiting for one (`None` once closed or ended); for
@@ -195,16 +287,16 @@ impl OutboundQueue {
 
 thread_local! {
     /// Queues handed over by sessions, until their hub takes them.
-    static HANDED: RefCell<HashMap<u64, OutboundQueue>> = RefCell::new(HashMap::new());
+    static HANDED: RefCell<HashMap<SessionKey, OutboundQueue>> = RefCell::new(HashMap::new());
 }
 
 /// Leaves session `key`'s queue for its hub (same thread) to take.
-pub fn hand_over(key: u64, queue: OutboundQueue) {
+pub fn hand_over(key: SessionKey, queue: OutboundQueue) {
     HANDED.with(|h| h.borrow_mut().insert(key, queue));
 }
 
 /// Takes what session `key` handed over (`None` if it is gone already).
-pub fn take_handed(key: u64) -> Option<OutboundQueue> {
+pub fn take_handed(key: SessionKey) -> Option<OutboundQueue> {
     HANDED.with(|h| {
         let mut handed = h.borrow_mut();
         let queue = handed.remove(&key);
@@ -223,9 +315,13 @@ mod tests {
         Outbound::Frame(s.into())
     }
 
+    fn bounds(frames: usize, bytes: usize) -> Bounds {
+        Bounds { frames, bytes }
+    }
+
     #[test]
     fn bounded_then_closed_then_dropping() {
-        let q = OutboundQueue::new(2);
+        let q = OutboundQueue::new(bounds(2, 1024));
         assert!(q.push(frame("a")).is_ok());
         assert!(q.push(frame("b")).is_ok());
         assert!(q.push(frame("c")).is_err());
@@ -241,8 +337,25 @@ mod tests {
     }
 
     #[test]
+    fn bounded_in_bytes_but_an_empty_queue_takes_one_large_item() {
+        let q = OutboundQueue::new(bounds(100, 10));
+        assert!(
+            q.push(frame("0123456789abcdef")).is_ok(),
+            "empty: one item of any size"
+        );
+        assert!(q.push(frame("x")).is_err(), "over the byte bound");
+        let mut cx = Context::from_waker(Waker::noop());
+        assert_eq!(q.poll_drain(&mut cx, |_| true), Status::Open);
+        assert_eq!(q.room_bytes(), 10);
+        assert!(q.push(frame("01234")).is_ok());
+        assert!(q.push(frame("56789")).is_ok());
+        assert_eq!(q.room_bytes(), 0);
+        assert!(q.push(frame("a")).is_err());
+    }
+
+    #[test]
     fn the_end_drops_what_is_queued() {
-        let q = OutboundQueue::new(4);
+        let q = OutboundQueue::new(bounds(4, 1024));
         q.push(frame("a")).unwrap();
         q.end();
         let mut cx = Context::from_waker(Waker::noop());
