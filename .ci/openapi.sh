@@ -25,7 +25,10 @@ log() { printf '\n== %s\n' "$*"; }
 if [ ! -x "$VENV/bin/schemathesis" ] || ! "$VENV/bin/schemathesis" --version | grep -q "$SCHEMATHESIS_VERSION" \
   || ! "$VENV/bin/python" -c 'import redis, websockets' 2>/dev/null; then
   log "installing schemathesis $SCHEMATHESIS_VERSION into $VENV"
-  python3 -m venv "$VENV"
+  if ! python3 -c 'import ensurepip, venv' 2>/dev/null && command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv) >/dev/null
+  fi
+  python3 -m venv --clear "$VENV"
   "$VENV/bin/pip" install -q --disable-pip-version-check \
     "schemathesis==$SCHEMATHESIS_VERSION" "redis==$REDIS_PY_VERSION" "websockets==$WEBSOCKETS_VERSION"
 fi
