@@ -20,7 +20,14 @@ RUN apt-get update \
  && useradd --system --uid 10001 --no-create-home switchboard
 COPY --from=build /src/target/release/switchboard /usr/local/bin/switchboard
 COPY config/default.toml /etc/switchboard/default.toml
+# The demo chat and dashboard, served only where SWITCHBOARD__SERVER__STATIC_DIR
+# points here (docker-compose.yml does).
+COPY web /usr/share/switchboard/web
 ENV SWITCHBOARD_CONFIG=/etc/switchboard/default.toml
+# Every interface of the container, even with auth.dev_tokens on (whose
+# default is loopback, unreachable from outside a container): who can reach
+# it is decided where its port is published.
+ENV SWITCHBOARD__SERVER__HOST=0.0.0.0
 USER switchboard
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=2s --start-period=5s --retries=3 \

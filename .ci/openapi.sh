@@ -133,8 +133,17 @@ EOF
   task_id=$(submit_task "$addr")
   # A body refused for its size (413) is refused too.
   cat >"$WORK/schemathesis.toml" <<EOF
+[checks]
+enabled = true
+
 [checks.negative_data_rejection]
 expected-statuses = [400, 401, 403, 404, 405, 406, 409, 413, 415, 422, 428, 429]
+
+# A demo name is letters of any script, digits, _ . -: more than a schema
+# pattern says portably, so a schema-valid name may be refused (400).
+[[operations]]
+include-path = "/dev/token"
+checks.positive_data_acceptance.enabled = false
 
 [[operations]]
 include-path-regex = "^/api/tasks/"
@@ -146,7 +155,6 @@ EOF
   "$VENV/bin/schemathesis" --config-file "$WORK/schemathesis.toml" run "http://$addr/openapi.yaml" \
     --url "http://$addr" \
     --header "Authorization: Bearer $API_KEY" \
-    --checks all \
     ${EXCLUDE:+--exclude-checks "$EXCLUDE"} \
     --max-examples "$MAX_EXAMPLES" \
     --seed 1 \

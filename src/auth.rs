@@ -4,8 +4,10 @@
 //! The accepted algorithm is pinned by `auth.jwt_algorithm`: a token whose
 //! header names any other (`none` included) is rejected. `exp` is required;
 //! `nbf` and `iat` are checked when present; `aud` and `iss` are required
-//! and must match when configured. There is no leeway: a token is expired
+//! and must match when configured. `exp` has no leeway: a token is expired
 //! the second its `exp` passes, as the session's expiry timer assumes.
+//! `nbf` and `iat` may be up to [`CLOCK_SKEW_S`] in the future, so that an
+//! issuer whose clock runs a little ahead is not refused its fresh tokens.
 
 use std::path::Path;
 use std::time::Duration;
@@ -17,6 +19,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{AuthConfig, JwtAlgorithm};
 use crate::protocol::valid_user_id;
+
+/// How far in the future `nbf` and `iat` may be (the issuer's clock may
+/// run ahead of ours).
+pub const CLOCK_SKEW_S: u64 = 60;
 
 /// Why a token was refused; decides the close reason.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -166,7 +172,8 @@ impl Verifier {
         let mut validation = Validation::new(alg);
         validation.leeway = 0;
         validation.validate_exp = true;
-        validation.validate_nbf = true;
+        // `nbf` is checked below, with the clock skew allowed.
+        validation.validate_nbf = false;
         validation.set_required_spec_claims(&["exp", "sub"]);
         if cfg.audience.is_empty() {
             validation.validate_aud = false;
@@ -205,8 +212,11 @@ impl Verifier {
         if claims.exp <= now {
             return Err(AuthError::Expired);
         }
-        if claims.iat.is_some_and(|iat| iat > now + 60) {
+        if claims.iat.is_some_and(|iat| iat > now + CLOCK_SKEW_S) {
             return Err(AuthError::Invalid("iat is in the future".into()));
+        }
+        if claims.nbf.is_some_and(|nbf| nbf > now + CLOCK_SKEW_S) {
+            return Err(AuthError::Invalid("token not valid yet (nbf)".into()));
         }
         if !valid_user_id(&claims.sub) {
             return Err(AuthError::Invalid("sub must be 1-256 bytes".into()));

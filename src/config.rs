@@ -29,6 +29,8 @@ pub struct Config {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServerConfig {
+    /// Empty: every interface (`0.0.0.0`), or loopback only (`127.0.0.1`)
+    /// while `auth.dev_tokens` is on (see `Config::listen_host`).
     pub host: String,
     pub port: u16,
     /// Empty: hostname plus a random suffix (see `Config::instance_id`).
@@ -130,6 +132,9 @@ pub struct TasksConfig {
     pub max_pending_per_user: usize,
     /// How long a task's record (status, result) is kept after its last change.
     pub result_ttl_s: u64,
+    /// Bytes of ended tasks' records (results, errors) kept per user; the
+    /// oldest go first.
+    pub max_record_bytes_per_user: usize,
     pub handlers: BTreeMap<String, HandlerConfig>,
 }
 
@@ -160,7 +165,7 @@ fn default_webhook_timeout() -> u64 {
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
-            host: "0.0.0.0".into(),
+            host: String::new(),
             port: 8000,
             instance_id: String::new(),
             workers: 0,
@@ -244,6 +249,7 @@ impl Default for TasksConfig {
             idempotency_ttl_s: 86_400,
             max_pending_per_user: 100,
             result_ttl_s: 86_400,
+            max_record_bytes_per_user: 4 * 1024 * 1024,
             handlers: BTreeMap::new(),
         }
     }
@@ -314,6 +320,10 @@ impl Config {
             ("tasks.idempotency_ttl_s", t.idempotency_ttl_s),
             ("tasks.max_pending_per_user", t.max_pending_per_user as u64),
             ("tasks.result_ttl_s", t.result_ttl_s),
+            (
+                "tasks.max_record_bytes_per_user",
+                t.max_record_bytes_per_user as u64,
+            ),
         ] {
             if value == 0 {
                 return bad(key, 0, "at least 1");
@@ -501,6 +511,30 @@ impl Config {
             .map(|_| char::from(b"0123456789abcdefghijklmnopqrstuvwxyz"[rand::random_range(0..36)]))
             .collect();
         format!("{host}-{suffix}")
+    }
+
+    /// The address to listen on: `server.host` when set; else loopback only
+    /// while `auth.dev_tokens` is on (a hub that hands out tokens for any
+    /// name must not be reachable from the network by default), and every
+    /// interface otherwise.
+    pub fn listen_host(&self) -> &str {
+        match self.server.host.as_str() {
+            "" if self.auth.dev_tokens => "127.0.0.1",
+            "" => "0.0.0.0",
+            host => host,
+        }
+    }
+
+    /// Whether [`Config::listen_host`] fell back to loopback because of
+    /// `auth.dev_tokens` (the start-up log says so).
+    pub fn loopback_for_dev_tokens(&self) -> bool {
+        self.server.host.is_empty() && self.auth.dev_tokens
+    }
+
+    /// The folder served at `/` (`server.static_dir`), when set and present.
+    pub fn static_dir(&self) -> Option<&Path> {
+        let dir = Path::new(&self.server.static_dir);
+        (!self.server.static_dir.is_empty() && dir.is_dir()).then_some(dir)
     }
 
     pub fn uses_dev_secret(&self) -> bool {
@@ -698,6 +732,30 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("limits.nope"), "{e}");
+    }
+
+    #[test]
+    fn listen_host_is_loopback_with_dev_tokens_unless_set() {
+        let host = |env: &[(&str, &str)]| load("", env).unwrap().listen_host().to_owned();
+        assert_eq!(host(&[]), "0.0.0.0");
+        assert_eq!(
+            host(&[("SWITCHBOARD__AUTH__DEV_TOKENS", "true")]),
+            "127.0.0.1"
+        );
+        assert_eq!(
+            host(&[
+                ("SWITCHBOARD__AUTH__DEV_TOKENS", "true"),
+                ("SWITCHBOARD__SERVER__HOST", "0.0.0.0")
+            ]),
+            "0.0.0.0"
+        );
+        let c = load(
+            "[server]\nhost = \"0.0.0.0\"\n[auth]\ndev_tokens = true\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.listen_host(), "0.0.0.0");
+        assert!(!c.loopback_for_dev_tokens());
     }
 
     #[test]

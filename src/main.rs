@@ -60,7 +60,7 @@ enum Command {
     },
     /// Run task workers only (cluster mode): health and metrics on server.host:server.port.
     Worker {
-        /// Worker loops (default: tasks.workers, or 4 when that is 0).
+        /// Tasks run at once (default: tasks.workers, or 4 when that is 0).
         #[arg(long)]
         workers: Option<usize>,
     },
@@ -118,7 +118,9 @@ fn main() -> ExitCode {
             interval_ms,
         } => demo_feed(&config, &url, api_key, &room, interval_ms),
         Command::CheckConfig => {
-            print!("{}", config.masked().to_toml_string());
+            let mut shown = config.masked();
+            shown.server.host = config.listen_host().to_owned();
+            print!("{}", shown.to_toml_string());
             ExitCode::SUCCESS
         }
         Command::Worker { workers } => run_worker(config, workers),
@@ -191,36 +193,43 @@ fn run_worker(config: Config, workers: Option<usize>) -> ExitCode {
         return ExitCode::from(2);
     }
     init_tracing();
-    let loops = workers.unwrap_or(match config.tasks.workers {
+    let hands = workers.unwrap_or(match config.tasks.workers {
         0 => 4,
         n => n,
     });
-    finish("switchboard worker", worker(config, loops))
+    finish("switchboard worker", worker(config, hands))
 }
 
-/// Binds `server.host`:`server.port` and serves until SIGTERM or SIGINT.
+/// Binds `server.host`:`server.port` (see `Config::listen_host`) and
+/// serves until SIGTERM or SIGINT.
 fn serve(config: Config) -> Result<(), ServerError> {
-    let listener = std::net::TcpListener::bind((config.server.host.as_str(), config.server.port))?;
+    let listener = std::net::TcpListener::bind((config.listen_host(), config.server.port))?;
     actix_web::rt::System::new().block_on(server::run(config, listener, server::signal()))
 }
 
 /// Binds `server.host`:`server.port` (health and metrics) and runs task
 /// workers until SIGTERM or SIGINT.
-fn worker(config: Config, loops: usize) -> Result<(), ServerError> {
-    let listener = std::net::TcpListener::bind((config.server.host.as_str(), config.server.port))?;
+fn worker(config: Config, hands: usize) -> Result<(), ServerError> {
+    let listener = std::net::TcpListener::bind((config.listen_host(), config.server.port))?;
     actix_web::rt::System::new().block_on(server::run_worker(
         config,
         listener,
-        loops,
+        hands,
         server::signal(),
     ))
 }
 
+/// Logs on stderr: text (coloured only on a terminal, and not with
+/// `NO_COLOR` set), or JSON with `SWITCHBOARD_LOG_FORMAT=json`.
 fn init_tracing() {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let colour = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     if std::env::var("SWITCHBOARD_LOG_FORMAT").is_ok_and(|f| f == "json") {
         builder.json().init();

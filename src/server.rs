@@ -62,12 +62,12 @@ pub async fn run(
     announce(addr, &state, workers);
     let tasks = &state.config.tasks;
     // A worker runs only what it has a handler for: none configured, none run.
-    let loops = if tasks.handlers.is_empty() {
+    let hands = if tasks.handlers.is_empty() {
         0
     } else {
         tasks.workers
     };
-    let pool = WorkerPool::start(state.tasks.clone(), tasks, &state.instance_id, loops)?;
+    let pool = WorkerPool::start(state.tasks.clone(), tasks, &state.instance_id, hands)?;
     let handle = server.handle();
     let mut serving = actix_web::rt::spawn(server);
     tokio::select! {
@@ -130,14 +130,14 @@ fn http_server(
     Ok(server)
 }
 
-/// Runs task workers only (`switchboard worker`): `loops` worker loops on
+/// Runs task workers only (`switchboard worker`): up to `hands` tasks at once on
 /// the Redis queue, and `/health/live`, `/health/ready`, `/metrics` on
 /// `listener`, until `shutdown` resolves; then the workers finish what
 /// they hold within `server.shutdown_grace_s`.
 pub async fn run_worker(
     config: Config,
     listener: TcpListener,
-    loops: usize,
+    hands: usize,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
     let task_names: Vec<String> = config.tasks.handlers.keys().cloned().collect();
@@ -161,12 +161,12 @@ pub async fn run_worker(
     .disable_signals()
     .shutdown_timeout(grace.as_secs())
     .listen(listener)?;
-    let pool = WorkerPool::start(tasks, &config.tasks, &instance_id, loops)?;
+    let pool = WorkerPool::start(tasks, &config.tasks, &instance_id, hands)?;
     let mut out = io::stdout().lock();
     let _ = writeln!(out, "listening on {addr}");
     let _ = out.flush();
     drop(out);
-    tracing::info!(%addr, instance = %instance_id, workers = loops, "switchboard worker running");
+    tracing::info!(%addr, instance = %instance_id, workers = hands, "switchboard worker running");
     let server = server.run();
     let handle = server.handle();
     let serving = actix_web::rt::spawn(server);
@@ -198,15 +198,54 @@ async fn start_state(config: Config) -> Result<AppState, ServerError> {
     Ok(AppState::new(config, instance_id, verifier, broker, tasks))
 }
 
+/// The first stdout line, `listening on HOST:PORT` (tools and tests read
+/// it; keep it as it is), then, in the log, where to point a browser and a
+/// WebSocket client.
 fn announce(addr: SocketAddr, state: &AppState, workers: usize) {
     let mut out = io::stdout().lock();
     let _ = writeln!(out, "listening on {addr}");
     let _ = out.flush();
+    drop(out);
+    let config = &state.config;
     tracing::info!(%addr, instance = %state.instance_id, workers, broker = state.broker.kind, "switchboard listening");
+    if config.loopback_for_dev_tokens() {
+        tracing::info!(
+            "auth.dev_tokens is on and server.host is not set: listening on {} only, not reachable \
+             from other machines (set server.host, e.g. SWITCHBOARD__SERVER__HOST=0.0.0.0, to change that)",
+            addr.ip()
+        );
+    }
+    let base = reachable_at(addr);
+    if config.static_dir().is_some() {
+        if config.auth.dev_tokens {
+            tracing::info!(
+                "open http://{base}/ in a browser: the demo chat (and http://{base}/dashboard.html)"
+            );
+        } else {
+            tracing::info!(
+                "the demo is served at http://{base}/, but its chat needs development tokens: \
+                 start the hub with auth.dev_tokens = true (SWITCHBOARD__AUTH__DEV_TOKENS=true)"
+            );
+        }
+    }
     tracing::info!(
-        "get a token: `switchboard token --user alice` (from a checkout: `cargo run --release -- token --user alice`), \
-         then connect to ws://{addr}/ws?token=<token>"
+        "WebSocket clients connect to ws://{base}/ws?token=<token>; get a token with \
+         `switchboard token --user alice` (from a checkout: `cargo run --release -- token --user alice`)"
     );
+}
+
+/// `host:port` a client on this machine can use for `addr`: `localhost`
+/// for every interface and for loopback, else the address itself.
+fn reachable_at(addr: SocketAddr) -> String {
+    let ip = addr.ip();
+    let local = ip.is_unspecified()
+        || ip == std::net::IpAddr::from([127, 0, 0, 1])
+        || ip == std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST);
+    if local {
+        format!("localhost:{}", addr.port())
+    } else {
+        addr.to_string()
+    }
 }
 
 /// The share of `server.shutdown_grace_s` over which sessions are closed

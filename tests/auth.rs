@@ -148,6 +148,24 @@ async fn expired_is_token_expired_and_nbf_in_future_is_unauthorized() {
     assert_eq!(refused(&hub, &long_sub).await, unauthorized());
 }
 
+/// An issuer whose clock runs a little ahead: `nbf` (and `iat`) up to a
+/// minute in the future are accepted, as a JWT library's leeway would.
+#[tokio::test]
+async fn nbf_and_iat_a_little_ahead_are_accepted() {
+    let hub = Hub::start(Broker::Memory);
+    let now = now_s();
+    for claims in [
+        json!({"sub": "alice", "nbf": now + 1, "iat": now + 1}),
+        json!({"sub": "alice", "nbf": now + 55}),
+    ] {
+        let mut c = Client::connect(&hub.ws_url(), &token_with(claims.clone())).await;
+        assert_eq!(c.welcome["user"], "alice", "{claims}");
+        assert_eq!(c.request(json!({"type": "ping"})).await["type"], "pong");
+    }
+    let late = token_with(json!({"sub": "alice", "nbf": now + 120}));
+    assert_eq!(refused(&hub, &late).await, unauthorized());
+}
+
 #[tokio::test]
 async fn audience_and_issuer_must_match_when_configured() {
     let hub = Hub::builder(Broker::Memory)

@@ -16,16 +16,6 @@ const BUDGET_MIB: u64 = 64;
 /// allocator slack).
 const OVERHEAD_MIB: u64 = 64;
 
-fn rss_mib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS");
-    kib / 1024
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishing_to_60000_fresh_rooms_stays_within_the_history_budget() {
     let hub = Hub::start(Broker::Memory);

@@ -1,10 +1,15 @@
-//! The Python worker of `examples/worker.py` takes part in the consumer
-//! group like Switchboard's own: a task declared `kind = "external"` is
-//! submitted over the WebSocket, run by the Python process, and its
-//! updates reach the submitter.
+//! The Python worker of `examples/worker.py` (the `switchboard` package's
+//! `Worker`) takes part in the consumer group like Switchboard's own: a task
+//! declared `kind = "external"` is submitted over the WebSocket, run by the
+//! Python process, and its updates reach the submitter.
+//!
+//! Python comes from a virtual environment with `clients/python` installed:
+//! `$SWITCHBOARD_PYTHON`, else `target/venv-python/bin/python`, which
+//! `bash clients/python/ci.sh setup` (and `.ci/run`) creates.
 
 mod support;
 
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
 use serde_json::json;
@@ -19,28 +24,41 @@ impl Drop for Python {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_python_example_worker_runs_a_task() {
-    let has_redis_py = Command::new("python3")
-        .args(["-c", "import redis"])
+/// The virtual environment's interpreter, with the `switchboard` package.
+fn python() -> PathBuf {
+    let path = std::env::var_os("SWITCHBOARD_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/venv-python/bin/python")
+        });
+    let has_package = Command::new(&path)
+        .args(["-c", "import switchboard"])
         .status()
         .is_ok_and(|s| s.success());
     assert!(
-        has_redis_py,
-        "python3 with redis-py is needed: pip install redis (bash .ci/run does)"
+        has_package,
+        "no Python with the switchboard package at {}: run `bash clients/python/ci.sh setup` \
+         (it makes target/venv-python), or set SWITCHBOARD_PYTHON to such an interpreter",
+        path.display()
     );
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_example_worker_runs_a_task() {
+    let python = python();
     let hub = Hub::builder(Broker::Redis)
         .toml("[tasks]\nworkers = 0\n[tasks.handlers.shout]\nkind = \"external\"\n")
         .start();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/worker.py");
     let _python = Python(
-        Command::new("python3")
+        Command::new(&python)
             .arg(script)
             .env("REDIS_URL", redis_url())
             .env("PREFIX", &hub.prefix)
             .stdout(Stdio::null())
             .spawn()
-            .expect("python3 examples/worker.py"),
+            .expect("python examples/worker.py"),
     );
     let mut c = hub.connect("alice").await;
     let ack = c

@@ -61,6 +61,12 @@ fn statuses(updates: &[Value]) -> Vec<&str> {
 #[derive(Clone)]
 enum Reply {
     Json(u16, &'static str),
+    /// Answers after a while.
+    Late(Duration, &'static str),
+    /// A 302 to another URL.
+    Redirect(String),
+    /// A 200 whose body (no `Content-Length`) never ends.
+    Endless,
     /// Never answers.
     Hang,
 }
@@ -145,13 +151,34 @@ async fn serve(
         seen.push((headers, body));
         seen.len() - 1
     };
+    let json = |status: u16, body: &str| {
+        format!(
+            "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    };
     match reply(n) {
         Reply::Json(status, body) => {
+            let _ = socket.write_all(json(status, body).as_bytes()).await;
+        }
+        Reply::Late(after, body) => {
+            tokio::time::sleep(after).await;
+            let _ = socket.write_all(json(200, body).as_bytes()).await;
+        }
+        Reply::Redirect(to) => {
             let response = format!(
-                "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
+                "HTTP/1.1 302 Found\r\nLocation: {to}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
             );
             let _ = socket.write_all(response.as_bytes()).await;
+        }
+        Reply::Endless => {
+            let head =
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n[";
+            if socket.write_all(head.as_bytes()).await.is_err() {
+                return;
+            }
+            let chunk = "1,".repeat(32 * 1024);
+            while socket.write_all(chunk.as_bytes()).await.is_ok() {}
         }
         Reply::Hang => tokio::time::sleep(Duration::from_secs(3600)).await,
     }
@@ -471,7 +498,12 @@ both_brokers!(
         if broker == Broker::Redis {
             let dead: redis::streams::StreamRangeReply = redis_query(
                 &redis_url(),
-                &["XRANGE", &format!("{}:tasks:dead", hub.prefix), "-", "+"],
+                &[
+                    "XRANGE",
+                    &format!("{}:{{tasks}}:dead", hub.prefix),
+                    "-",
+                    "+",
+                ],
             );
             let ids: Vec<String> = dead
                 .ids
@@ -626,7 +658,7 @@ both_brokers!(
     |broker| async move {
         let backend = Backend::start(|_| Reply::Hang).await;
         let toml = format!(
-        "[tasks]\nworkers = 2\nmax_pending_per_user = 3\n[tasks.handlers.echo]\nkind = \"echo\"\n{}",
+        "[tasks]\nworkers = 4\nmax_pending_per_user = 3\n[tasks.handlers.echo]\nkind = \"echo\"\n{}",
         webhook("slow", &backend.url, "timeout_s = 60")
     );
         let hub = Hub::builder(broker).toml(&toml).start();
@@ -694,3 +726,225 @@ both_brokers!(a_backend_reports_progress, |broker| async move {
         .await;
     assert_eq!(status, 404);
 });
+
+/// The payloads a backend received, in order.
+fn payloads(backend: &Backend) -> Vec<Value> {
+    backend
+        .requests
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, body)| body["payload"].clone())
+        .collect()
+}
+
+both_brokers!(
+    idempotency_keys_of_users_whose_ids_contain_colons_do_not_alias,
+    |broker| async move {
+        let hub = Hub::builder(broker).toml(ECHO).start();
+        let mut a = hub.connect("a").await;
+        let mut ab = hub.connect("a:b").await;
+        let first = submit(&mut a, "echo", json!("for a"), Some("b:c")).await;
+        let second = submit(&mut ab, "echo", json!("for a:b"), Some("c")).await;
+        let (first, second) = (
+            first["task_id"].as_str().expect("a's task").to_owned(),
+            second["task_id"].as_str().expect("a:b's task").to_owned(),
+        );
+        assert_ne!(first, second, "two users, two tasks");
+        let done = updates_until_final(&mut a, &first).await;
+        assert_eq!(done.last().expect("final")["result"], "for a");
+        let done = updates_until_final(&mut ab, &second).await;
+        assert_eq!(done.last().expect("final")["result"], "for a:b");
+        // Nobody reads another user's task, even by its id.
+        let e = ab
+            .request(json!({"type": "task_status", "task_id": first}))
+            .await;
+        assert_eq!(e["code"], "not_found", "{e}");
+    }
+);
+
+both_brokers!(
+    a_task_waiting_for_a_worker_is_queued_and_can_be_cancelled,
+    |broker| async move {
+        let backend = Backend::start(|n| {
+            if n == 0 {
+                Reply::Late(Duration::from_secs(2), r#""slow""#)
+            } else {
+                Reply::Json(200, r#""fast""#)
+            }
+        })
+        .await;
+        let toml = format!("[tasks]\nworkers = 1\n{}", webhook("job", &backend.url, ""));
+        let hub = Hub::builder(broker).toml(&toml).start();
+        let mut c = hub.connect("alice").await;
+        let busy = submit_ok(&mut c, "job", json!("busy")).await;
+        loop {
+            let u = c.recv_type("task").await;
+            if u["task_id"] == busy.as_str() && u["status"] == "running" {
+                break;
+            }
+        }
+        // The only worker is busy: these two wait, `queued`.
+        let waiting = submit_ok(&mut c, "job", json!("cancelled")).await;
+        let next = submit_ok(&mut c, "job", json!("next")).await;
+        let record = c
+            .request(json!({"type": "task_status", "task_id": waiting}))
+            .await;
+        assert_eq!(record["status"], "queued", "{record}");
+        let ack = c
+            .request(json!({"type": "task_cancel", "task_id": waiting}))
+            .await;
+        assert_eq!(ack["type"], "ack", "a waiting task is cancelled: {ack}");
+        let done = updates_until_final(&mut c, &next).await;
+        assert_eq!(statuses(&done), ["queued", "running", "done"]);
+        assert_eq!(payloads(&backend), [json!("busy"), json!("next")]);
+        let record = c
+            .request(json!({"type": "task_status", "task_id": waiting}))
+            .await;
+        assert_eq!(
+            (record["status"].as_str(), record["attempts"].as_u64()),
+            (Some("failed"), Some(0)),
+            "{record}"
+        );
+    }
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_longer_than_the_visibility_timeout_runs_once() {
+    let backend = Backend::start(|_| Reply::Late(Duration::from_secs(4), r#""late""#)).await;
+    let toml = format!(
+        "[tasks]\nworkers = 2\nvisibility_timeout_s = 1\n{}",
+        webhook("long", &backend.url, "timeout_s = 30")
+    );
+    // Two hubs on one queue: either could take the task over.
+    let h1 = Hub::builder(Broker::Redis).toml(&toml).start();
+    let h2 = Hub::builder(Broker::Redis)
+        .prefix(&h1.prefix)
+        .toml(&toml)
+        .start();
+    let mut c = h2.connect("alice").await;
+    let id = submit_ok(&mut c, "long", json!(1)).await;
+    let done = updates_until_final(&mut c, &id).await;
+    assert_eq!(statuses(&done), ["queued", "running", "done"], "{done:?}");
+    assert_eq!(backend.count(), 1, "the task ran once");
+    let (_, record) = h1.api().await.get(&format!("/api/tasks/{id}")).await;
+    assert_eq!(record["attempts"], 1, "{record}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submission_that_cannot_be_enqueued_leaves_nothing_behind() {
+    let hub = Hub::builder(Broker::Redis).toml(ECHO).start();
+    let queue = format!("{}:{{tasks}}:queue", hub.prefix);
+    // The queue key is broken: every enqueue fails in Redis.
+    let _: () = redis_query(&redis_url(), &["DEL", &queue]);
+    let _: () = redis_query(&redis_url(), &["SET", &queue, "not a stream"]);
+    let mut c = hub.connect("alice").await;
+    let ack = submit(&mut c, "echo", json!(1), Some("k1")).await;
+    let id = ack["task_id"].as_str().expect("task_id").to_owned();
+    let updates = updates_until_final(&mut c, &id).await;
+    assert_eq!(
+        updates.last().expect("final")["error"],
+        "not enqueued",
+        "{updates:?}"
+    );
+    let left: Vec<String> = redis_query(
+        &redis_url(),
+        &["KEYS", &format!("{}:{{tasks}}:*", hub.prefix)],
+    );
+    assert_eq!(
+        left,
+        std::slice::from_ref(&queue),
+        "no record, pending entry or key"
+    );
+    let e = c
+        .request(json!({"type": "task_status", "task_id": id}))
+        .await;
+    assert_eq!(e["code"], "not_found", "{e}");
+    // Repaired: the same key submits a new task, which runs.
+    let _: () = redis_query(&redis_url(), &["DEL", &queue]);
+    let _: () = redis_query(
+        &redis_url(),
+        &["XGROUP", "CREATE", &queue, "workers", "0", "MKSTREAM"],
+    );
+    let ack = submit(&mut c, "echo", json!(2), Some("k1")).await;
+    let again = ack["task_id"].as_str().expect("task_id").to_owned();
+    assert_ne!(again, id);
+    let done = updates_until_final(&mut c, &again).await;
+    assert_eq!(done.last().expect("final")["result"], 2);
+}
+
+both_brokers!(
+    ended_records_drop_their_payload_and_stay_within_the_users_bytes,
+    |broker| async move {
+        let toml = "[tasks]\nworkers = 2\nmax_record_bytes_per_user = 100000\n\
+                    [tasks.handlers.echo]\nkind = \"echo\"\n";
+        let hub = Hub::builder(broker).toml(toml).start();
+        let mut c = hub.connect("alice").await;
+        let pad = "p".repeat(20_000);
+        let mut ids = Vec::new();
+        for i in 0..20 {
+            let id = submit_ok(&mut c, "echo", json!({"i": i, "pad": pad})).await;
+            updates_until_final(&mut c, &id).await;
+            ids.push(id);
+        }
+        let status = |id: &String| json!({"type": "task_status", "task_id": id});
+        let newest = c.request(status(&ids[19])).await;
+        assert_eq!(newest["status"], "done", "{newest}");
+        let oldest = c.request(status(&ids[0])).await;
+        assert_eq!(oldest["code"], "not_found", "the oldest went: {oldest}");
+        let mut kept = 0;
+        for id in &ids {
+            if c.request(status(id)).await["type"] == "task" {
+                kept += 1;
+            }
+        }
+        assert!((1..=5).contains(&kept), "{kept} records of ~20 kB kept");
+        if broker == Broker::Redis {
+            let record = format!("{}:{{tasks}}:task:{}", hub.prefix, ids[19]);
+            let payload: Option<String> = redis_query(&redis_url(), &["HGET", &record, "payload"]);
+            assert_eq!(payload, None, "an ended task keeps no payload");
+        }
+    }
+);
+
+both_brokers!(
+    a_webhook_follows_no_redirect_and_reads_no_endless_body,
+    |broker| async move {
+        let elsewhere = Backend::start(|_| Reply::Json(200, r#""elsewhere""#)).await;
+        let to = elsewhere.url.clone();
+        let backend = Backend::start(move |n| {
+            if n == 0 {
+                Reply::Redirect(to.clone())
+            } else {
+                Reply::Endless
+            }
+        })
+        .await;
+        let toml = format!(
+            "[tasks]\nworkers = 2\nmax_attempts = 1\n{}{}",
+            webhook(
+                "moved",
+                &backend.url,
+                "headers = { Authorization = \"Bearer backend-secret\" }"
+            ),
+            webhook("endless", &backend.url, "")
+        );
+        let hub = Hub::builder(broker).toml(&toml).start();
+        let mut c = hub.connect("alice").await;
+        let id = submit_ok(&mut c, "moved", json!(1)).await;
+        let failed = updates_until_final(&mut c, &id).await;
+        assert_eq!(
+            failed.last().expect("final")["error"],
+            "webhook answered 302"
+        );
+        assert_eq!(elsewhere.count(), 0, "the redirect was not followed");
+        let id = submit_ok(&mut c, "endless", json!(2)).await;
+        let failed = updates_until_final(&mut c, &id).await;
+        assert_eq!(
+            failed.last().expect("final")["error"],
+            "webhook answer over 4 MiB"
+        );
+        let log = hub.log();
+        assert!(!log.contains("backend-secret"), "a header value in the log");
+    }
+);

@@ -43,8 +43,10 @@ function render() {
 }
 
 function messageLine(m) {
-  const li = el("li", "message");
+  const own = m.from === state.user;
+  const li = el("li", own ? "message own" : "message");
   li.dataset.id = m.id;
+  if (own) li.title = "sent by you";
   li.append(el("span", "from", m.from), el("span", "text", typeof m.data?.text === "string" ? m.data.text : JSON.stringify(m.data)), el("span", "time", time(m.ts)));
   return li;
 }
@@ -71,14 +73,21 @@ async function joinRoom(name) {
   }
 }
 
+/** A development token for `state.user`; a refusal throws the hub's own words. */
 async function token() {
-  const r = await fetch("/dev/token", {
-    method: "POST",
-    headers: { "content-type": "application/json" },
-    body: JSON.stringify({ user: state.user }),
-  });
-  if (!r.ok) throw new Error(`the hub gave no token (${r.status}): is auth.dev_tokens on?`);
-  return (await r.json()).token;
+  let r;
+  try {
+    r = await fetch("/dev/token", {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ user: state.user }),
+    });
+  } catch {
+    throw new Error("cannot reach the hub: is it running?");
+  }
+  if (r.ok) return (await r.json()).token;
+  const body = await r.json().catch(() => null);
+  throw new Error(body?.message || `the hub gave no token (HTTP ${r.status}): is auth.dev_tokens on?`);
 }
 
 function connect() {
@@ -119,10 +128,12 @@ function connect() {
 $("#login-form").onsubmit = async (e) => {
   e.preventDefault();
   state.user = $("#name").value.trim();
+  const error = $('[data-testid="login-error"]');
+  error.textContent = "";
   try {
     await token();
   } catch (err) {
-    $('[data-testid="login-error"]').textContent = err.message;
+    error.textContent = err.message;
     return;
   }
   $('[data-testid="login"]').hidden = true;

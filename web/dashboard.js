@@ -43,7 +43,7 @@ async function token() {
     headers: { "content-type": "application/json" },
     body: JSON.stringify({ user: `dashboard-${Math.random().toString(36).slice(2, 8)}` }),
   });
-  if (!r.ok) throw new Error(`no development token (${r.status}): turn auth.dev_tokens on`);
+  if (!r.ok) throw new Error((await r.json().catch(() => null))?.message || `no development token (HTTP ${r.status}): is auth.dev_tokens on?`);
   return (await r.json()).token;
 }
 
@@ -114,7 +114,11 @@ async function sample(key) {
     fetch("/api/stats", { headers: { authorization: `Bearer ${key}` } }),
     fetch("/metrics"),
   ]);
-  if (!stats.ok) throw new Error(stats.status === 401 ? "wrong API key" : `stats: ${stats.status}`);
+  if (!stats.ok) {
+    // The hub says what is wrong (no key configured, or not this one).
+    const body = await stats.json().catch(() => null);
+    throw new Error(body?.message || `/api/stats answered HTTP ${stats.status}`);
+  }
   const s = await stats.json();
   $('[data-testid="stat-connections"]').textContent = String(s.connections);
   $('[data-testid="stat-cluster"]').textContent = String(s.cluster_connections);
@@ -141,7 +145,12 @@ $("#key-form").onsubmit = (e) => {
   e.preventDefault();
   const key = $("#api-key").value.trim();
   if (timer) clearInterval(timer);
+  timer = null;
   last = null;
+  if (!key) {
+    $('[data-testid="stats-error"]').textContent = "type an API key from the hub's auth.api_keys";
+    return;
+  }
   const tick = () => sample(key).then(
     () => { $('[data-testid="stats-error"]').textContent = ""; },
     (err) => { $('[data-testid="stats-error"]').textContent = err.message; },

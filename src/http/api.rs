@@ -57,11 +57,16 @@ impl ApiError {
         )
     }
 
-    pub fn unauthorized() -> ApiError {
-        Self::new(
-            ErrorCode::Unauthorized,
-            "a valid API key is required: Authorization: Bearer <key>",
-        )
+    /// A missing or wrong key; `keys_configured` false says the API is
+    /// closed whatever the key (a newcomer's first surprise otherwise).
+    pub fn unauthorized(keys_configured: bool) -> ApiError {
+        let message = if keys_configured {
+            "a valid API key is required: Authorization: Bearer <key>, with a key from auth.api_keys"
+        } else {
+            "the admin API is closed: this hub has no API key (set auth.api_keys, \
+             e.g. SWITCHBOARD__AUTH__API_KEYS=KEY, and restart it)"
+        };
+        Self::new(ErrorCode::Unauthorized, message)
     }
 }
 

@@ -16,13 +16,14 @@ pub async fn require_api_key(
     req: ServiceRequest,
     next: Next<impl MessageBody>,
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
-    let allowed = req
+    let keys = req
         .app_data::<web::Data<AppState>>()
-        .is_some_and(|state| key_allowed(&state.config.auth.api_keys, bearer(req.headers())));
-    if allowed {
+        .map(|state| state.config.auth.api_keys.as_slice())
+        .unwrap_or_default();
+    if key_allowed(keys, bearer(req.headers())) {
         next.call(req).await
     } else {
-        Err(ApiError::unauthorized().into())
+        Err(ApiError::unauthorized(!keys.is_empty()).into())
     }
 }
 

@@ -1,6 +1,7 @@
 //! `POST /dev/token` (only with `auth.dev_tokens = true`): a development
 //! token for any user name, for the demo chat. Never turn it on where
-//! anyone else can reach the hub: it hands out identities.
+//! anyone else can reach the hub: it hands out identities. Turned off, the
+//! path answers 404 with a message saying how to turn it on.
 
 use std::time::Duration;
 
@@ -19,17 +20,17 @@ struct Body {
     user: String,
 }
 
-/// A name fit for a demo: 1–64 characters of `[A-Za-z0-9_.-]`, as the
-/// demo page's name field asks.
+/// A name fit for a demo: 1–64 characters (not bytes: "Zoë" is three) of
+/// letters, digits, `_.-`.
 fn demo_name(user: &str) -> bool {
     !user.is_empty()
-        && user.len() <= 64
+        && user.chars().count() <= 64
         && user
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+            .chars()
+            .all(|c| c.is_alphanumeric() || matches!(c, '_' | '.' | '-'))
 }
 
-/// The largest body taken (a name of at most 64 bytes fits many times).
+/// The largest body taken (64 characters of up to 4 bytes fit, and more).
 const MAX_BODY: usize = 1024;
 
 pub async fn token(
@@ -41,7 +42,7 @@ pub async fn token(
         .map_err(|e| ApiError::bad_request(format!("invalid body: {e}")))?;
     if !demo_name(&body.user) {
         return Err(ApiError::bad_request(
-            "user: 1-64 characters of [A-Za-z0-9_.-]",
+            "user: 1-64 characters of letters, digits, _ . - (no spaces)",
         ));
     }
     let token = crate::auth::mint(&state.config.auth, &body.user, None, None, TTL, None)
@@ -51,6 +52,17 @@ pub async fn token(
         .json(json!({"token": token, "user": body.user, "expires_in": TTL.as_secs()})))
 }
 
+/// `/dev/token` with `auth.dev_tokens` off: 404, saying how to turn it on
+/// (the demo chat shows this message).
+pub async fn disabled() -> HttpResponse {
+    super::json_error(
+        actix_web::http::StatusCode::NOT_FOUND,
+        "not_found",
+        "development tokens are off on this hub: start it with auth.dev_tokens = true \
+         (SWITCHBOARD__AUTH__DEV_TOKENS=true), on your own machine only",
+    )
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -58,7 +70,7 @@ mod tests {
         assert!(super::demo_name("alice_1.x-y"));
         assert!(!super::demo_name(""));
         assert!(!super::demo_name("a b"));
-        assert!(!super::demo_name("josé"));
         assert!(!super::demo_name(&"a".repeat(65)));
+        assert!(super::demo_name(&"é".repeat(64)));
     }
 }

@@ -26,6 +26,8 @@ use crate::protocol::ErrorCode;
 pub fn routes(cfg: &mut web::ServiceConfig, config: &Config) {
     if config.auth.dev_tokens {
         cfg.service(one_method("/dev/token", Method::POST, dev::token));
+    } else {
+        cfg.route("/dev/token", web::to(dev::disabled));
     }
     cfg.service(one_method("/ws", Method::GET, ws::without_upgrade))
         .service(one_method("/health", Method::GET, health::ready))
@@ -65,8 +67,7 @@ pub fn routes(cfg: &mut web::ServiceConfig, config: &Config) {
                 ))
                 .service(one_method("/stats", Method::GET, api::stats)),
         );
-    let dir = std::path::Path::new(&config.server.static_dir);
-    if !config.server.static_dir.is_empty() && dir.is_dir() {
+    if let Some(dir) = config.static_dir() {
         cfg.service(
             actix_files::Files::new("/", dir)
                 .index_file("index.html")

@@ -141,7 +141,7 @@ impl Hub {
         if !matches!(membership, Membership::Pending { join_seq: seq, .. } if *seq == join_seq) {
             return;
         }
-        let history = match prepared {
+        let mut history = match prepared {
             Prepared::Ready(history) => history,
             Prepared::Local(e) => {
                 tracing::warn!(error = %e, room = %room, "join without history: broker unavailable");
@@ -154,10 +154,18 @@ impl Hub {
             floor: last,
             outbound: member.outbound.clone(),
         };
+        // The replay goes through the member's queue and counts against its
+        // byte bound: what does not fit is cut, oldest first, and the
+        // client is told to reload (`recovered: false`).
+        let room_bytes = member.outbound.room_bytes().saturating_sub(ACK_ROOM);
+        let cut = fit_latest(&mut history.messages, room_bytes);
+        if cut > 0 {
+            tracing::debug!(room = %room, cut, "join replay over the outbound queue's bytes: cut");
+        }
         let Membership::Pending { buffered, .. } = std::mem::replace(membership, live) else {
             return;
         };
-        let recovered = join.since.map(|_| history.recovered);
+        let recovered = join.since.map(|_| history.recovered && cut == 0);
         let ack = Ack::to(&join.reference)
             .room(room.as_str())
             .recovered(recovered);
@@ -171,7 +179,29 @@ impl Hub {
             }
         }
     }
+}
 
+/// Room kept in a member's queue for the join's ack.
+const ACK_ROOM: usize = 256;
+
+/// Keeps the latest entries whose frames fit in `bytes`; returns how many
+/// older ones were cut.
+fn fit_latest(entries: &mut Vec<crate::broker::HistoryEntry>, bytes: usize) -> usize {
+    let mut total = 0;
+    let keep = entries
+        .iter()
+        .rev()
+        .take_while(|e| {
+            total += e.frame.len();
+            total <= bytes
+        })
+        .count();
+    let cut = entries.len() - keep;
+    entries.drain(..cut);
+    cut
+}
+
+impl Hub {
     /// The join could not be prepared: no membership, the error to the client.
     fn refuse_join(&mut self, join: &Join, e: BrokerError) {
         tracing::warn!(room = %join.room, "join failed");

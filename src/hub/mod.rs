@@ -324,11 +324,17 @@ impl Handler<Shutdown> for Hub {
         }
         self.closing = Some(msg.reason);
         let left: Vec<SessionKey> = self.sessions.keys().copied().collect();
-        let ticks = (msg.window.as_millis() / DRAIN_TICK.as_millis()).max(1) as usize;
-        let by_rate = msg.per_second * DRAIN_TICK.as_millis() as usize / 1000;
-        let batch = left.len().div_ceil(ticks).max(by_rate).max(1);
+        let batch = drain_batch(left.len(), msg.per_second, msg.window);
         self.drain(left, batch, msg.reason, ctx);
     }
+}
+
+/// How many of `sessions` a draining hub closes every [`DRAIN_TICK`]: at
+/// least `per_second` a second, and enough to be done within `window`.
+fn drain_batch(sessions: usize, per_second: usize, window: Duration) -> usize {
+    let ticks = (window.as_millis() / DRAIN_TICK.as_millis()).max(1) as usize;
+    let by_rate = per_second * DRAIN_TICK.as_millis() as usize / 1000;
+    sessions.div_ceil(ticks).max(by_rate).max(1)
 }
 
 impl Hub {
@@ -349,5 +355,25 @@ impl Hub {
                 hub.drain(left, batch, reason, ctx)
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod drain_tests {
+    use super::drain_batch;
+    use std::time::Duration;
+
+    #[test]
+    fn batches_keep_the_rate_and_fit_the_window() {
+        let window = Duration::from_secs(6);
+        // 2,500 a second per hub: 250 per 100 ms tick.
+        assert_eq!(drain_batch(10, 2_500, window), 250, "a few: all at once");
+        assert_eq!(drain_batch(10_000, 2_500, window), 250, "40 ticks: 4 s");
+        assert_eq!(
+            drain_batch(60_000, 2_500, window),
+            1_000,
+            "60 ticks: the window"
+        );
+        assert_eq!(drain_batch(0, 0, Duration::ZERO), 1);
     }
 }

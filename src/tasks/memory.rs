@@ -5,8 +5,9 @@
 //! State sits behind one mutex, held only for map and queue operations
 //! (never across an await); task updates are not on the message path.
 //! Bounds: the queue is bounded by the per-user cap times the users;
-//! records and idempotency keys expire; at most `DEAD_KEPT` dead letters
-//! are kept.
+//! records and idempotency keys expire; an ended task's record drops its
+//! payload and counts against its user's `tasks.max_record_bytes_per_user`
+//! (the oldest go first); at most `DEAD_KEPT` dead letters are kept.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -32,8 +33,19 @@ const TAKE_WAIT: Duration = Duration::from_secs(1);
 
 struct Entry {
     record: TaskRecord,
-    payload: Box<serde_json::value::RawValue>,
+    /// Until the task ends.
+    payload: Option<Box<serde_json::value::RawValue>>,
 }
+
+/// A user's ended tasks' records, oldest first, and their bytes.
+#[derive(Default)]
+struct Kept {
+    records: VecDeque<(String, usize)>,
+    bytes: usize,
+}
+
+/// What an ended record holds besides its result or error.
+const RECORD_OVERHEAD: usize = 256;
 
 #[derive(Default)]
 struct State {
@@ -45,6 +57,7 @@ struct State {
     pending: HashMap<String, HashSet<String>>,
     dead: VecDeque<String>,
     running: usize,
+    kept: HashMap<String, Kept>,
 }
 
 pub struct MemoryTasks {
@@ -54,6 +67,7 @@ pub struct MemoryTasks {
     max_pending: usize,
     idempotency_ttl_ms: u64,
     result_ttl_ms: u64,
+    max_record_bytes: usize,
 }
 
 impl MemoryTasks {
@@ -65,6 +79,7 @@ impl MemoryTasks {
             max_pending: config.max_pending_per_user,
             idempotency_ttl_ms: config.idempotency_ttl_s.saturating_mul(1000),
             result_ttl_ms: config.result_ttl_s.saturating_mul(1000),
+            max_record_bytes: config.max_record_bytes_per_user,
         }
     }
 
@@ -93,12 +108,36 @@ impl State {
         }
     }
 
+    /// An ended task: its payload goes, its record counts against its
+    /// user's budget, and the oldest records past the budget go (the
+    /// newest always stays).
+    fn ended(&mut self, task_id: &str, budget: usize) {
+        let Some(entry) = self.tasks.get_mut(task_id) else {
+            return;
+        };
+        entry.payload = None;
+        let bytes = RECORD_OVERHEAD
+            + entry.record.result.as_ref().map_or(0, |r| r.get().len())
+            + entry.record.error.as_ref().map_or(0, String::len);
+        let user = entry.record.user.clone();
+        let kept = self.kept.entry(user).or_default();
+        kept.records.push_back((task_id.to_owned(), bytes));
+        kept.bytes += bytes;
+        while kept.bytes > budget && kept.records.len() > 1 {
+            if let Some((old, old_bytes)) = kept.records.pop_front() {
+                kept.bytes -= old_bytes;
+                self.tasks.remove(&old);
+            }
+        }
+    }
+
     /// Starts a queued task for a worker.
     fn start(&mut self, task_id: &str) -> Option<Job> {
         let entry = self.tasks.get_mut(task_id)?;
         if entry.record.status != TaskStatus::Queued {
             return None;
         }
+        let payload = entry.payload.clone()?;
         entry.record.status = TaskStatus::Running;
         entry.record.attempts += 1;
         entry.record.updated_at = now_ms();
@@ -107,7 +146,7 @@ impl State {
             task_id: task_id.to_owned(),
             name: entry.record.name.clone(),
             user: entry.record.user.clone(),
-            payload: entry.payload.clone(),
+            payload,
             attempt: entry.record.attempts,
             token: String::new(),
         })
@@ -127,6 +166,12 @@ impl TaskQueue for MemoryTasks {
             if let Some((task_id, expires)) = idem.as_ref().and_then(|k| s.idempotency.get(k)) {
                 if *expires > now {
                     let task_id = task_id.clone();
+                    let owner = s.tasks.get(&task_id).map(|e| e.record.user.as_str());
+                    if owner.is_some_and(|owner| owner != submission.user) {
+                        return Err(TaskError::Internal(format!(
+                            "idempotency key names task {task_id} of another user"
+                        )));
+                    }
                     return Ok(Prepared {
                         task_id,
                         created: false,
@@ -156,7 +201,7 @@ impl TaskQueue for MemoryTasks {
                 created_at: now,
                 updated_at: now,
             };
-            let payload = submission.payload.clone();
+            let payload = Some(submission.payload.clone());
             s.tasks.insert(task_id.clone(), Entry { record, payload });
             Ok(Prepared {
                 task_id,
@@ -178,6 +223,7 @@ impl TaskQueue for MemoryTasks {
     }
 
     async fn cancel(&self, task_id: &str, user: &str) -> TaskResult<Cancelled> {
+        let budget = self.max_record_bytes;
         let cancelled = self.with(|s| {
             let Some(entry) = s.tasks.get_mut(task_id).filter(|e| e.record.user == user) else {
                 return Cancelled::NotFound;
@@ -190,6 +236,7 @@ impl TaskQueue for MemoryTasks {
             entry.record.updated_at = now_ms();
             s.queue.retain(|id| id != task_id);
             s.unpend(user, task_id);
+            s.ended(task_id, budget);
             Cancelled::Cancelled
         })?;
         if cancelled == Cancelled::Cancelled {
@@ -245,11 +292,12 @@ impl TaskQueue for MemoryTasks {
         Ok(jobs)
     }
 
-    async fn keep(&self, _consumer: &str, _job: &Job) -> TaskResult<()> {
-        Ok(())
+    /// One process: nobody else can take a job over.
+    async fn renew(&self, _consumer: &str, _job: &Job) -> TaskResult<bool> {
+        Ok(true)
     }
 
-    async fn retry(&self, job: &mut Job, error: &str) -> TaskResult<()> {
+    async fn retry(&self, job: &mut Job, error: &str) -> TaskResult<bool> {
         let attempt = self.with(|s| {
             let entry = s.tasks.get_mut(&job.task_id)?;
             entry.record.attempts += 1;
@@ -260,10 +308,11 @@ impl TaskQueue for MemoryTasks {
         job.attempt = attempt.unwrap_or(job.attempt + 1);
         self.tell(&job.user, status_frame(&job.task_id, TaskStatus::Running))
             .await;
-        Ok(())
+        Ok(true)
     }
 
-    async fn finish(&self, job: &Job, outcome: &Outcome) -> TaskResult<()> {
+    async fn finish(&self, job: &Job, outcome: &Outcome) -> TaskResult<bool> {
+        let budget = self.max_record_bytes;
         self.with(|s| {
             s.running = s.running.saturating_sub(1);
             s.unpend(&job.user, &job.task_id);
@@ -286,10 +335,11 @@ impl TaskQueue for MemoryTasks {
                     }
                 }
             }
+            s.ended(&job.task_id, budget);
         })?;
         self.tell(&job.user, outcome_frame(&job.task_id, outcome))
             .await;
-        Ok(())
+        Ok(true)
     }
 
     async fn maintain(&self) -> TaskResult<Depth> {
@@ -301,6 +351,17 @@ impl TaskQueue for MemoryTasks {
             s.idempotency.retain(|_, (_, expires)| *expires > now);
             let tasks = &s.tasks;
             s.dead.retain(|id| tasks.contains_key(id));
+            s.kept.retain(|_, kept| {
+                let gone: usize = kept
+                    .records
+                    .iter()
+                    .filter(|(id, _)| !tasks.contains_key(id))
+                    .map(|(_, bytes)| bytes)
+                    .sum();
+                kept.records.retain(|(id, _)| tasks.contains_key(id));
+                kept.bytes -= gone;
+                !kept.records.is_empty()
+            });
             Depth {
                 queued: s.queue.len() as u64,
                 running: s.running as u64,

@@ -4,17 +4,25 @@
 //!
 //! - [`TaskQueue`]: submitting, the records, cancelling, progress, and what
 //!   workers take and report; [`memory::MemoryTasks`] (one process) and
-//!   [`redis::RedisTasks`] (the stream `{prefix}:tasks`, consumer group
-//!   `workers`, records `{prefix}:task:{id}`, dead letters
-//!   `{prefix}:tasks:dead`).
+//!   [`redis::RedisTasks`] (a stream with consumer group `workers`, the
+//!   records, dead letters: [`redis::keys`]).
 //! - [`handlers`]: what running a task means, one file per kind.
 //! - [`worker`]: the worker loops, on a runtime thread of their own in the
 //!   hub process, or alone in `switchboard worker`.
 //!
 //! Submitting is two steps, [`TaskQueue::prepare`] (id, idempotency key,
-//! the per-user cap, the record) and [`TaskQueue::enqueue`]: the session
-//! acks in between, so no update of a task can reach the client before the
-//! ack that names it.
+//! the per-user cap, the record: one atomic step) and
+//! [`TaskQueue::enqueue`]: the session acks in between, so no update of a
+//! task can reach the client before the ack that names it. An enqueue that
+//! fails undoes the submission.
+//!
+//! What the user sees is what happens: `running` means a handler has
+//! started (a worker takes only what it can start at once, so a task
+//! waiting for a free worker is `queued` and can be cancelled, and a
+//! cancelled task never runs); a running attempt keeps its claim, so no
+//! other worker runs it meanwhile, and every write of an attempt is fenced
+//! by its number; an ended task's record keeps its result or error, not
+//! its payload, within `tasks.max_record_bytes_per_user` per user.
 
 pub mod handlers;
 pub mod memory;
@@ -149,7 +157,9 @@ pub trait TaskQueue: Send + Sync {
     /// idempotency key), checks the user's cap and writes the record
     /// (`queued`). Nothing runs until [`Self::enqueue`].
     async fn prepare(&self, submission: Submission) -> TaskResult<Prepared>;
-    /// Makes a prepared task available to workers.
+    /// Makes a prepared task available to workers. When that fails, the
+    /// submission is undone (record, pending entry, idempotency key) and
+    /// the task will never run.
     async fn enqueue(&self, prepared: &Prepared) -> TaskResult<()>;
     async fn record(&self, task_id: &str) -> TaskResult<Option<TaskRecord>>;
     /// Cancels `user`'s task if it has not started (it ends `failed` with
@@ -163,18 +173,21 @@ pub trait TaskQueue: Send + Sync {
         message: Option<&str>,
     ) -> TaskResult<Progressed>;
 
-    /// Up to `max` tasks for worker `consumer`, started; waits a little
-    /// (about a second) when there is none. Tasks whose worker went silent
-    /// for the visibility timeout are taken over here too.
+    /// Up to `max` tasks for worker `consumer` (as many as it can start
+    /// now), started; waits a little (under a second) when there is none.
+    /// Tasks whose worker went silent for the visibility timeout are taken
+    /// over here too.
     async fn take(&self, consumer: &str, max: usize) -> TaskResult<Vec<Job>>;
-    /// A failed attempt will be retried by the same worker after a
-    /// backoff: keeps the job from being taken over meanwhile.
-    async fn keep(&self, consumer: &str, job: &Job) -> TaskResult<()>;
-    /// The next attempt of a job begins (counted, `running` again).
-    async fn retry(&self, job: &mut Job, error: &str) -> TaskResult<()>;
+    /// Keeps a job's claim while it runs (or waits to be retried), so that
+    /// no other worker takes it over; `false` when another worker has it.
+    async fn renew(&self, consumer: &str, job: &Job) -> TaskResult<bool>;
+    /// The next attempt of a job begins (counted, `running` again);
+    /// `false` when the claim was lost.
+    async fn retry(&self, job: &mut Job, error: &str) -> TaskResult<bool>;
     /// The job ended: `done` with a result, or `failed` for good (copied
-    /// to the dead letters).
-    async fn finish(&self, job: &Job, outcome: &Outcome) -> TaskResult<()>;
+    /// to the dead letters); `false` when the claim was lost (nothing is
+    /// written).
+    async fn finish(&self, job: &Job, outcome: &Outcome) -> TaskResult<bool>;
     /// Housekeeping (trimming, expiry); returns the depth for the gauges.
     async fn maintain(&self) -> TaskResult<Depth>;
     /// `Ok` when the queue's backend answers.

@@ -1,72 +1,96 @@
-//! Worker loops: take tasks in batches, run their handlers, report the
-//! outcome; retry a failed attempt after an exponential backoff until
-//! `tasks.max_attempts`, then fail it for good (dead letter).
+//! The worker: takes tasks, runs their handlers, reports the outcome;
+//! retries a failed attempt after an exponential backoff until
+//! `tasks.max_attempts`, then fails it for good (dead letter).
 //!
-//! [`WorkerPool::start`] runs `n` loops on a runtime thread of their own,
-//! never on the threads that serve sockets, so a slow handler never delays
-//! a frame. Stopping ([`WorkerPool::stop`]) lets each loop finish what it
-//! holds within the grace period; what is still running then is left to
-//! be taken over by another worker after `tasks.visibility_timeout_s`.
+//! A process runs at most `tasks.workers` tasks at once (its hands), and
+//! takes from the queue only as many as it has free hands: a task waiting
+//! for a hand stays `queued` (and can be cancelled) instead of being taken
+//! and held. While an attempt runs, and while it waits for its retry, the
+//! worker renews its claim every third of `tasks.visibility_timeout_s`, so
+//! no other worker takes the task over however long it runs; if the claim
+//! is lost anyway (Redis was away for longer than the visibility timeout
+//! and another worker took the task), the attempt is dropped and nothing
+//! of it is written. A worker that dies (SIGKILL, OOM) stops renewing:
+//! after the visibility timeout another worker takes its tasks over, each
+//! takeover counting as an attempt.
+//!
+//! [`WorkerPool::start`] runs on a runtime thread of its own, never on the
+//! threads that serve sockets, so a slow handler never delays a frame.
+//! Stopping ([`WorkerPool::stop`]) lets running tasks finish within the
+//! grace period; what is still running then is taken over by another
+//! worker after the visibility timeout.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use serde_json::value::RawValue;
 use tokio::sync::{watch, Semaphore};
 
 use super::{backoff, Depth, Job, Outcome, Tasks};
 use crate::config::TasksConfig;
 use crate::metrics::metrics;
 
-/// Tasks one loop runs at once.
-const BATCH: usize = 32;
 /// How often the queue is trimmed and the gauges refreshed.
 const MAINTAIN_EVERY: Duration = Duration::from_secs(2);
 
-/// Worker loops on their own runtime thread.
+/// The worker of one process, on its own runtime thread.
 pub struct WorkerPool {
     stop: watch::Sender<bool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-/// What every loop of a pool shares.
+/// What the worker's tasks share.
 #[derive(Clone)]
 struct Context {
     tasks: Tasks,
     max_attempts: u32,
-    visibility: Duration,
+    /// How often a running job renews its claim.
+    renew_every: Duration,
+    /// The longest wait before a retry.
+    max_backoff: Duration,
+}
+
+/// How one attempt ended.
+enum Attempt {
+    Done(Box<RawValue>),
+    Failed(String),
+    /// Another worker has the task now: stop, write nothing.
+    Lost,
 }
 
 impl WorkerPool {
-    /// Starts `loops` worker loops named after `instance` (none: only the
-    /// queue's housekeeping and gauges).
+    /// Starts a worker named after `instance` that runs up to `hands` tasks
+    /// at once (none: only the queue's housekeeping and gauges).
     pub fn start(
         tasks: Tasks,
         config: &TasksConfig,
         instance: &str,
-        loops: usize,
+        hands: usize,
     ) -> std::io::Result<WorkerPool> {
         let (stop, stopped) = watch::channel(false);
+        let visibility = Duration::from_secs(config.visibility_timeout_s);
         let ctx = Context {
             tasks,
             max_attempts: config.max_attempts,
-            visibility: Duration::from_secs(config.visibility_timeout_s),
+            renew_every: (visibility / 3).max(Duration::from_millis(500)),
+            max_backoff: (visibility / 3).max(Duration::from_secs(1)),
         };
-        let instance = instance.to_owned();
+        let consumer = instance.to_owned();
         let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(loops.clamp(1, 2))
+            .worker_threads(hands.clamp(1, 2))
             .thread_name("switchboard-tasks")
             .enable_all()
             .build()?;
         let thread = std::thread::Builder::new()
             .name("switchboard-tasks".into())
-            .spawn(move || runtime.block_on(run(ctx, instance, loops, stopped)))?;
+            .spawn(move || runtime.block_on(run(ctx, consumer, hands, stopped)))?;
         Ok(WorkerPool {
             stop,
             thread: Some(thread),
         })
     }
 
-    /// Stops taking work and waits (at most `grace`) for what the loops hold.
+    /// Stops taking work and waits (at most `grace`) for what is running.
     pub async fn stop(mut self, grace: Duration) {
         let _ = self.stop.send(true);
         let Some(thread) = self.thread.take() else {
@@ -84,47 +108,40 @@ impl WorkerPool {
     }
 }
 
-async fn run(ctx: Context, instance: String, loops: usize, stopped: watch::Receiver<bool>) {
-    let mut handles = Vec::new();
-    for n in 0..loops {
-        let consumer = format!("{instance}-w{n}");
-        handles.push(tokio::spawn(worker_loop(
-            ctx.clone(),
-            consumer,
-            stopped.clone(),
-        )));
+async fn run(ctx: Context, consumer: String, hands: usize, stopped: watch::Receiver<bool>) {
+    let housekeeping = tokio::spawn(maintain(ctx.clone(), stopped.clone()));
+    if hands > 0 {
+        tracing::info!(workers = hands, "task workers started");
+        take_and_run(ctx, consumer, hands, stopped).await;
     }
-    handles.push(tokio::spawn(maintain(ctx.clone(), stopped.clone())));
-    if loops > 0 {
-        tracing::info!(workers = loops, "task workers started");
-    }
-    for handle in handles {
-        let _ = handle.await;
-    }
+    let _ = housekeeping.await;
 }
 
-/// Takes, runs and reports until stopped: up to `BATCH` tasks at a time,
-/// taking more as soon as one ends (a slow task holds one place, not the
-/// loop). A take is never cut short (what it took is being started): it
-/// waits about a second at most, then the loop sees the stop; the loop
-/// returns once its tasks have ended.
-async fn worker_loop(ctx: Context, consumer: String, stopped: watch::Receiver<bool>) {
-    let places = Arc::new(Semaphore::new(BATCH));
+/// Takes, runs and reports until stopped: waits for a free hand, then
+/// takes as many tasks as there are free hands, each run on a hand of its
+/// own. A take is never cut short (what it took is being started): it
+/// waits under a second, then the loop sees the stop; it returns once the
+/// running tasks have ended.
+async fn take_and_run(
+    ctx: Context,
+    consumer: String,
+    hands: usize,
+    stopped: watch::Receiver<bool>,
+) {
+    let free = Arc::new(Semaphore::new(hands));
     let mut failures = 0u32;
     while !*stopped.borrow() {
-        // Wait for a free place before taking anything.
-        match places.clone().acquire_owned().await {
-            Ok(place) => drop(place),
-            Err(_) => return,
+        let Ok(first) = free.clone().acquire_owned().await else {
+            return;
+        };
+        let mut places = vec![first];
+        while let Ok(place) = free.clone().try_acquire_owned() {
+            places.push(place);
         }
-        let free = places.available_permits().max(1);
-        match ctx.tasks.queue.take(&consumer, free).await {
+        match ctx.tasks.queue.take(&consumer, places.len()).await {
             Ok(jobs) => {
                 failures = 0;
-                for job in jobs {
-                    let Ok(place) = places.clone().acquire_owned().await else {
-                        return;
-                    };
+                for (job, place) in jobs.into_iter().zip(places.drain(..)) {
                     let (ctx, consumer) = (ctx.clone(), consumer.clone());
                     tokio::spawn(async move {
                         run_job(&ctx, &consumer, job).await;
@@ -139,7 +156,7 @@ async fn worker_loop(ctx: Context, consumer: String, stopped: watch::Receiver<bo
             }
         }
     }
-    let _ = places.acquire_many(BATCH as u32).await;
+    let _ = free.acquire_many(hands as u32).await;
 }
 
 /// Runs one job's attempts; reports the outcome.
@@ -147,9 +164,10 @@ async fn run_job(ctx: &Context, consumer: &str, mut job: Job) {
     let name = job.name.clone();
     let outcome = loop {
         metrics().tasks.started.with_label_values(&[&name]).inc();
-        let error = match attempt(ctx, &job).await {
-            Ok(result) => break Outcome::Done(result),
-            Err(error) => error,
+        let error = match attempt(ctx, consumer, &job).await {
+            Attempt::Done(result) => break Outcome::Done(result),
+            Attempt::Failed(error) => error,
+            Attempt::Lost => return lost(&job),
         };
         metrics().tasks.failed.with_label_values(&[&name]).inc();
         if job.attempt >= ctx.max_attempts {
@@ -161,53 +179,74 @@ async fn run_job(ctx: &Context, consumer: &str, mut job: Job) {
             break Outcome::Failed(error);
         }
         metrics().tasks.retried.with_label_values(&[&name]).inc();
-        wait_before_retry(ctx, consumer, &job).await;
-        if let Err(e) = ctx.tasks.queue.retry(&mut job, &error).await {
-            tracing::warn!(error = %e, task_id = %job.task_id, "retry not recorded; the task will be taken over");
-            return;
+        if !wait_before_retry(ctx, consumer, &job).await {
+            return lost(&job);
+        }
+        match ctx.tasks.queue.retry(&mut job, &error).await {
+            Ok(true) => {}
+            Ok(false) => return lost(&job),
+            Err(e) => {
+                tracing::warn!(error = %e, task_id = %job.task_id, "retry not recorded; the task will be taken over");
+                return;
+            }
         }
     };
     if let Outcome::Done(_) = outcome {
         metrics().tasks.succeeded.with_label_values(&[&name]).inc();
     }
-    if let Err(e) = ctx.tasks.queue.finish(&job, &outcome).await {
-        tracing::warn!(error = %e, task_id = %job.task_id, "task outcome not recorded; the task will be taken over");
+    match ctx.tasks.queue.finish(&job, &outcome).await {
+        Ok(true) => {}
+        Ok(false) => lost(&job),
+        Err(e) => {
+            tracing::warn!(error = %e, task_id = %job.task_id, "task outcome not recorded; the task will be taken over")
+        }
     }
 }
 
-/// One attempt, bounded by the visibility timeout (past it another
-/// worker would take the task over anyway).
-async fn attempt(ctx: &Context, job: &Job) -> Result<Box<serde_json::value::RawValue>, String> {
+fn lost(job: &Job) {
+    tracing::warn!(task_id = %job.task_id, attempt = job.attempt, "another worker took the task over: this attempt is dropped");
+}
+
+/// One attempt, renewing the job's claim while it runs. Bounded by the
+/// handler's own time-out (a webhook's `timeout_s`).
+async fn attempt(ctx: &Context, consumer: &str, job: &Job) -> Attempt {
     let Some(handler) = ctx.tasks.handlers.get(&job.name) else {
-        return Err(format!("no handler for {:?} on this worker", job.name));
+        return Attempt::Failed(format!("no handler for {:?} on this worker", job.name));
     };
     let started = Instant::now();
-    let result = match tokio::time::timeout(ctx.visibility, handler.run(job)).await {
-        Ok(result) => result,
-        Err(_) => Err("handler timed out".into()),
+    let outcome = tokio::select! {
+        result = handler.run(job) => match result {
+            Ok(result) => Attempt::Done(result),
+            Err(error) => Attempt::Failed(error),
+        },
+        () = keep_claim(ctx, consumer, job) => Attempt::Lost,
     };
     metrics()
         .tasks
         .run_seconds
         .observe(started.elapsed().as_secs_f64());
-    result
+    outcome
 }
 
-/// The backoff before the next attempt, keeping the job from being taken
-/// over meanwhile.
-async fn wait_before_retry(ctx: &Context, consumer: &str, job: &Job) {
-    let wait = backoff(
-        job.attempt,
-        (ctx.visibility / 3).max(Duration::from_secs(1)),
-    );
-    let keep_every = (ctx.visibility / 3).max(Duration::from_millis(500));
-    let until = Instant::now() + wait;
-    while Instant::now() < until {
-        let step = keep_every.min(until.saturating_duration_since(Instant::now()));
-        tokio::time::sleep(step).await;
-        if let Err(e) = ctx.tasks.queue.keep(consumer, job).await {
-            tracing::debug!(error = %e, "could not keep the task during its backoff");
+/// Renews the job's claim until it is lost (then returns).
+async fn keep_claim(ctx: &Context, consumer: &str, job: &Job) {
+    loop {
+        tokio::time::sleep(ctx.renew_every).await;
+        match ctx.tasks.queue.renew(consumer, job).await {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => tracing::debug!(error = %e, task_id = %job.task_id, "claim not renewed"),
         }
+    }
+}
+
+/// The backoff before the next attempt, keeping the claim meanwhile;
+/// `false` when it was lost.
+async fn wait_before_retry(ctx: &Context, consumer: &str, job: &Job) -> bool {
+    let wait = backoff(job.attempt, ctx.max_backoff);
+    tokio::select! {
+        () = tokio::time::sleep(wait) => true,
+        () = keep_claim(ctx, consumer, job) => false,
     }
 }
 

@@ -3,6 +3,8 @@
 //! to it over real WebSockets and HTTP.
 #![allow(dead_code)]
 
+pub mod raw;
+
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -31,6 +33,17 @@ pub enum Broker {
 
 pub fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// A process's resident memory, in MiB.
+pub fn rss_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    kib / 1024
 }
 
 /// A key prefix no other test uses.
@@ -72,6 +85,8 @@ pub struct Hub {
     pub dir: tempfile::TempDir,
     pub broker: Broker,
     pub prefix: String,
+    /// The first line the hub printed on stdout (`listening on HOST:PORT`).
+    pub listening: String,
 }
 
 pub struct HubBuilder {
@@ -80,6 +95,7 @@ pub struct HubBuilder {
     prefix: String,
     extra: String,
     env: Vec<(String, String)>,
+    unset: Vec<String>,
     redis_url: String,
 }
 
@@ -94,6 +110,12 @@ impl HubBuilder {
     }
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.env.push((key.into(), value.into()));
+        self
+    }
+    /// Leaves a base variable (`SWITCHBOARD__SERVER__HOST`, …) out of the
+    /// hub's environment, so the config file or the default decides.
+    pub fn unset(mut self, key: &str) -> Self {
+        self.unset.push(key.into());
         self
     }
     /// Share a Redis prefix (a cluster) with another hub.
@@ -137,6 +159,9 @@ impl HubBuilder {
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
+        for k in &self.unset {
+            cmd.env_remove(k);
+        }
         let mut child = cmd.spawn().expect("spawn switchboard");
         let stdout = child.stdout.take().expect("stdout");
         let mut line = String::new();
@@ -160,6 +185,7 @@ impl HubBuilder {
             dir,
             broker: self.broker,
             prefix: self.prefix,
+            listening: line.trim_end().to_owned(),
         }
     }
 }
@@ -172,6 +198,7 @@ impl Hub {
             prefix: unique_prefix(),
             extra: String::new(),
             env: Vec::new(),
+            unset: Vec::new(),
             redis_url: redis_url(),
         }
     }
@@ -179,6 +206,11 @@ impl Hub {
     /// A hub with the test defaults.
     pub fn start(broker: Broker) -> Hub {
         Self::builder(broker).start()
+    }
+
+    /// The hub process's resident memory, in MiB.
+    pub fn rss_mib(&self) -> u64 {
+        rss_mib(self.pid())
     }
 
     pub fn pid(&self) -> u32 {

@@ -2,7 +2,7 @@
 // restart and shows what it missed.
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { api, chatAs, say, seen, sleep, startHub, withBrowser } from "./harness.mjs";
+import { api, chatAs, redisCluster, redisKeys, REDIS_URL, say, seen, sleep, startHub, withBrowser } from "./harness.mjs";
 
 test("two pages chat with each other and see each other present", async () => {
   const hub = await startHub();
@@ -25,12 +25,8 @@ test("two pages chat with each other and see each other present", async () => {
 });
 
 test("a page survives a hub restart and shows the messages it missed", async () => {
-  const prefix = `webtest-${process.pid}-${Date.now()}`;
-  const cluster = {
-    SWITCHBOARD__BROKER__KIND: "redis",
-    SWITCHBOARD__REDIS__URL: process.env.REDIS_URL || "redis://127.0.0.1:6379",
-    SWITCHBOARD__REDIS__PREFIX: prefix,
-  };
+  const redis = redisCluster();
+  const cluster = redis.env;
   let hub = await startHub(cluster);
   const other = await startHub(cluster);
   try {
@@ -60,5 +56,7 @@ test("a page survives a hub restart and shows the messages it missed", async () 
   } finally {
     await hub.stop();
     await other.stop();
+    await redis.cleanup();
   }
+  assert.deepEqual(await redisKeys(REDIS_URL, redis.prefix), [], "the test leaves no key in Redis");
 });

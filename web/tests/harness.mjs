@@ -4,6 +4,7 @@
 import { spawn } from "node:child_process";
 import { createInterface } from "node:readline";
 import { mkdirSync } from "node:fs";
+import net from "node:net";
 import { fileURLToPath } from "node:url";
 import path from "node:path";
 import { chromium } from "playwright-core";
@@ -16,7 +17,6 @@ export const API_KEY = "web-test-key";
 const SECRET = "web-test-secret";
 const screenshots = path.join(root, "target/screenshots");
 
-/** Starts a hub; resolves once it listens. `env` adds SWITCHBOARD__… keys. */
 /** The environment of a child process, without a config file named in it. */
 function childEnv(extra) {
   const env = { ...process.env, RUST_LOG: "warn", ...extra };
@@ -24,6 +24,7 @@ function childEnv(extra) {
   return env;
 }
 
+/** Starts a hub; resolves once it listens. `env` adds SWITCHBOARD__… keys. */
 export function startHub(env = {}) {
   const child = spawn(BIN, ["serve"], {
     env: childEnv({
@@ -127,3 +128,128 @@ export async function api(hub, method, path, body) {
 }
 
 export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+// ---- Redis: a prefix of the test's own, deleted at its end ----------------
+
+export const REDIS_URL = process.env.REDIS_URL || "redis://127.0.0.1:6379";
+
+/**
+ * The environment of hubs sharing a Redis prefix no other test uses, and
+ * `cleanup()`, which deletes every key under it (call it once the hubs have
+ * stopped: the shared Redis keeps nothing of the test).
+ */
+export function redisCluster() {
+  const prefix = `webtest-${process.pid}-${Date.now()}-${Math.random().toString(36).slice(2, 8)}`;
+  return {
+    prefix,
+    env: {
+      SWITCHBOARD__BROKER__KIND: "redis",
+      SWITCHBOARD__REDIS__URL: REDIS_URL,
+      SWITCHBOARD__REDIS__PREFIX: prefix,
+    },
+    cleanup: () => deleteRedisPrefix(REDIS_URL, prefix),
+  };
+}
+
+/** Deletes every key `prefix:*` (SCAN, then DEL); the number deleted. */
+export async function deleteRedisPrefix(url, prefix) {
+  const redis = await redisConnect(url);
+  try {
+    let cursor = "0";
+    let deleted = 0;
+    do {
+      const [next, keys] = await redis.call("SCAN", cursor, "MATCH", `${prefix}:*`, "COUNT", "1000");
+      cursor = next;
+      if (keys.length) deleted += await redis.call("DEL", ...keys);
+    } while (cursor !== "0");
+    return deleted;
+  } finally {
+    redis.close();
+  }
+}
+
+/** The keys under `prefix:*` (for the tests' own checks). */
+export async function redisKeys(url, prefix) {
+  const redis = await redisConnect(url);
+  try {
+    const found = [];
+    let cursor = "0";
+    do {
+      const [next, keys] = await redis.call("SCAN", cursor, "MATCH", `${prefix}:*`, "COUNT", "1000");
+      cursor = next;
+      found.push(...keys);
+    } while (cursor !== "0");
+    return found;
+  } finally {
+    redis.close();
+  }
+}
+
+/**
+ * A minimal Redis client (RESP2 over a socket, one command at a time): the
+ * tests need SCAN and DEL only, not a dependency.
+ */
+async function redisConnect(url) {
+  const u = new URL(url);
+  const socket = net.connect(Number(u.port || 6379), u.hostname || "127.0.0.1");
+  await new Promise((resolve, reject) => {
+    socket.once("connect", resolve);
+    socket.once("error", reject);
+  });
+  let buffer = Buffer.alloc(0);
+  let waiting = null;
+  socket.on("data", (chunk) => {
+    buffer = Buffer.concat([buffer, chunk]);
+    if (!waiting) return;
+    const parsed = parseReply(buffer, 0);
+    if (!parsed) return;
+    buffer = buffer.subarray(parsed.end);
+    const { resolve, reject } = waiting;
+    waiting = null;
+    if (parsed.value instanceof Error) reject(parsed.value);
+    else resolve(parsed.value);
+  });
+  socket.on("error", (e) => waiting?.reject(e));
+  const call = (...args) => new Promise((resolve, reject) => {
+    waiting = { resolve, reject };
+    const parts = [`*${args.length}\r\n`];
+    for (const a of args) parts.push(`$${Buffer.byteLength(String(a))}\r\n${a}\r\n`);
+    socket.write(parts.join(""));
+  });
+  if (u.password) await call("AUTH", ...(u.username ? [decodeURIComponent(u.username)] : []), decodeURIComponent(u.password));
+  const db = u.pathname.replace("/", "");
+  if (db) await call("SELECT", db);
+  return { call, close: () => socket.end() };
+}
+
+/** One RESP2 reply at `at`: { value, end }, or null while incomplete. */
+function parseReply(buf, at) {
+  const eol = buf.indexOf("\r\n", at);
+  if (eol < 0) return null;
+  const head = buf.toString("utf8", at + 1, eol);
+  const next = eol + 2;
+  switch (String.fromCharCode(buf[at])) {
+    case "+": return { value: head, end: next };
+    case "-": return { value: new Error(`redis: ${head}`), end: next };
+    case ":": return { value: Number(head), end: next };
+    case "$": {
+      const len = Number(head);
+      if (len < 0) return { value: null, end: next };
+      if (buf.length < next + len + 2) return null;
+      return { value: buf.toString("utf8", next, next + len), end: next + len + 2 };
+    }
+    case "*": {
+      const n = Number(head);
+      const items = [];
+      let end = next;
+      for (let i = 0; i < n; i++) {
+        const item = parseReply(buf, end);
+        if (!item) return null;
+        items.push(item.value);
+        end = item.end;
+      }
+      return { value: items, end };
+    }
+    default: return { value: new Error(`redis: unexpected reply ${head}`), end: next };
+  }
+}

@@ -8,7 +8,7 @@
 # peers' run.sh (bench/peers/tasks/run.sh) in the same invocation and prints theirs.
 #
 #   crates/switchboard-bench/scripts/tasks.sh               # builds (cargo build --release --workspace), ~2 minutes
-#   PEERS=1 crates/switchboard-bench/scripts/tasks.sh       # plus Celery and BullMQ, ~3 more minutes
+#   PEERS=1 crates/switchboard-bench/scripts/tasks.sh       # plus Celery and BullMQ (bench/peers/tasks), ~3 more minutes
 #   BUILD=0 WORKERS="2" N=2000 crates/switchboard-bench/scripts/tasks.sh
 #
 # Overrides: WORKERS ("1 2 4"), N (5000), RUNS (2), RATE (1000), LOW_RATE (200, 0 skips it),

@@ -298,3 +298,17 @@ async fn a_join_and_a_leave_in_one_turn_give_the_subscription_back() {
     s.gate.add_permits(1);
     assert_eq!(*s.calls.lock().unwrap(), ["watch", "unwatch"]);
 }
+
+#[test]
+fn a_replay_keeps_the_latest_entries_that_fit() {
+    let entry = |ms: u64, len: usize| crate::broker::HistoryEntry {
+        id: MessageId { ms, seq: 0 },
+        frame: "x".repeat(len).into(),
+    };
+    let mut entries = vec![entry(1, 10), entry(2, 10), entry(3, 10)];
+    assert_eq!(super::fit_latest(&mut entries, 25), 1);
+    assert_eq!(entries.iter().map(|e| e.id.ms).collect::<Vec<_>>(), [2, 3]);
+    assert_eq!(super::fit_latest(&mut entries, 100), 0);
+    assert_eq!(super::fit_latest(&mut entries, 5), 2);
+    assert!(entries.is_empty());
+}

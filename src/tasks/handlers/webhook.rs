@@ -1,8 +1,12 @@
 //! `kind = "webhook"`: POSTs `{"task_id","name","user","payload"}` to `url`
 //! with an `X-Switchboard-Task-Id` header and the configured headers,
-//! within `timeout_s`. A 2xx answer with a JSON body is the result; a
-//! non-2xx answer, a body that is not JSON, a time-out or a connection
-//! error is a failed attempt. The error text never carries the headers.
+//! within `timeout_s`. A 2xx answer with a JSON body of at most 4 MiB is
+//! the result; a non-2xx answer (a redirect included: none is followed, so
+//! the configured headers never go to another host), a body that is not
+//! JSON or is larger (read with a running cap, never whole first), a
+//! time-out or a connection error is a failed attempt. The error the user
+//! sees says which in a few words; the details (without the URL, which
+//! may carry credentials) go to the log.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -40,6 +44,7 @@ impl Webhook {
         }
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(timeout_s))
+            .redirect(reqwest::redirect::Policy::none())
             .default_headers(map)
             .build()
             .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
@@ -76,28 +81,47 @@ impl Handler for Webhook {
             .body(body)
             .send()
             .await
-            .map_err(|e| describe(&e))?;
+            .map_err(|e| describe(e, job))?;
         let status = response.status();
         if !status.is_success() {
-            return Err(format!("webhook answered {status}"));
+            return Err(format!("webhook answered {}", status.as_u16()));
         }
-        let bytes = response.bytes().await.map_err(|e| describe(&e))?;
-        if bytes.len() > MAX_ANSWER {
-            return Err(format!("webhook answer over {MAX_ANSWER} bytes"));
-        }
-        let text = String::from_utf8(bytes.to_vec()).map_err(|_| "webhook answer is not UTF-8")?;
+        let body = read_capped(response, job).await?;
+        let text = String::from_utf8(body).map_err(|_| "webhook answer is not UTF-8")?;
         RawValue::from_string(text).map_err(|_| "webhook answer is not JSON".to_owned())
     }
 }
 
-/// A request failure in a few words (reqwest's text may carry the URL,
-/// which is config, not a secret; headers never appear).
-fn describe(e: &reqwest::Error) -> String {
+/// The answer's body, chunk by chunk, refused as soon as it passes
+/// [`MAX_ANSWER`] (a `Content-Length` over it is refused before reading).
+async fn read_capped(mut response: reqwest::Response, job: &Job) -> Result<Vec<u8>, String> {
+    let too_large = || format!("webhook answer over {} MiB", MAX_ANSWER >> 20);
+    if response
+        .content_length()
+        .is_some_and(|n| n > MAX_ANSWER as u64)
+    {
+        return Err(too_large());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| describe(e, job))? {
+        if body.len() + chunk.len() > MAX_ANSWER {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// A request failure in a few words for the user; the details, without
+/// the URL (it may carry credentials), to the log.
+fn describe(e: reqwest::Error, job: &Job) -> String {
+    let e = e.without_url();
+    tracing::warn!(error = %e, task_id = %job.task_id, name = %job.name, "webhook attempt failed");
     if e.is_timeout() {
         "webhook timed out".into()
     } else if e.is_connect() {
         "webhook unreachable".into()
     } else {
-        format!("webhook failed: {e}")
+        "webhook failed".into()
     }
 }
