@@ -60,13 +60,44 @@ pub struct BrokerConfig {
     pub kind: BrokerKind,
 }
 
+/// Which Redis deployment `redis.url` names.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RedisMode {
+    /// One server (or a managed primary behind one name).
+    Standalone,
+    /// A Redis Cluster: `url` lists seed nodes.
+    Cluster,
+    /// A primary watched by Sentinels: `url` lists the sentinels.
+    Sentinel,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisConfig {
+    pub mode: RedisMode,
+    /// Comma-separated: the server; a cluster's seed nodes; the sentinels.
     pub url: String,
+    /// Sentinel mode: the monitored master's name.
+    pub sentinel_master: String,
     pub prefix: String,
     pub pool_size: usize,
     pub instance_ttl_s: u64,
+    /// How long a Redis command may take: a Redis that is slow or paused
+    /// for less is waited for, not treated as away.
+    pub timeout_s: u64,
+}
+
+impl RedisConfig {
+    /// The URLs of `url`, trimmed, empty ones dropped.
+    pub fn urls(&self) -> Vec<String> {
+        self.url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -189,10 +220,13 @@ impl Default for BrokerConfig {
 impl Default for RedisConfig {
     fn default() -> Self {
         RedisConfig {
+            mode: RedisMode::Standalone,
             url: "redis://127.0.0.1:6379".into(),
+            sentinel_master: String::new(),
             prefix: "sb".into(),
             pool_size: 16,
             instance_ttl_s: 15,
+            timeout_s: 5,
         }
     }
 }
@@ -406,12 +440,51 @@ impl Config {
     }
 
     fn validate_redis(&self) -> Result<(), ConfigError> {
-        if self.redis.prefix.is_empty() || self.redis.prefix.contains(char::is_whitespace) {
+        let r = &self.redis;
+        let urls = r.urls();
+        let url = format!("{:?}", mask_url_password(&r.url));
+        if urls.is_empty() {
+            return bad("redis.url", url, "at least one redis:// URL");
+        }
+        if let Some(u) = urls
+            .iter()
+            .find(|u| !u.starts_with("redis://") && !u.starts_with("rediss://"))
+        {
+            return bad(
+                "redis.url",
+                format!("{:?}", mask_url_password(u)),
+                "redis:// or rediss:// URLs, comma-separated",
+            );
+        }
+        match r.mode {
+            RedisMode::Standalone if urls.len() > 1 => {
+                return bad(
+                    "redis.url",
+                    url,
+                    "one URL in standalone mode (several: redis.mode = \"cluster\" or \"sentinel\")",
+                );
+            }
+            RedisMode::Sentinel if r.sentinel_master.trim().is_empty() => {
+                return bad(
+                    "redis.sentinel_master",
+                    "\"\"",
+                    "the monitored master's name in sentinel mode",
+                );
+            }
+            _ => {}
+        }
+        if r.prefix.is_empty()
+            || r.prefix.contains(char::is_whitespace)
+            || r.prefix.contains(['{', '}'])
+        {
             return bad(
                 "redis.prefix",
-                format!("{:?}", self.redis.prefix),
-                "a non-empty prefix without spaces",
+                format!("{:?}", r.prefix),
+                "a non-empty prefix without spaces or braces",
             );
+        }
+        if r.timeout_s == 0 {
+            return bad("redis.timeout_s", 0, "at least 1");
         }
         if self.redis.pool_size == 0 {
             return bad("redis.pool_size", 0, "at least 1");
@@ -553,7 +626,13 @@ impl Config {
         for key in &mut c.auth.api_keys {
             *key = "***".into();
         }
-        c.redis.url = mask_url_password(&c.redis.url);
+        c.redis.url = c
+            .redis
+            .url
+            .split(',')
+            .map(|u| mask_url_password(u.trim()))
+            .collect::<Vec<_>>()
+            .join(",");
         for handler in c.tasks.handlers.values_mut() {
             if let HandlerConfig::Webhook { headers, .. } = handler {
                 headers.values_mut().for_each(|v| *v = "***".into());

@@ -26,6 +26,8 @@
 //! - [`http`]: `/ws`, the admin API, health and metrics; [`metrics`].
 //! - [`tasks`]: async tasks: the queue (memory, Redis streams), workers,
 //!   handlers.
+//! - [`redis`]: the Redis layer under the Redis broker and task queue:
+//!   connections (standalone, cluster, sentinel), keys, scripts, pub/sub.
 //! - [`server`]: [`server::run`]: start, serve, shut down.
 pub mod auth;
 pub mod broker;
@@ -37,6 +39,7 @@ pub mod hub;
 pub mod metrics;
 pub mod protocol;
 pub mod ratelimit;
+pub mod redis;
 pub mod server;
 pub mod session;
 pub mod state;

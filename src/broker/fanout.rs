@@ -88,18 +88,21 @@ impl Stamp {
 
 impl Envelope {
     /// A room `message`.
+    /// A room message; `id` is `None` only for one published straight into
+    /// Redis without one (not in history).
     pub fn message<D: Serialize + ?Sized>(
         room: RoomName,
-        id: MessageId,
+        id: Option<MessageId>,
         from: &str,
         data: &D,
         at: Stamp,
     ) -> Envelope {
-        let frame = message_frame(&id.to_string(), room.as_str(), from, data, at.ts_ms);
+        let text = id.map(|id| id.to_string());
+        let frame = message_frame(text.as_deref(), room.as_str(), from, data, at.ts_ms);
         Envelope {
             target: Target::Room(room),
             frame,
-            id: Some(id),
+            id,
             published_us: at.published_us,
         }
     }
@@ -249,62 +252,31 @@ impl HubSet {
     }
 }
 
-/// Ids an instance gives on its own, strictly increasing: per room (for
-/// room messages that come without one) and one sequence for direct and
-/// broadcast frames. Also the last history id seen per room, where a
-/// catch-up after a lost subscription starts.
+/// The ids an instance keeps: the last room message id delivered in each
+/// room with local members (where a catch-up after a lost subscription
+/// starts, and below which a late copy is dropped), and a sequence for
+/// direct and broadcast frames published straight into Redis without one.
 #[derive(Default)]
 pub struct LocalIds {
     rooms: HashMap<RoomName, MessageId>,
-    history: HashMap<RoomName, MessageId>,
     other: MessageId,
 }
 
 impl LocalIds {
-    /// The next id in `room`, after every id seen or given there.
-    pub fn next_room(&mut self, room: &RoomName) -> MessageId {
-        let last = self.rooms.entry(room.clone()).or_default();
-        *last = last.next(now_ms());
-        *last
-    }
-
-    /// The next id for a message this instance delivers on its own while
-    /// Redis is away: in the millisecond of the last id seen there, so
-    /// Redis's own next ids (later milliseconds) still come after it.
-    pub fn next_room_offline(&mut self, room: &RoomName) -> MessageId {
-        let Some(last) = self.rooms.get_mut(room) else {
-            return self.next_room(room);
-        };
-        *last = MessageId {
-            ms: last.ms,
-            seq: last.seq.saturating_add(1),
-        };
-        *last
-    }
-
-    /// A history id that reached `room` from elsewhere: later local ids
-    /// follow it.
+    /// A history id delivered in `room`.
     pub fn seen_room(&mut self, room: &RoomName, id: MessageId) {
         let last = self.rooms.entry(room.clone()).or_default();
         *last = (*last).max(id);
-        let seen = self.history.entry(room.clone()).or_default();
-        *seen = (*seen).max(id);
     }
 
-    /// The newest id delivered in `room` (seen or given).
+    /// The newest id delivered in `room`.
     pub fn last_room_id(&self, room: &RoomName) -> Option<MessageId> {
         self.rooms.get(room).copied()
-    }
-
-    /// The newest history id seen in `room`.
-    pub fn last_history_id(&self, room: &RoomName) -> Option<MessageId> {
-        self.history.get(room).copied()
     }
 
     /// The room has no local member any more: forget it (bounded memory).
     pub fn forget_room(&mut self, room: &RoomName) {
         self.rooms.remove(room);
-        self.history.remove(room);
     }
 
     /// The next id for a direct or broadcast frame.
@@ -319,19 +291,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn local_ids_increase_and_follow_seen_ones() {
+    fn the_last_delivered_id_only_grows() {
         let mut ids = LocalIds::default();
         let room = RoomName::parse("r").unwrap();
-        let a = ids.next_room(&room);
-        let far = MessageId {
-            ms: a.ms + 1_000_000,
-            seq: 7,
-        };
-        ids.seen_room(&room, far);
-        let b = ids.next_room(&room);
-        assert!(b > far, "{b} after {far}");
+        let (a, b) = (MessageId { ms: 5, seq: 0 }, MessageId { ms: 9, seq: 1 });
+        ids.seen_room(&room, b);
         ids.seen_room(&room, a);
-        assert!(ids.next_room(&room) > b);
+        assert_eq!(ids.last_room_id(&room), Some(b));
         let (x, y) = (ids.next_other(), ids.next_other());
         assert!(y > x);
     }

@@ -66,6 +66,8 @@ pub struct BrokerStats {
     pub connections: u64,
     /// Rooms with at least one member on this instance.
     pub local_rooms: u64,
+    /// Live instances.
+    pub instances: u64,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -106,19 +108,19 @@ impl From<&BrokerError> for ErrorReply {
 /// not one: it is an outage, retried in the background).
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("redis.url: {0}")]
-    RedisUrl(#[source] ::redis::RedisError),
     #[error("redis pool: {0}")]
     RedisPool(String),
 }
 
 /// A session's publish, started with [`Messages::start_publish`].
 pub enum Publish {
-    /// `publish`: to the members of `room`.
+    /// `publish`: to the members of `room`; with the client's
+    /// `idempotency_key`, stored once however often it is sent.
     Room {
         room: RoomName,
         from: Arc<str>,
         data: Value,
+        key: Option<String>,
     },
     /// `direct`: to every connection of `to`.
     User {
@@ -126,6 +128,16 @@ pub enum Publish {
         from: Arc<str>,
         data: Value,
     },
+}
+
+/// How long a publish made with an idempotency key answers its first id
+/// (a client's retry comes within it).
+pub const PUBLISH_KEY_TTL_MS: u64 = 120_000;
+
+/// A client's idempotency key for a publish, scoped to its user (the user's
+/// length first, so users and keys cannot alias).
+pub fn publish_key(user: &str, key: &str) -> String {
+    format!("c:{}:{user}:{key}", user.len())
 }
 
 /// Called once a started publish has its id (or failed).
@@ -143,12 +155,15 @@ pub trait Messages: Send + Sync {
     /// a local task).
     fn start_publish(self: Arc<Self>, publish: Publish, done: PublishDone);
     /// Appends to the room's history and fans out, atomically, so that id
-    /// order and delivery order agree. Returns the new id.
+    /// order and delivery order agree. Returns the new id. With `key` (an
+    /// idempotency key of `from`'s), a publish made already answers its id
+    /// and is not stored again.
     async fn publish_room(
         &self,
         room: &RoomName,
         from: &str,
         data: &Value,
+        key: Option<&str>,
     ) -> BrokerResult<MessageId>;
     /// A `direct` frame to every connection of `user`. Returns its id.
     async fn publish_user(&self, user: &str, from: &str, data: &Value) -> BrokerResult<String>;

@@ -108,6 +108,8 @@ struct PublishBody {
     #[serde(default, deserialize_with = "not_null")]
     broadcast: Option<bool>,
     data: Value,
+    /// A room publish sent again with the same key is stored once.
+    idempotency_key: Option<String>,
 }
 
 /// A field that, when present, must hold a value of its type (`null`
@@ -150,11 +152,17 @@ pub async fn publish(state: web::Data<AppState>, payload: web::Payload) -> ApiRe
         return Err(ApiError::too_large(max));
     }
     let messages = &state.broker.messages;
+    let key = body.idempotency_key.as_deref();
+    if key.is_some_and(|k| k.is_empty() || k.len() > 256) {
+        return Err(ApiError::bad_request("idempotency_key must be 1-256 bytes"));
+    }
     let id = match (body.room, body.user, body.broadcast) {
         (Some(room), None, None | Some(false)) => {
             let room = room_param(&room)?;
             metrics().published.with_label_values(&["room"]).inc();
-            let id = messages.publish_room(&room, "server", &body.data).await?;
+            let id = messages
+                .publish_room(&room, "server", &body.data, key)
+                .await?;
             id.to_string()
         }
         (None, Some(user), None | Some(false)) => {

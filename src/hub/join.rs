@@ -77,9 +77,8 @@ fn watch(broker: &Broker, room: &RoomName) -> Watched {
 /// How a join's preparation ended.
 enum Prepared {
     Ready(History),
-    /// The broker is away: a local join, `recovered: false`.
-    Local(String),
-    /// A request failed: the join is refused with `internal`.
+    /// The room's channel or its history could not be had (the broker is
+    /// away: `unavailable`, the client may retry): the join is refused.
     Failed(BrokerError),
 }
 
@@ -93,7 +92,7 @@ async fn prepare(
     presence_recorded: oneshot::Receiver<()>,
 ) -> Prepared {
     let prepared = match (watched.await, since) {
-        (Err(e), _) => Prepared::Local(e),
+        (Err(e), _) => Prepared::Failed(BrokerError::Unavailable(e)),
         (Ok(()), None) => Prepared::Ready(History::default()),
         (Ok(()), Some(since)) => {
             match broker
@@ -102,7 +101,6 @@ async fn prepare(
                 .await
             {
                 Ok(history) => Prepared::Ready(history),
-                Err(BrokerError::Unavailable(e)) => Prepared::Local(e),
                 Err(e) => Prepared::Failed(e),
             }
         }
@@ -143,10 +141,6 @@ impl Hub {
         }
         let mut history = match prepared {
             Prepared::Ready(history) => history,
-            Prepared::Local(e) => {
-                tracing::warn!(error = %e, room = %room, "join without history: broker unavailable");
-                History::default()
-            }
             Prepared::Failed(e) => return self.refuse_join(join, e),
         };
         let last = history.messages.last().map(|m| m.id).or(join.since);

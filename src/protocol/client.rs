@@ -25,6 +25,10 @@ pub enum ClientFrame {
     Publish {
         room: String,
         data: Value,
+        /// A publish sent again with the same key (a retry after a
+        /// time-out or an `unavailable`) is stored and delivered once.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        idempotency_key: Option<String>,
     },
     Direct {
         to: String,
@@ -122,7 +126,7 @@ mod tests {
                 .unwrap();
         assert_eq!(r, Some(Value::from(7)));
         match f {
-            ClientFrame::Publish { room, data } => {
+            ClientFrame::Publish { room, data, .. } => {
                 assert_eq!(room, "a");
                 assert_eq!(data.to_string(), r#"{"x":[1,2]}"#);
             }

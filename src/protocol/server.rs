@@ -186,7 +186,7 @@ pub fn presence_change_frame(joined: bool, room: &str, user: &str) -> ByteString
 
 /// `{"type":"message","id","room","from","data","ts"}`.
 pub fn message_frame<D: Serialize + ?Sized>(
-    id: &str,
+    id: Option<&str>,
     room: &str,
     from: &str,
     data: &D,
@@ -196,7 +196,8 @@ pub fn message_frame<D: Serialize + ?Sized>(
     struct Message<'a, D: ?Sized> {
         #[serde(rename = "type")]
         kind: &'a str,
-        id: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a str>,
         room: &'a str,
         from: &'a str,
         data: &'a D,
@@ -341,7 +342,7 @@ mod tests {
     fn message_frame_keeps_raw_data() {
         let data = RawValue::from_string("{\"b\":1,\"a\":2}".into()).unwrap();
         assert_eq!(
-            &*message_frame("1-0", "r", "u", &*data, 5),
+            &*message_frame(Some("1-0"), "r", "u", &*data, 5),
             r#"{"type":"message","id":"1-0","room":"r","from":"u","data":{"b":1,"a":2},"ts":5}"#
         );
     }

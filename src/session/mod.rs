@@ -341,7 +341,11 @@ impl Session {
         match frame {
             ClientFrame::Join { room, since } => self.on_join(&room, since, reference, ctx),
             ClientFrame::Leave { room } => self.on_leave(&room, reference, ctx),
-            ClientFrame::Publish { room, data } => self.on_publish(&room, data, reference, ctx),
+            ClientFrame::Publish {
+                room,
+                data,
+                idempotency_key,
+            } => self.on_publish(&room, data, idempotency_key, reference, ctx),
             ClientFrame::Direct { to, data } => self.on_direct(to, data, reference, ctx),
             ClientFrame::Presence { room } => self.on_presence(&room, reference, ctx),
             ClientFrame::Task {

@@ -17,18 +17,28 @@ use crate::protocol::{valid_user_id, Ack, ErrorReply, Ref};
 /// The most publishes a session has in flight; the next one waits (and so
 /// does reading the connection) until they are answered.
 pub(super) const MAX_IN_FLIGHT: usize = 32;
+/// The longest idempotency key.
+const MAX_KEY_BYTES: usize = 256;
 
 impl Session {
     pub(super) fn on_publish(
         &mut self,
         room: &str,
         data: Value,
+        key: Option<String>,
         reference: Ref,
         ctx: &mut Context<Self>,
     ) {
         let Some(room) = self.room_arg(room, &reference, ctx) else {
             return;
         };
+        if key
+            .as_ref()
+            .is_some_and(|k| k.is_empty() || k.len() > MAX_KEY_BYTES)
+        {
+            let err = ErrorReply::bad_request("`idempotency_key` must be 1-256 bytes");
+            return self.reply_error(err, &reference, ctx);
+        }
         if !self.claims.may_publish(room.as_str()) {
             let err = ErrorReply::forbidden(format!("not allowed to publish to {room}"));
             return self.reply_error(err, &reference, ctx);
@@ -39,7 +49,15 @@ impl Session {
         }
         metrics().published.with_label_values(&["room"]).inc();
         let from = self.user.clone();
-        self.start_publish(Publish::Room { room, from, data }, reference);
+        self.start_publish(
+            Publish::Room {
+                room,
+                from,
+                data,
+                key,
+            },
+            reference,
+        );
     }
 
     pub(super) fn on_direct(

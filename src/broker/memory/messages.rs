@@ -2,7 +2,8 @@
 //! `history.size` messages, dropped `history.ttl_s` after its last publish,
 //! and all rooms together stay within `history.max_bytes`: past it, the
 //! least recently published rooms lose their history first (a join with
-//! `since` into such a room is told `recovered: false`).
+//! `since` into such a room is told `recovered: false`). A publish with an
+//! idempotency key is stored once ([`PublishKeys`]), as with Redis.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -31,6 +32,44 @@ struct RoomHistory {
     bytes: usize,
     /// Its place in the least-recently-published order.
     lru: u64,
+}
+
+/// How long a publish key answers its first id.
+const KEY_TTL: Duration = Duration::from_millis(crate::broker::PUBLISH_KEY_TTL_MS);
+/// The most publish keys kept (the oldest go first).
+const MAX_KEYS: usize = 100_000;
+
+/// Publishes made with an idempotency key, for [`KEY_TTL`], so a repeat
+/// answers the first id instead of publishing again.
+#[derive(Default)]
+pub(super) struct PublishKeys {
+    ids: HashMap<String, MessageId>,
+    order: VecDeque<(Instant, String)>,
+}
+
+impl PublishKeys {
+    fn expire(&mut self) {
+        let now = Instant::now();
+        while let Some((at, _)) = self.order.front() {
+            if now.duration_since(*at) < KEY_TTL && self.order.len() <= MAX_KEYS {
+                break;
+            }
+            if let Some((_, key)) = self.order.pop_front() {
+                self.ids.remove(&key);
+            }
+        }
+    }
+
+    fn get(&mut self, key: &str) -> Option<MessageId> {
+        self.expire();
+        self.ids.get(key).copied()
+    }
+
+    fn insert(&mut self, key: String, id: MessageId) {
+        self.ids.insert(key.clone(), id);
+        self.order.push_back((Instant::now(), key));
+        self.expire();
+    }
 }
 
 fn entry_cost(entry: &HistoryEntry) -> usize {
@@ -199,10 +238,28 @@ impl HistoryStore {
 }
 
 impl BrokerActor {
-    fn publish_room(&mut self, room: RoomName, from: &str, data: &Value) -> MessageId {
+    fn publish_room(
+        &mut self,
+        room: RoomName,
+        from: &str,
+        data: &Value,
+        key: Option<&str>,
+    ) -> MessageId {
+        let key = key.map(|k| format!("{room}\0{}", crate::broker::publish_key(from, k)));
+        if let Some(id) = key.as_deref().and_then(|k| self.publish_keys.get(k)) {
+            return id;
+        }
+        let id = self.publish_new(room, from, data);
+        if let Some(key) = key {
+            self.publish_keys.insert(key, id);
+        }
+        id
+    }
+
+    fn publish_new(&mut self, room: RoomName, from: &str, data: &Value) -> MessageId {
         let at = Stamp::now();
         let id = self.history.next_id(&room, at.ts_ms);
-        let envelope = Envelope::message(room.clone(), id, from, data, at);
+        let envelope = Envelope::message(room.clone(), Some(id), from, data, at);
         let entry = HistoryEntry {
             id,
             frame: envelope.frame.clone(),
@@ -228,9 +285,14 @@ impl Messages for MemoryBroker {
     fn start_publish(self: Arc<Self>, publish: Publish, done: PublishDone) {
         self.addr.do_send(Call(Box::new(move |b: &mut BrokerActor| {
             let id = match publish {
-                Publish::Room { room, from, data } => {
-                    b.publish_room(room, &from, &data).to_string()
-                }
+                Publish::Room {
+                    room,
+                    from,
+                    data,
+                    key,
+                } => b
+                    .publish_room(room, &from, &data, key.as_deref())
+                    .to_string(),
                 Publish::User { to, from, data } => b.publish_user(to, &from, &data),
             };
             done(Ok(id));
@@ -242,9 +304,12 @@ impl Messages for MemoryBroker {
         room: &RoomName,
         from: &str,
         data: &Value,
+        key: Option<&str>,
     ) -> BrokerResult<MessageId> {
         let (room, from, data) = (room.clone(), from.to_owned(), data.clone());
-        self.call(move |b| b.publish_room(room, &from, &data)).await
+        let key = key.map(str::to_owned);
+        self.call(move |b| b.publish_room(room, &from, &data, key.as_deref()))
+            .await
     }
 
     async fn publish_user(&self, user: &str, from: &str, data: &Value) -> BrokerResult<String> {

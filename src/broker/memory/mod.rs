@@ -52,6 +52,7 @@ impl MemoryBroker {
                 hubs: HubSet::default(),
                 ids: LocalIds::default(),
                 history: HistoryStore::new(size, ttl, max_bytes),
+                publish_keys: messages::PublishKeys::default(),
                 presence: PresenceTable::default(),
                 registry: ConnectionTable::default(),
             }
@@ -86,6 +87,7 @@ struct BrokerActor {
     hubs: HubSet,
     ids: LocalIds,
     history: HistoryStore,
+    publish_keys: messages::PublishKeys,
     presence: PresenceTable,
     registry: ConnectionTable,
 }

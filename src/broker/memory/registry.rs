@@ -81,6 +81,7 @@ impl Registry for MemoryBroker {
             local_rooms: b.presence.rooms() as u64,
             users: b.registry.per_user.len() as u64,
             connections: b.registry.connections.len() as u64,
+            instances: 1,
         })
         .await
     }

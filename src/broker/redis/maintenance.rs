@@ -1,18 +1,23 @@
-//! The maintenance task of a Redis-backed instance, until shutdown, on its
-//! own timer (never in the watchdog's way):
+//! Keeping the registry exact, until shutdown, on a timer of its own
+//! (never in the watchdog's way):
 //!
-//! - **reconcile**: after an outage, when the heartbeat key had vanished,
-//!   after a clean-up that failed, and every `RECONCILE_EVERY` anyway, the
-//!   registry, per-user counts and presence this instance owns are made
-//!   equal to what it actually holds: connections and rooms it holds are
-//!   added back, those it no longer holds removed;
+//! - **drop**: a connection leaves the registry in steps, each one
+//!   idempotent and on one slot: its rooms (`presence_leave.lua` in each),
+//!   its user's connections, then its instance's records of it. Whatever
+//!   cuts the sequence short, the instance's records remain until the last
+//!   step, so the sequence can always be run again from the start.
+//! - **reconcile**: after an outage, a failover or a lost heartbeat, after
+//!   a step that failed, and every [`RECONCILE_EVERY`] anyway, what Redis
+//!   holds for this instance is made equal to what it holds: connections
+//!   and memberships it holds are written again (idempotently: a write
+//!   that is there already changes nothing, one a failover lost comes
+//!   back), those it no longer holds are dropped.
 //! - **reap**: the connections of instances whose heartbeat expired are
-//!   removed, reading each dead instance's own set
-//!   (`{prefix}:instance_conns:{id}`), so reaping costs what that instance
-//!   held.
+//!   dropped, page by page from the dead instance's own records, so reaping
+//!   costs what that instance held.
 //!
-//! Every step works in batches of `BATCH` connections, each batch two
-//! pipelined round trips with its own time-out.
+//! Every step works in batches of [`BATCH`] connections; on a cluster each
+//! batch is a few round trips per slot, all at once.
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
@@ -21,13 +26,12 @@ use std::time::Duration;
 
 use redis::AsyncCommands;
 
-use super::commands::ScriptCall;
-use super::registry::LocalRegistry;
 use super::RedisBroker;
 use crate::broker::{BrokerError, BrokerResult};
-use crate::protocol::{presence_change_frame, RoomName};
+use crate::protocol::RoomName;
+use crate::redis::ScriptCall;
 
-/// Connections per pipelined batch.
+/// Connections per batch.
 const BATCH: usize = 500;
 /// A reconcile at least this often, whatever happened.
 const RECONCILE_EVERY: Duration = Duration::from_secs(60);
@@ -49,7 +53,7 @@ impl RedisBroker {
                 _ = self.reconcile_wanted.notified() => {}
                 _ = tokio::time::sleep(tick.mul_f64(rand::random_range(0.8..1.2))) => {}
             }
-            if self.stopping.load(Ordering::Acquire) || !self.cmd.available() {
+            if self.stopping.load(Ordering::Acquire) || !self.redis.available() {
                 continue;
             }
             let due = last_reconcile.elapsed() >= RECONCILE_EVERY;
@@ -91,7 +95,7 @@ impl RedisBroker {
         // taken for stale, and the local registry, updated before Redis,
         // holds every connection Redis held for us when it was read.
         let held = self
-            .members(&self.keys.instance_conns(&self.instance_id))
+            .hash_fields(&self.keys.instance_conns(&self.instance_id))
             .await?;
         let local = match self.local.lock() {
             Ok(local) => local.clone(),
@@ -117,172 +121,212 @@ impl RedisBroker {
             .map(|(id, _)| id)
             .collect();
         for batch in ids.chunks(BATCH) {
-            self.restore_batch(&local, batch).await?;
+            self.restore_batch(batch).await?;
         }
         Ok(local.connections.len())
     }
 
-    /// Registers a batch of held connections (no limit check; idempotent)
-    /// and sets each one's rooms to the ones it holds.
-    async fn restore_batch(&self, local: &LocalRegistry, ids: &[&String]) -> BrokerResult<()> {
-        let scripts = &self.cmd.scripts;
-        let calls: Vec<ScriptCall<'_>> = ids
-            .iter()
-            .filter_map(|id| local.connections.get(*id).map(|c| (*id, c)))
-            .map(|(id, c)| ScriptCall {
-                script: &scripts.register,
-                keys: self.register_keys(),
-                args: vec![
-                    id.clone(),
-                    c.user.clone(),
-                    c.entry.clone(),
-                    "0".into(),
-                    "1".into(),
-                ],
-            })
-            .collect();
-        self.cmd.run_scripts(&calls).await?;
-        let current = self.rooms_of(ids).await?;
-        // Against the local registry as it is now, not as it was: a join
-        // or leave since the snapshot has been applied already.
+    /// Writes a batch of held connections again, in the order of a connect
+    /// and a join (no limit check; idempotent), and ends the memberships
+    /// Redis has that they no longer hold.
+    async fn restore_batch(&self, ids: &[&String]) -> BrokerResult<()> {
+        // The local registry as it is now: a join or leave since the
+        // batch was chosen has been applied already.
         let now = match self.local.lock() {
             Ok(local) => local.clone(),
             Err(_) => return Ok(()),
         };
+        let held: Vec<(&String, &super::registry::LocalConnection)> = ids
+            .iter()
+            .filter_map(|id| now.connections.get(*id).map(|c| (*id, c)))
+            .collect();
+        if held.is_empty() {
+            return Ok(());
+        }
+        // 1. Under the instance: the connections and their rooms.
+        let key = self.keys.instance_conns(&self.instance_id);
+        let mut pipe = redis::pipe();
+        for (id, c) in &held {
+            pipe.hset(&key, id.as_str(), &c.user).ignore();
+            let rooms = now.rooms.get(*id).cloned().unwrap_or_default();
+            let rooms: Vec<&str> = rooms.iter().map(RoomName::as_str).collect();
+            if !rooms.is_empty() {
+                pipe.sadd(self.keys.conn_rooms(&self.instance_id, id), rooms)
+                    .ignore();
+            }
+        }
+        self.redis.pipelines(vec![(Some(key), pipe)]).await?;
+        // 2. Under each user.
+        let scripts = &self.redis.scripts;
+        let calls: Vec<ScriptCall<'_>> = held
+            .iter()
+            .map(|(id, c)| ScriptCall {
+                script: &scripts.register,
+                keys: vec![self.keys.user_conns(&c.user)],
+                args: vec![(*id).clone(), c.entry.clone(), "0".into(), "1".into()],
+            })
+            .collect();
+        fail_on_errors(self.redis.run_scripts(&calls).await?)?;
+        // 3. In each room: the memberships held, and none other.
+        let current = self
+            .rooms_of(&held.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>())
+            .await?;
         let mut changes = Vec::new();
-        for (id, rooms_now) in ids.iter().zip(current) {
-            let Some(user) = now.connections.get(*id).map(|c| &c.user) else {
-                continue;
-            };
+        let mut gone = Vec::new();
+        for ((id, c), rooms_now) in held.iter().zip(current) {
             let wanted = now.rooms.get(*id).cloned().unwrap_or_default();
-            for room in wanted.iter().filter(|r| !rooms_now.contains(r.as_str())) {
-                changes.push(self.presence_call(true, room, user, id));
+            for room in &wanted {
+                changes.push(self.presence_call(true, room, &c.user, id));
             }
             for room in rooms_now.iter().filter_map(|r| RoomName::parse(r).ok()) {
                 if !wanted.contains(&room) {
-                    changes.push(self.presence_call(false, &room, user, id));
+                    changes.push(self.presence_call(false, &room, &c.user, id));
+                    gone.push(((*id).clone(), room));
                 }
             }
         }
-        self.cmd.run_scripts(&changes).await?;
+        fail_on_errors(self.redis.run_scripts(&changes).await?)?;
+        if !gone.is_empty() {
+            let key = self.keys.instance_conns(&self.instance_id);
+            let mut pipe = redis::pipe();
+            for (id, room) in &gone {
+                pipe.srem(self.keys.conn_rooms(&self.instance_id, id), room.as_str())
+                    .ignore();
+            }
+            self.redis.pipelines(vec![(Some(key), pipe)]).await?;
+        }
         Ok(())
     }
 
-    /// A `presence_join.lua` / `presence_leave.lua` call.
-    pub(super) fn presence_call(
-        &self,
-        join: bool,
-        room: &RoomName,
-        user: &str,
-        conn: &str,
-    ) -> ScriptCall<'_> {
-        let scripts = &self.cmd.scripts;
-        ScriptCall {
-            script: if join {
-                &scripts.presence_join
-            } else {
-                &scripts.presence_leave
-            },
-            keys: vec![
-                self.keys.presence(room),
-                self.keys.conn_rooms(conn),
-                self.keys.rooms(),
-            ],
-            args: vec![
-                user.to_owned(),
-                room.as_str().to_owned(),
-                presence_change_frame(join, room.as_str(), user).to_string(),
-                self.keys.room_channel(room),
-            ],
-        }
+    /// Each connection's rooms (connections of this instance), in one
+    /// round trip.
+    async fn rooms_of(&self, ids: &[&str]) -> BrokerResult<Vec<HashSet<String>>> {
+        self.rooms_under(&self.instance_id, ids).await
     }
 
-    /// Each connection's room set, in one round trip.
-    async fn rooms_of(&self, ids: &[impl AsRef<str>]) -> BrokerResult<Vec<HashSet<String>>> {
+    /// Each connection's rooms as `owner` recorded them.
+    async fn rooms_under(&self, owner: &str, ids: &[&str]) -> BrokerResult<Vec<HashSet<String>>> {
         let mut pipe = redis::pipe();
         for id in ids {
-            pipe.smembers(self.keys.conn_rooms(id.as_ref()));
+            pipe.smembers(self.keys.conn_rooms(owner, id));
         }
-        self.cmd
-            .exec(move |mut c| async move { pipe.query_async(&mut c).await })
-            .await
+        let key = self.keys.instance_conns(owner);
+        let replies = self.redis.pipelines(vec![(Some(key), pipe)]).await?;
+        let replies = replies.into_iter().next().unwrap_or_default();
+        Ok(replies
+            .into_iter()
+            .map(|v| redis::from_redis_value(v).unwrap_or_default())
+            .collect())
     }
 
-    /// Removes a batch of connections owned by `owner` from the registry,
-    /// per-user counts, presence and `owner`'s set.
+    /// Drops one connection (see the module doc); `user` when known, else
+    /// read from its instance's records.
+    pub(super) async fn drop_connection(
+        &self,
+        id: &str,
+        user: Option<&str>,
+        owner: &str,
+    ) -> BrokerResult<()> {
+        match user {
+            Some(user) => {
+                self.drop_batch(&[(id.to_owned(), Some(user.to_owned()))], owner)
+                    .await
+            }
+            None => self.drop_connections(&[id], owner).await,
+        }
+    }
+
+    /// Drops a batch of `owner`'s connections, their users read from its
+    /// records.
     pub(super) async fn drop_connections(
         &self,
         ids: &[impl AsRef<str>],
         owner: &str,
     ) -> BrokerResult<()> {
-        let mut left: Vec<String> = ids.iter().map(|id| id.as_ref().to_owned()).collect();
-        // A room joined between reading and dropping: read again (twice at most).
-        for _ in 0..3 {
-            let rooms = self.rooms_of(&left).await?;
-            let calls: Vec<ScriptCall<'_>> = left
-                .iter()
-                .zip(&rooms)
-                .map(|(id, rooms)| self.drop_call(id, owner, rooms))
-                .collect();
-            let replies = self.cmd.run_scripts(&calls).await?;
-            left = left
-                .into_iter()
-                .zip(replies)
-                .filter(|(_, reply)| !matches!(reply, redis::Value::Int(0 | 1)))
-                .map(|(id, _)| id)
-                .collect();
-            if left.is_empty() {
-                return Ok(());
-            }
-        }
-        Err(BrokerError::Internal(format!(
-            "{} connections could not be dropped",
-            left.len()
-        )))
+        let key = self.keys.instance_conns(owner);
+        let fields: Vec<String> = ids.iter().map(|id| id.as_ref().to_owned()).collect();
+        let users: Vec<Option<String>> = if fields.is_empty() {
+            Vec::new()
+        } else {
+            let f = fields.clone();
+            self.redis
+                .exec(move |mut c| async move {
+                    redis::cmd("HMGET")
+                        .arg(&key)
+                        .arg(&f)
+                        .query_async(&mut c)
+                        .await
+                })
+                .await?
+        };
+        let batch: Vec<(String, Option<String>)> = fields.into_iter().zip(users).collect();
+        self.drop_batch(&batch, owner).await
     }
 
-    fn drop_call(&self, id: &str, owner: &str, rooms: &HashSet<String>) -> ScriptCall<'_> {
-        let mut keys = vec![
-            self.keys.connections(),
-            self.keys.user_connections(),
-            self.keys.conn_rooms(id),
-            self.keys.instance_conns(owner),
-            self.keys.rooms(),
-        ];
-        let mut args = vec![id.to_owned()];
-        for room in rooms.iter().filter_map(|r| RoomName::parse(r).ok()) {
-            keys.push(self.keys.presence(&room));
-            args.push(room.as_str().to_owned());
-            args.push(self.keys.room_channel(&room));
+    /// The steps of a drop, each for the whole batch: rooms, users, then
+    /// the instance's records.
+    async fn drop_batch(
+        &self,
+        batch: &[(String, Option<String>)],
+        owner: &str,
+    ) -> BrokerResult<()> {
+        if batch.is_empty() {
+            return Ok(());
         }
-        ScriptCall {
-            script: &self.cmd.scripts.drop_connection,
-            keys,
-            args,
+        let ids: Vec<&str> = batch.iter().map(|(id, _)| id.as_str()).collect();
+        let rooms = self.rooms_under(owner, &ids).await?;
+        let leaves: Vec<ScriptCall<'_>> = batch
+            .iter()
+            .zip(&rooms)
+            .flat_map(|((id, _), rooms)| {
+                rooms
+                    .iter()
+                    .filter_map(|r| RoomName::parse(r).ok())
+                    .map(move |room| self.presence_call(false, &room, "", id))
+            })
+            .collect();
+        fail_on_errors(self.redis.run_scripts(&leaves).await?)?;
+        let users = batch.iter().filter_map(|(id, user)| {
+            let key = self.keys.user_conns(user.as_deref()?);
+            let mut pipe = redis::pipe();
+            pipe.hdel(&key, id.as_str()).ignore();
+            Some((Some(key), pipe))
+        });
+        self.redis.pipelines(users.collect()).await?;
+        let key = self.keys.instance_conns(owner);
+        let mut pipe = redis::pipe();
+        for id in &ids {
+            pipe.del(self.keys.conn_rooms(owner, id)).ignore();
         }
+        pipe.hdel(&key, &ids).ignore();
+        self.redis.pipelines(vec![(Some(key), pipe)]).await?;
+        Ok(())
     }
 
-    /// Every member of a set, by SSCAN (a set may be large).
-    async fn members(&self, key: &str) -> BrokerResult<Vec<String>> {
+    /// Every field of a hash, by HSCAN (a hash may be large).
+    async fn hash_fields(&self, key: &str) -> BrokerResult<Vec<String>> {
         let key = key.to_owned();
-        self.cmd
-            .exec_within(Duration::from_secs(10), move |mut c| async move {
-                let mut iter: redis::AsyncIter<String> = c.sscan(&key).await?;
+        let limit = self.redis.timeout() * 4;
+        let pairs: Vec<(String, String)> = self
+            .redis
+            .exec_within(limit, move |mut c| async move {
+                let mut iter: redis::AsyncIter<(String, String)> = c.hscan(&key).await?;
                 let mut all = Vec::new();
-                while let Some(member) = futures_util::StreamExt::next(&mut iter).await {
-                    all.push(member?);
+                while let Some(pair) = futures_util::StreamExt::next(&mut iter).await {
+                    all.push(pair?);
                 }
                 Ok(all)
             })
-            .await
+            .await?;
+        Ok(pairs.into_iter().map(|(field, _)| field).collect())
     }
 
-    /// Removes the connections of instances whose heartbeat has expired.
+    /// Drops the connections of instances whose heartbeat has expired.
     /// Cheap while every instance lives: one SMEMBERS and one EXISTS each.
     async fn reap(&self) -> BrokerResult<()> {
         let key = self.keys.instances();
         let instances: Vec<String> = self
-            .cmd
+            .redis
             .exec(move |mut c| async move { c.smembers(&key).await })
             .await?;
         for instance in instances {
@@ -291,7 +335,7 @@ impl RedisBroker {
             }
             let key = self.keys.instance(&instance);
             let alive: bool = self
-                .cmd
+                .redis
                 .exec(move |mut c| async move { c.exists(&key).await })
                 .await?;
             if !alive {
@@ -305,14 +349,14 @@ impl RedisBroker {
     /// forgets it.
     async fn reap_instance(&self, instance: &str) -> BrokerResult<()> {
         let started = std::time::Instant::now();
-        let set = self.keys.instance_conns(instance);
+        let conns = self.keys.instance_conns(instance);
         let mut reaped = 0;
         loop {
-            let key = set.clone();
+            let key = conns.clone();
             let page: Vec<String> = self
-                .cmd
+                .redis
                 .exec(move |mut c| async move {
-                    redis::cmd("SRANDMEMBER")
+                    redis::cmd("HRANDFIELD")
                         .arg(&key)
                         .arg(BATCH)
                         .query_async(&mut c)
@@ -326,16 +370,8 @@ impl RedisBroker {
             reaped += page.len();
         }
         let (instances, member) = (self.keys.instances(), instance.to_owned());
-        self.cmd
-            .exec(move |mut c| async move {
-                redis::pipe()
-                    .del(&set)
-                    .ignore()
-                    .srem(&instances, &member)
-                    .ignore()
-                    .query_async::<()>(&mut c)
-                    .await
-            })
+        self.redis
+            .exec(move |mut c| async move { c.srem::<_, _, ()>(&instances, &member).await })
             .await?;
         if reaped > 0 {
             let elapsed_ms = started.elapsed().as_millis() as u64;
@@ -347,5 +383,19 @@ impl RedisBroker {
             );
         }
         Ok(())
+    }
+}
+
+/// An error reply among a batch's replies fails the batch (it is run again).
+fn fail_on_errors(replies: Vec<redis::Value>) -> BrokerResult<()> {
+    match replies
+        .into_iter()
+        .find(|r| matches!(r, redis::Value::ServerError(_)))
+    {
+        Some(redis::Value::ServerError(e)) => {
+            let error = redis::RedisError::from(e);
+            Err(BrokerError::from(crate::redis::classify(&error)))
+        }
+        _ => Ok(()),
     }
 }

@@ -1,8 +1,16 @@
 //! Publishing and history in Redis. A room publish is one script
-//! (`publish_room.lua`: `XADD` to `{prefix}:history:{room}` and `PUBLISH`
-//! on the room channel), so id order and delivery order agree; direct and
-//! broadcast frames are a `PUBLISH`. While Redis is away, publishes are
-//! delivered to this instance's members only ([`LocalPublish`]).
+//! (`publish_room.lua`: `XADD` to the room's history and `PUBLISH` — on a
+//! cluster `SPUBLISH` — on its channel, both under the room's hash tag), so
+//! id order and delivery order agree; direct and broadcast frames are one
+//! `PUBLISH`. A publish is acked with its id only once Redis has it; while
+//! Redis is away, or when a command's outcome is unknown, it fails with
+//! `unavailable` (nothing is delivered on the side).
+//!
+//! **Publish keys.** A room publish made with a key (the client's
+//! `idempotency_key`, scoped to its user) is stored once: a repeat within
+//! [`crate::broker::PUBLISH_KEY_TTL_MS`] answers the first id. On a cluster every publish
+//! gets a key of its own too, for [`SERVER_KEY_TTL_MS`]: redis-rs resends a
+//! command whose connection dropped, and the script must not run twice.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,13 +22,17 @@ use serde_json::value::{to_raw_value, RawValue};
 use serde_json::Value;
 
 use super::payload::{broadcast_payload, history_frame};
-use super::subscriber::LocalPublish;
 use super::RedisBroker;
 use crate::broker::{
     BrokerError, BrokerResult, History, HistoryEntry, Messages, Publish, PublishDone,
 };
 use crate::clock::now_ms;
+use crate::config::RedisMode;
 use crate::protocol::{direct_frame, MessageId, RoomName};
+
+/// How long a publish key of the hub's own lasts (a resend after a lost
+/// connection comes within a command's time-out).
+pub const SERVER_KEY_TTL_MS: u64 = 30_000;
 
 /// What `XINFO STREAM` says of a room's history, as far as `recovered`
 /// needs it: the first id it still holds.
@@ -81,100 +93,69 @@ pub(super) fn to_raw(data: &Value) -> BrokerResult<Box<RawValue>> {
     to_raw_value(data).map_err(|e| BrokerError::Internal(e.to_string()))
 }
 
-/// An id unique across instances: an instance's own counter would not be.
+/// An id unique across instances, for a direct or broadcast frame (not a
+/// room's history: two instances' counters would agree).
 fn unique_id() -> String {
     format!("{}-{}", now_ms(), rand::random::<u32>())
 }
 
 impl RedisBroker {
-    /// PUBLISHes `payload` and answers `id`; while Redis is away, delivers
-    /// `local` to this instance's members instead (answering its local id).
-    async fn publish_or_local(
+    /// Publishes `payload` on `channel` and answers `id`.
+    async fn publish_on(
         &self,
         channel: String,
         payload: String,
         id: String,
-        local: LocalPublish,
     ) -> BrokerResult<String> {
-        if self.cmd.available() {
-            let sent: BrokerResult<i64> = self
-                .cmd
-                .exec(move |mut c| async move { c.publish(&channel, payload).await })
-                .await;
-            match sent {
-                Ok(_) => return Ok(id),
-                Err(BrokerError::Unavailable(_)) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        self.local_publish(local).await
+        self.check_available()?;
+        self.redis.publish(channel, payload).await?;
+        Ok(id)
     }
 
-    pub(super) async fn local_publish(&self, msg: LocalPublish) -> BrokerResult<String> {
-        self.subscriber
-            .send(msg)
-            .await
-            .map_err(|e| BrokerError::Internal(e.to_string()))
-    }
-
-    /// `publish_room.lua`'s keys and arguments.
+    /// `publish_room.lua`'s keys and arguments. `key`: the client's key,
+    /// already scoped ([`client_key`]).
     pub(super) fn publish_room_call(
         &self,
         room: &RoomName,
         from: &str,
         data: &RawValue,
+        key: Option<&str>,
     ) -> (Vec<String>, Vec<String>) {
-        let keys = vec![self.keys.history(room), self.keys.room_channel(room)];
+        let mut keys = vec![self.keys.history(room), self.keys.room_channel(room)];
+        let key_ttl = match key {
+            Some(key) => {
+                keys.push(self.keys.publish_key(room, key));
+                crate::broker::PUBLISH_KEY_TTL_MS
+            }
+            None if self.redis.mode() == RedisMode::Cluster => {
+                let own = format!("s:{}", uuid::Uuid::new_v4().simple());
+                keys.push(self.keys.publish_key(room, &own));
+                SERVER_KEY_TTL_MS
+            }
+            None => 0,
+        };
         let args = vec![
             self.history_size.to_string(),
             self.history_ttl_ms.to_string(),
             serde_json::to_string(room.as_str()).unwrap_or_default(),
             serde_json::to_string(from).unwrap_or_default(),
             data.get().to_owned(),
+            self.redis.publish_command().to_owned(),
+            key_ttl.to_string(),
         ];
         (keys, args)
     }
 
-    /// A direct message: its id, its channel, the frame to PUBLISH there,
-    /// and what to deliver locally while Redis is away.
+    /// A direct message: its id, its channel and the frame to publish there.
     pub(super) fn direct_publish(
         &self,
         user: &str,
         from: &str,
-        data: Box<RawValue>,
-    ) -> (String, String, String, LocalPublish) {
-        let id = unique_id();
-        let frame = direct_frame(&id, from, &*data, now_ms()).to_string();
-        let local = LocalPublish::User {
-            user: user.to_owned(),
-            from: from.to_owned(),
-            data,
-        };
-        (id, self.keys.user_channel(user), frame, local)
-    }
-
-    /// Runs `publish_room.lua`; `None` when Redis is unavailable.
-    async fn publish_room_script(
-        &self,
-        room: &RoomName,
-        from: &str,
         data: &RawValue,
-    ) -> BrokerResult<Option<MessageId>> {
-        let (keys, args) = self.publish_room_call(room, from, data);
-        let result: BrokerResult<String> = self
-            .cmd
-            .run_script(&self.cmd.scripts.publish_room, keys, args)
-            .await;
-        match result {
-            Ok(id) => id
-                .parse()
-                .map(Some)
-                .map_err(|e: crate::protocol::InvalidMessageId| {
-                    BrokerError::Internal(e.to_string())
-                }),
-            Err(BrokerError::Unavailable(_)) => Ok(None),
-            Err(e) => Err(e),
-        }
+    ) -> (String, String, String) {
+        let id = unique_id();
+        let frame = direct_frame(&id, from, data, now_ms()).to_string();
+        (id, self.keys.user_channel(user), frame)
     }
 
     /// Up to `limit` entries after `since`, newest first from Redis, then
@@ -192,7 +173,7 @@ impl RedisBroker {
             Some(None) => return Ok(Vec::new()),
         };
         let reply: redis::streams::StreamRangeReply = self
-            .cmd
+            .redis
             .exec(move |mut c| async move { c.xrevrange_count(&key, "+", &start, limit).await })
             .await?;
         let mut messages = Vec::with_capacity(reply.ids.len());
@@ -216,7 +197,7 @@ impl RedisBroker {
         let key = self.keys.history(room);
         // A missing stream is an error reply, not an outage: keep it inside.
         let reply: redis::RedisResult<HashMap<String, redis::Value>> = self
-            .cmd
+            .redis
             .exec(move |mut c| async move {
                 Ok(redis::cmd("XINFO")
                     .arg("STREAM")
@@ -240,44 +221,36 @@ impl Messages for RedisBroker {
         room: &RoomName,
         from: &str,
         data: &Value,
+        key: Option<&str>,
     ) -> BrokerResult<MessageId> {
+        self.check_available()?;
         let raw = to_raw(data)?;
-        if self.cmd.available() {
-            if let Some(id) = self.publish_room_script(room, from, &raw).await? {
-                return Ok(id);
-            }
-        }
-        let local = LocalPublish::Room {
-            room: room.clone(),
-            from: from.to_owned(),
-            data: raw,
-        };
-        let id = self.local_publish(local).await?;
+        let key = key.map(|k| crate::broker::publish_key(from, k));
+        let (keys, args) = self.publish_room_call(room, from, &raw, key.as_deref());
+        let id: String = self
+            .redis
+            .run_script(&self.redis.scripts.publish_room, keys, args)
+            .await?;
         id.parse()
             .map_err(|e: crate::protocol::InvalidMessageId| BrokerError::Internal(e.to_string()))
     }
 
     async fn publish_user(&self, user: &str, from: &str, data: &Value) -> BrokerResult<String> {
-        let (id, channel, frame, local) = self.direct_publish(user, from, to_raw(data)?);
-        self.publish_or_local(channel, frame, id, local).await
+        let (id, channel, frame) = self.direct_publish(user, from, &to_raw(data)?);
+        self.publish_on(channel, frame, id).await
     }
 
     async fn broadcast(&self, data: &Value) -> BrokerResult<String> {
         let raw = to_raw(data)?;
         let id = unique_id();
         let payload = broadcast_payload(&id, &raw, now_ms());
-        let local = LocalPublish::Broadcast { data: raw };
-        self.publish_or_local(self.keys.broadcast_channel(), payload, id, local)
+        self.publish_on(self.keys.broadcast_channel(), payload, id)
             .await
     }
 
     async fn send_frame(&self, user: &str, frame: ByteString) -> BrokerResult<()> {
-        let local = LocalPublish::Frame {
-            user: user.to_owned(),
-            frame: frame.clone(),
-        };
         let payload = frame.to_string();
-        self.publish_or_local(self.keys.user_channel(user), payload, String::new(), local)
+        self.publish_on(self.keys.user_channel(user), payload, String::new())
             .await
             .map(|_| ())
     }

@@ -1,37 +1,30 @@
-//! The Redis broker (cluster mode): any number of instances sharing one
-//! Redis behave, to every client, as one hub.
+//! The Redis broker (`broker.kind = "redis"`): any number of instances
+//! sharing one Redis — a standalone server, a Sentinel-managed primary or
+//! a Redis Cluster (`redis.mode`) — behave, to every client, as one hub.
 //!
-//! Commands go through a deadpool-redis pool ([`commands`]); the pub/sub
-//! connection belongs to the [`subscriber::RedisSubscriber`] actor. Keys
-//! ([`keys`]; prefix `sb` by default; docs/protocol.md §10; keys only
-//! the hub itself uses marked *):
+//! It is built on the Redis layer ([`crate::redis`]: connections, keys,
+//! scripts, pub/sub). The parts: [`messages`] (publishing, history; session
+//! publishes pipelined by [`pipeline`]), [`presence`], [`registry`],
+//! [`subscriber`] (subscriptions), [`maintenance`] (reaping dead instances,
+//! reconciling this one's registry), [`watchdog`] (outage mode, heartbeat).
 //!
-//! | key | kind | content |
-//! |---|---|---|
-//! | `sb:room:{room}` / `sb:user:{user}` / `sb:broadcast` | channels | see docs/protocol.md §10 ([`payload`]) |
-//! | `sb:history:{room}` | stream | field `b`: the message without its id (the stream id is the id) |
-//! | `sb:connections` | hash | connection id → `{"user","instance","connected_at"}` |
-//! | `sb:user_connections` * | hash | user → connections, cluster-wide (the per-user limit) |
-//! | `sb:conn_rooms:{id}` * | set | rooms a connection is a member of (for cleanup) |
-//! | `sb:instance:{id}` | string, expires after ⅔ of `redis.instance_ttl_s` | heartbeat |
-//! | `sb:instances` * | set | ids of instances that have heartbeated (for the reaper) |
-//! | `sb:presence:{room}` | hash | user → connections in the room |
+//! **Every change that spans slots is a sequence of idempotent steps**,
+//! each one script or command on one slot, ordered so that a sequence cut
+//! short (a crash, a lost connection) is finished by the reaper or the next
+//! reconcile: what an instance holds is recorded under its own tag first
+//! and removed from there last.
 //!
-//! Every multi-key change is one Lua script (`scripts/*.lua`), so the
-//! registry, presence and per-user counts never disagree. The parts:
-//! [`messages`] (publishing, history), [`presence`], [`registry`],
-//! [`subscriber`] (subscriptions), [`maintenance`] (heartbeat, reaping dead
-//! instances, restoring this one's registry after an outage).
+//! **Ids never lie.** A publish is acked with an id only when that is the
+//! message's id in history; when Redis is away, or its outcome is unknown
+//! (a time-out, a lost connection), the client gets `unavailable` and may
+//! retry: with the same `idempotency_key`, a retry is never stored twice.
+//! Nothing is delivered on the side while Redis is away.
 //!
-//! Whether Redis is away is the [`watchdog`]'s call, from a probe on its
-//! own connection; a failed command is only that request's failure.
-//! While Redis is away: sessions stay open; room, direct and broadcast
-//! messages reach members on this instance through the subscriber
-//! ([`subscriber::LocalPublish`]); new connections are refused with 1013
-//! `unavailable`; `/health/ready` answers 503.
+//! **A stall is not an outage.** Commands wait up to `redis.timeout_s`; the
+//! instance is in outage mode (readiness 503, new connections refused with
+//! 1013 `unavailable`, requests answered `unavailable` at once) only when
+//! the watchdog's probe has failed for as long.
 
-pub mod commands;
-pub mod keys;
 mod maintenance;
 mod messages;
 pub mod payload;
@@ -47,16 +40,16 @@ use std::sync::{Arc, Mutex};
 use actix::prelude::*;
 use async_trait::async_trait;
 
-use self::commands::Commands;
-use self::keys::Keys;
 use self::registry::LocalRegistry;
 use self::subscriber::RedisSubscriber;
-use self::watchdog::Probe;
 use super::{BrokerResult, Lifecycle, StartError};
 use crate::config::Config;
+use crate::redis::keys::Keys;
+use crate::redis::probe::Probe;
+use crate::redis::Redis;
 
 pub struct RedisBroker {
-    cmd: Arc<Commands>,
+    redis: Arc<Redis>,
     keys: Keys,
     instance_id: String,
     history_size: usize,
@@ -79,33 +72,31 @@ pub struct RedisBroker {
 }
 
 impl RedisBroker {
-    /// Connects the pool, probes Redis once, starts the subscriber, the
+    /// Makes the pool, probes Redis once, starts the subscriber, the
     /// watchdog and the maintenance task. Must be called inside a running
     /// actix system. Fails only on bad settings: an unreachable Redis is an
     /// outage, retried in the background.
     pub async fn start(config: &Config, instance_id: &str) -> Result<Arc<RedisBroker>, StartError> {
-        let redis = &config.redis;
-        let client = redis::Client::open(redis.url.as_str()).map_err(StartError::RedisUrl)?;
-        let cmd = Arc::new(Commands::new(redis)?);
-        let keys = Keys::new(&redis.prefix);
+        let redis = Arc::new(Redis::new(&config.redis).map_err(StartError::RedisPool)?);
+        let keys = Keys::new(&config.redis.prefix);
         let arbiter = Arbiter::new().handle();
         let connected = Arc::new(AtomicBool::new(false));
         let local_rooms = Arc::new(AtomicUsize::new(0));
         let subscriber = {
-            let (client, keys, cmd) = (client.clone(), keys.clone(), cmd.clone());
+            let (redis, keys) = (redis.clone(), keys.clone());
             let (connected, rooms) = (connected.clone(), local_rooms.clone());
             let history_size = config.history.size;
             RedisSubscriber::start_in_arbiter(&arbiter, move |_| {
-                RedisSubscriber::new(client, keys, cmd, connected, rooms, history_size)
+                RedisSubscriber::new(redis, keys, connected, rooms, history_size)
             })
         };
         let broker = Arc::new(RedisBroker {
-            cmd,
+            redis: redis.clone(),
             keys,
             instance_id: instance_id.to_owned(),
             history_size: config.history.size,
             history_ttl_ms: config.history.ttl_s.saturating_mul(1000),
-            instance_ttl_s: redis.instance_ttl_s,
+            instance_ttl_s: config.redis.instance_ttl_s,
             subscriber,
             subscriber_connected: connected,
             local_rooms,
@@ -116,7 +107,7 @@ impl RedisBroker {
             pipeline_key: pipeline::broker_key(),
             _arbiter: arbiter.clone(),
         });
-        let mut probe = Probe::new(client);
+        let mut probe = Probe::new(&config.redis);
         broker.first_probe(&mut probe).await;
         let (watched, maintained) = (broker.clone(), broker.clone());
         arbiter.spawn(async move { watched.watchdog(probe).await });
@@ -126,7 +117,16 @@ impl RedisBroker {
 
     /// The outage as an error, for calls refused without trying.
     fn unavailable(&self) -> super::BrokerError {
-        super::BrokerError::Unavailable(self.cmd.health.reason())
+        super::BrokerError::Unavailable(self.redis.health.reason())
+    }
+
+    /// `Err(unavailable)` at once while in outage mode.
+    fn check_available(&self) -> BrokerResult<()> {
+        if self.redis.available() {
+            Ok(())
+        } else {
+            Err(self.unavailable())
+        }
     }
 }
 
@@ -135,7 +135,7 @@ impl Lifecycle for RedisBroker {
     async fn ready(&self) -> Result<(), String> {
         // The reason stays in the log: Redis's error text is not for
         // whoever can reach the health endpoint.
-        if !self.cmd.available() {
+        if !self.redis.available() {
             return Err("redis unreachable".into());
         }
         if !self.subscriber_connected.load(Ordering::Acquire) {

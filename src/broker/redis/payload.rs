@@ -4,7 +4,10 @@
 //! deliver; the client-visible bytes are built by [`crate::protocol`] only.
 //!
 //! Every payload is untrusted (any backend may `PUBLISH`): a payload that
-//! does not fit is [`Malformed`] and dropped by the subscriber.
+//! does not fit is [`Malformed`] and dropped by the subscriber. A room
+//! message published straight into Redis without an id is delivered
+//! without one: it is not in history, and an id made up here could be one
+//! Redis hands out later.
 
 use bytestring::ByteString;
 use serde::{Deserialize, Serialize};
@@ -13,6 +16,7 @@ use serde_json::value::RawValue;
 use crate::broker::fanout::{Envelope, LocalIds, Stamp};
 use crate::clock::now_ms;
 use crate::protocol::{message_frame, valid_user_id, MessageId, RoomName};
+use crate::redis::keys::{ChannelOf, Keys};
 
 /// A channel message that is not one of ours, nor a backend's `{"data":…}`.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -51,7 +55,7 @@ pub fn history_frame(id: MessageId, body: &str) -> Option<ByteString> {
     let object = format!("{{{body}");
     let entry: StreamBody<'_> = serde_json::from_str(&object).ok()?;
     Some(message_frame(
-        &id.to_string(),
+        Some(&id.to_string()),
         entry.room,
         &entry.from,
         entry.data,
@@ -111,30 +115,20 @@ struct UserPayload {
     ts: Option<u64>,
 }
 
-/// Turns one message on `channel` (under `prefix`) into an envelope. Ids
-/// missing from a payload are given from `ids`, and ids present are noted
-/// there, so local ids keep increasing after them.
+/// Turns one message on `channel` into an envelope. Room ids present are
+/// noted in `ids` (the last delivered, for catch-ups); direct and
+/// broadcast ids missing from a payload are given from there.
 pub fn decode(
-    prefix: &str,
+    keys: &Keys,
     channel: &str,
     payload: &[u8],
     ids: &mut LocalIds,
 ) -> Result<Envelope, Malformed> {
-    let name = channel
-        .strip_prefix(prefix)
-        .and_then(|rest| rest.strip_prefix(':'))
-        .ok_or(Malformed)?;
-    if name == "broadcast" {
-        return decode_broadcast(payload, ids);
+    match keys.channel_target(channel).ok_or(Malformed)? {
+        ChannelOf::Broadcast => decode_broadcast(payload, ids),
+        ChannelOf::Room(room) => decode_room(room, payload, ids),
+        ChannelOf::User(user) => decode_user(&user, payload, ids),
     }
-    if let Some(room) = name.strip_prefix("room:") {
-        let room = RoomName::parse(room).map_err(|_| Malformed)?;
-        return decode_room(room, payload, ids);
-    }
-    if let Some(user) = name.strip_prefix("user:") {
-        return decode_user(user, payload, ids);
-    }
-    Err(Malformed)
 }
 
 fn decode_broadcast(payload: &[u8], ids: &mut LocalIds) -> Result<Envelope, Malformed> {
@@ -164,10 +158,10 @@ fn decode_room(room: RoomName, payload: &[u8], ids: &mut LocalIds) -> Result<Env
     let id = match p.id.as_deref().map(str::parse::<MessageId>) {
         Some(Ok(id)) => {
             ids.seen_room(&room, id);
-            id
+            Some(id)
         }
         Some(Err(_)) => return Err(Malformed),
-        None => ids.next_room(&room),
+        None => None,
     };
     let at = Stamp::at_ms(p.ts.unwrap_or_else(now_ms));
     let from = p.from.as_deref().unwrap_or("server");
@@ -217,11 +211,15 @@ mod tests {
         RoomName::parse(name).unwrap()
     }
 
+    fn keys() -> Keys {
+        Keys::new("sb")
+    }
+
     #[test]
     fn a_scripted_room_message_keeps_its_id_and_sender() {
         let mut ids = LocalIds::default();
         let payload = br#"{"id":"5-1","room":"lobby","from":"alice","data":{"a":1},"ts":5}"#;
-        let e = decode("sb", "sb:room:lobby", payload, &mut ids).unwrap();
+        let e = decode(&keys(), "sb:room:{lobby}", payload, &mut ids).unwrap();
         assert_eq!(e.target, Target::Room(room("lobby")));
         assert_eq!(e.id, Some(MessageId { ms: 5, seq: 1 }));
         assert_eq!(
@@ -232,34 +230,32 @@ mod tests {
     }
 
     #[test]
-    fn a_raw_room_publish_gets_an_id_after_the_last_seen_and_is_from_server() {
+    fn a_raw_room_publish_has_no_id_and_is_from_server() {
         let mut ids = LocalIds::default();
-        let far = r#"{"id":"99999999999999-3","data":1,"ts":1}"#;
-        decode("sb", "sb:room:r", far.as_bytes(), &mut ids).unwrap();
-        let e = decode("sb", "sb:room:r", br#"{"data":{"text":"hi"}}"#, &mut ids).unwrap();
+        let e = decode(
+            &keys(),
+            "sb:room:{r}",
+            br#"{"data":{"text":"hi"}}"#,
+            &mut ids,
+        )
+        .unwrap();
         let f = frame(&e);
         assert_eq!(f["from"], "server");
         assert_eq!(f["data"]["text"], "hi");
-        assert!(
-            e.id.unwrap()
-                > MessageId {
-                    ms: 99999999999999,
-                    seq: 3
-                }
-        );
-        assert_eq!(f["id"], e.id.unwrap().to_string());
+        assert_eq!(e.id, None);
+        assert!(f.get("id").is_none(), "{f}");
     }
 
     #[test]
     fn presence_changes_are_relayed_as_they_are() {
         let mut ids = LocalIds::default();
         let payload = br#"{"user":"bob","type":"left","room":"r"}"#;
-        let e = decode("sb", "sb:room:r", payload, &mut ids).unwrap();
+        let e = decode(&keys(), "sb:room:{r}", payload, &mut ids).unwrap();
         assert_eq!(e.id, None);
         assert_eq!(&*e.frame, r#"{"type":"left","room":"r","user":"bob"}"#);
         let other = br#"{"type":"message","data":1}"#;
         assert_eq!(
-            decode("sb", "sb:room:r", other, &mut ids).unwrap_err(),
+            decode(&keys(), "sb:room:{r}", other, &mut ids).unwrap_err(),
             Malformed
         );
     }
@@ -267,12 +263,12 @@ mod tests {
     #[test]
     fn user_channel_kicks_frames_and_raw_data() {
         let mut ids = LocalIds::default();
-        let e = decode("sb", "sb:user:al:ice", KICK.as_bytes(), &mut ids).unwrap();
+        let e = decode(&keys(), "sb:user:{al:ice}", KICK.as_bytes(), &mut ids).unwrap();
         assert_eq!(e.target, Target::Kick("al:ice".into()));
         let direct = br#"{"type":"direct","id":"1-0","from":"bob","data":2,"ts":1}"#;
-        let e = decode("sb", "sb:user:alice", direct, &mut ids).unwrap();
+        let e = decode(&keys(), "sb:user:{alice}", direct, &mut ids).unwrap();
         assert_eq!(e.frame.as_bytes().as_ref(), &direct[..]);
-        let e = decode("sb", "sb:user:alice", br#"{"data":[1]}"#, &mut ids).unwrap();
+        let e = decode(&keys(), "sb:user:{alice}", br#"{"data":[1]}"#, &mut ids).unwrap();
         let f = frame(&e);
         assert_eq!(
             (f["type"].as_str(), f["from"].as_str()),
@@ -285,12 +281,12 @@ mod tests {
     fn broadcasts_with_and_without_id() {
         let mut ids = LocalIds::default();
         let payload = broadcast_payload("7-0", &RawValue::from_string("\"x\"".into()).unwrap(), 7);
-        let e = decode("sb", "sb:broadcast", payload.as_bytes(), &mut ids).unwrap();
+        let e = decode(&keys(), "sb:broadcast", payload.as_bytes(), &mut ids).unwrap();
         assert_eq!(
             &*e.frame,
             r#"{"type":"broadcast","id":"7-0","data":"x","ts":7}"#
         );
-        let e = decode("sb", "sb:broadcast", br#"{"data":null}"#, &mut ids).unwrap();
+        let e = decode(&keys(), "sb:broadcast", br#"{"data":null}"#, &mut ids).unwrap();
         assert_eq!(e.target, Target::All);
         assert!(frame(&e)["id"].is_string());
     }
@@ -300,14 +296,14 @@ mod tests {
         let mut ids = LocalIds::default();
         for data in ["null", "false", "0", "\"\"", "[]", "{}"] {
             let payload = format!(r#"{{"id":"1-0","room":"r","from":"a","data":{data},"ts":1}}"#);
-            let e = decode("sb", "sb:room:r", payload.as_bytes(), &mut ids).unwrap();
+            let e = decode(&keys(), "sb:room:{r}", payload.as_bytes(), &mut ids).unwrap();
             assert_eq!(
                 frame(&e)["data"],
                 serde_json::from_str::<Value>(data).unwrap()
             );
             let raw = format!(r#"{{"data":{data}}}"#);
             assert!(
-                decode("sb", "sb:user:u", raw.as_bytes(), &mut ids).is_ok(),
+                decode(&keys(), "sb:user:{u}", raw.as_bytes(), &mut ids).is_ok(),
                 "{raw}"
             );
         }
@@ -317,18 +313,19 @@ mod tests {
     fn what_does_not_fit_is_malformed() {
         let mut ids = LocalIds::default();
         for (channel, payload) in [
-            ("sb:room:r", &b"not json"[..]),
-            ("sb:room:r", br#"{"id":"x-1","data":1}"#),
-            ("sb:room:r", br#"{"from":"a"}"#),
-            ("sb:room:r", br#"{"type":"joined","room":"r"}"#),
-            ("sb:room:bad room", br#"{"data":1}"#),
+            ("sb:room:{r}", &b"not json"[..]),
+            ("sb:room:{r}", br#"{"id":"x-1","data":1}"#),
+            ("sb:room:{r}", br#"{"from":"a"}"#),
+            ("sb:room:{r}", br#"{"type":"joined","room":"r"}"#),
+            ("sb:room:{bad room}", br#"{"data":1}"#),
+            ("sb:room:r", br#"{"data":1}"#),
             ("sb:broadcast", br#"{"id":"1-0"}"#),
-            ("sb:user:u", br#"[1]"#),
-            ("other:room:r", br#"{"data":1}"#),
+            ("sb:user:{u}", br#"[1]"#),
+            ("other:room:{r}", br#"{"data":1}"#),
             ("sb:elsewhere", br#"{"data":1}"#),
         ] {
             assert_eq!(
-                decode("sb", channel, payload, &mut ids).unwrap_err(),
+                decode(&keys(), channel, payload, &mut ids).unwrap_err(),
                 Malformed,
                 "{channel} {}",
                 String::from_utf8_lossy(payload)

@@ -1,16 +1,16 @@
 //! Session publishes, pipelined. Each worker thread has one task per
 //! broker that takes the publishes its sessions start, sends all that have
-//! queued up as one pipeline on the thread's multiplexed connection (one
-//! write, one round trip), and calls each publish's `done` in order. A
-//! session's publishes therefore reach Redis, and are acked, in the order
-//! it sent them, without each waiting for the one before; and under load a
-//! round trip carries many publishes instead of one.
+//! queued up in one round trip (one pipeline; on a cluster one per slot,
+//! all at once), and calls each publish's `done` in order. A session's
+//! publishes therefore reach Redis, and are acked, in the order it sent
+//! them, without each waiting for the one before; and under load a round
+//! trip carries many publishes instead of one.
 //!
 //! A batch's replies are read one by one: an error reply fails only its
 //! own publish; `NOSCRIPT` (Redis lost its scripts) sends those publishes
-//! again behind a `SCRIPT LOAD`; a lost connection or Redis being away
-//! delivers them to this instance's members instead, in order, as every
-//! other publish does then ([`LocalPublish`]).
+//! again behind a `SCRIPT LOAD`; a lost connection, a time-out or Redis
+//! being away fails them with `unavailable` (the client may retry: with its
+//! `idempotency_key` a retry is not stored twice).
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,12 +20,12 @@ use redis::{Cmd, Value};
 use tokio::sync::mpsc;
 
 use super::messages::to_raw;
-use super::subscriber::LocalPublish;
 use super::RedisBroker;
 use crate::broker::{BrokerError, BrokerResult, Publish, PublishDone};
 use crate::protocol::MessageId;
+use crate::redis::group_by_slot;
 
-/// The most publishes one pipeline carries.
+/// The most publishes one batch carries.
 const MAX_BATCH: usize = 256;
 
 static NEXT_BROKER: AtomicU64 = AtomicU64::new(1);
@@ -46,12 +46,12 @@ thread_local! {
         const { RefCell::new(Vec::new()) };
 }
 
-/// One publish ready to send: its command, the ack's id when it is known
-/// beforehand (direct), and what to deliver locally if Redis is away.
+/// One publish ready to send: its command, the key that places it (its
+/// slot), and the ack's id when it is known beforehand (direct).
 struct Prepared {
     cmd: Cmd,
+    key: String,
     known_id: Option<String>,
-    local: LocalPublish,
 }
 
 /// What one command of a pipeline came to.
@@ -86,91 +86,111 @@ impl RedisBroker {
     /// One publish as a command.
     fn prepare(&self, publish: &Publish) -> BrokerResult<Prepared> {
         match publish {
-            Publish::Room { room, from, data } => {
+            Publish::Room {
+                room,
+                from,
+                data,
+                key,
+            } => {
                 let raw = to_raw(data)?;
-                let (keys, args) = self.publish_room_call(room, from, &raw);
+                let key = key.as_deref().map(|k| crate::broker::publish_key(from, k));
+                let (keys, args) = self.publish_room_call(room, from, &raw, key.as_deref());
                 let mut cmd = redis::cmd("EVALSHA");
-                cmd.arg(self.cmd.scripts.publish_room.get_hash())
+                cmd.arg(self.redis.scripts.publish_room.get_hash())
                     .arg(keys.len())
-                    .arg(keys)
+                    .arg(&keys)
                     .arg(args);
-                let local = LocalPublish::Room {
-                    room: room.clone(),
-                    from: from.to_string(),
-                    data: raw,
-                };
                 Ok(Prepared {
                     cmd,
+                    key: keys[0].clone(),
                     known_id: None,
-                    local,
                 })
             }
             Publish::User { to, from, data } => {
-                let (id, channel, frame, local) = self.direct_publish(to, from, to_raw(data)?);
-                let mut cmd = redis::cmd("PUBLISH");
-                cmd.arg(channel).arg(frame);
+                let (id, channel, frame) = self.direct_publish(to, from, &to_raw(data)?);
+                let mut cmd = redis::cmd(self.redis.publish_command());
+                cmd.arg(&channel).arg(frame);
                 Ok(Prepared {
                     cmd,
+                    key: channel,
                     known_id: Some(id),
-                    local,
                 })
             }
         }
     }
 
-    /// Sends `calls` as one pipeline (after a `SCRIPT LOAD` when `load`)
-    /// and records each one's outcome at its index.
+    /// Sends `calls` (one pipeline per slot, after a `SCRIPT LOAD` when
+    /// `load`) and records each one's outcome at its index.
     async fn send_batch(
         &self,
         calls: &[(usize, &Prepared)],
         load: bool,
         outcomes: &mut [Option<Outcome>],
     ) {
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
-        if load {
-            pipe.cmd("SCRIPT")
-                .arg("LOAD")
-                .arg(self.cmd.scripts.publish_room.source())
-                .ignore();
-        }
-        for (_, p) in calls {
-            pipe.add_command(p.cmd.clone());
-        }
-        let replies = self
-            .cmd
-            .exec(move |mut c| async move { pipe.query_async::<Vec<Value>>(&mut c).await })
-            .await;
-        let failure = match replies {
-            Ok(replies) if replies.len() == calls.len() => {
-                for ((i, p), reply) in calls.iter().zip(replies) {
-                    outcomes[*i] = Some(outcome(p, reply));
+        let groups = group_by_slot(calls.iter().map(|&(i, p)| ((i, p), p.key.as_str())));
+        let pipes = groups
+            .iter()
+            .map(|group| {
+                let mut pipe = redis::pipe();
+                pipe.ignore_errors();
+                if load {
+                    pipe.cmd("SCRIPT")
+                        .arg("LOAD")
+                        .arg(self.redis.scripts.publish_room.source())
+                        .ignore();
                 }
-                return;
+                for (_, p) in group {
+                    pipe.add_command(p.cmd.clone());
+                }
+                (group.first().map(|(_, p)| p.key.clone()), pipe)
+            })
+            .collect();
+        let failure = match self.redis.pipelines(pipes).await {
+            Ok(replies) => {
+                let mut failure = None;
+                for (group, replies) in groups.iter().zip(replies) {
+                    if replies.len() != group.len() {
+                        failure = Some(BrokerError::Internal(format!(
+                            "redis: {} replies to {} publishes",
+                            replies.len(),
+                            group.len()
+                        )));
+                        continue;
+                    }
+                    for ((i, p), reply) in group.iter().zip(replies) {
+                        outcomes[*i] = Some(outcome(p, reply));
+                    }
+                }
+                match failure {
+                    None => return,
+                    Some(failure) => failure,
+                }
             }
-            Ok(replies) => BrokerError::Internal(format!(
-                "redis: {} replies to {} publishes",
-                replies.len(),
-                calls.len()
-            )),
-            Err(e) => e,
+            Err(e) => BrokerError::from(e),
         };
         for (i, _) in calls {
-            outcomes[*i] = Some(Outcome::Done(Err(failure.clone())));
+            if outcomes[*i].is_none() {
+                outcomes[*i] = Some(Outcome::Done(Err(failure.clone())));
+            }
         }
     }
 
     /// Publishes a batch and calls every `done`, in order.
     async fn publish_batch(&self, jobs: Vec<Job>) {
-        let prepared: Vec<BrokerResult<Prepared>> =
-            jobs.iter().map(|j| self.prepare(&j.publish)).collect();
+        let prepared: Vec<BrokerResult<Prepared>> = jobs
+            .iter()
+            .map(|j| {
+                self.check_available()?;
+                self.prepare(&j.publish)
+            })
+            .collect();
         let mut outcomes: Vec<Option<Outcome>> = prepared.iter().map(|_| None).collect();
         let ready: Vec<(usize, &Prepared)> = prepared
             .iter()
             .enumerate()
             .filter_map(|(i, p)| p.as_ref().ok().map(|p| (i, p)))
             .collect();
-        if self.cmd.available() && !ready.is_empty() {
+        if !ready.is_empty() {
             self.send_batch(&ready, false, &mut outcomes).await;
             let again: Vec<(usize, &Prepared)> = ready
                 .iter()
@@ -185,10 +205,8 @@ impl RedisBroker {
         for ((job, p), outcome) in jobs.into_iter().zip(prepared).zip(outcomes) {
             let result = match (p, outcome) {
                 (Err(e), _) => Err(e),
-                (Ok(p), None | Some(Outcome::Done(Err(BrokerError::Unavailable(_))))) => {
-                    self.local_publish(p.local).await
-                }
                 (Ok(_), Some(Outcome::Done(result))) => result,
+                (Ok(_), None) => Err(BrokerError::Internal("publish not sent".into())),
                 (Ok(_), Some(Outcome::NoScript)) => Err(BrokerError::Internal(
                     "redis: publish_room.lua missing after SCRIPT LOAD".into(),
                 )),
@@ -202,11 +220,10 @@ impl RedisBroker {
 fn outcome(p: &Prepared, reply: Value) -> Outcome {
     match reply {
         Value::ServerError(e) if e.code() == "NOSCRIPT" => Outcome::NoScript,
-        Value::ServerError(e) => Outcome::Done(Err(BrokerError::Internal(format!(
-            "redis: {}: {}",
-            e.code(),
-            e.details().unwrap_or_default()
-        )))),
+        Value::ServerError(e) => {
+            let error = redis::RedisError::from(e);
+            Outcome::Done(Err(crate::redis::classify(&error).into()))
+        }
         reply => Outcome::Done(match &p.known_id {
             Some(id) => Ok(id.clone()),
             None => redis::from_redis_value::<String>(reply)

@@ -1,6 +1,14 @@
-//! Presence in Redis: `{prefix}:presence:{room}` (user → member
-//! connections) and `{prefix}:conn_rooms:{id}`, changed together by one
-//! script that also announces `joined` / `left` on the room channel.
+//! Presence in Redis: a room's members (`sb:members:{R}`, connection →
+//! user) and presence (`sb:presence:{R}`, user → member connections),
+//! changed together by one script that also announces `joined` / `left` on
+//! the room's channel; and each connection's rooms under its instance's tag
+//! (`sb:conn_rooms:{I}:{C}`), so that whoever cleans up after it knows
+//! which rooms to leave.
+//!
+//! A join records the room under the instance first, then in the room; a
+//! leave removes it from the room first, then from the instance. Both
+//! steps are idempotent, so a change cut short is finished by the next
+//! reconcile or by the reaper.
 
 use std::collections::HashMap;
 
@@ -9,25 +17,75 @@ use redis::AsyncCommands;
 
 use super::RedisBroker;
 use crate::broker::{BrokerResult, Presence};
-use crate::protocol::{PresenceEntry, RoomName};
+use crate::protocol::{presence_change_frame, PresenceEntry, RoomName};
+use crate::redis::ScriptCall;
 
 impl RedisBroker {
-    /// Runs `presence_join.lua` or `presence_leave.lua` for one connection;
-    /// a failure leaves it to the next reconcile.
-    async fn presence_script(
+    /// A `presence_join.lua` / `presence_leave.lua` call.
+    pub(super) fn presence_call(
         &self,
         join: bool,
         room: &RoomName,
         user: &str,
         conn: &str,
-    ) -> BrokerResult<()> {
-        let call = self.presence_call(join, room, user, conn);
-        let result: BrokerResult<i64> =
-            self.cmd.run_script(call.script, call.keys, call.args).await;
-        if result.is_err() {
-            self.want_reconcile();
+    ) -> ScriptCall<'_> {
+        let scripts = &self.redis.scripts;
+        let keys = vec![
+            self.keys.members(room),
+            self.keys.presence(room),
+            self.keys.room_channel(room),
+        ];
+        let publish = self.redis.publish_command().to_owned();
+        if join {
+            let frame = presence_change_frame(true, room.as_str(), user).to_string();
+            ScriptCall {
+                script: &scripts.presence_join,
+                keys,
+                args: vec![conn.to_owned(), user.to_owned(), frame, publish],
+            }
+        } else {
+            let room_json = serde_json::to_string(room.as_str()).unwrap_or_default();
+            let start = format!(r#"{{"type":"left","room":{room_json},"user":"#);
+            ScriptCall {
+                script: &scripts.presence_leave,
+                keys,
+                args: vec![conn.to_owned(), start, publish],
+            }
         }
-        result.map(|_| ())
+    }
+
+    /// Records the membership under the instance, then in the room.
+    async fn join_room(&self, room: &RoomName, user: &str, conn: &str) -> BrokerResult<()> {
+        let (key, member) = (
+            self.keys.conn_rooms(&self.instance_id, conn),
+            room.as_str().to_owned(),
+        );
+        self.redis
+            .exec(move |mut c| async move { c.sadd::<_, _, ()>(&key, &member).await })
+            .await?;
+        let call = self.presence_call(true, room, user, conn);
+        let _: i64 = self
+            .redis
+            .run_script(call.script, call.keys, call.args)
+            .await?;
+        Ok(())
+    }
+
+    /// Ends the membership in the room, then under the instance.
+    async fn leave_room(&self, room: &RoomName, user: &str, conn: &str) -> BrokerResult<()> {
+        let call = self.presence_call(false, room, user, conn);
+        let _: i64 = self
+            .redis
+            .run_script(call.script, call.keys, call.args)
+            .await?;
+        let (key, member) = (
+            self.keys.conn_rooms(&self.instance_id, conn),
+            room.as_str().to_owned(),
+        );
+        self.redis
+            .exec(move |mut c| async move { c.srem::<_, _, ()>(&key, &member).await })
+            .await?;
+        Ok(())
     }
 }
 
@@ -38,7 +96,11 @@ impl Presence for RedisBroker {
             let rooms = local.rooms.entry(connection_id.to_owned()).or_default();
             rooms.insert(room.clone());
         });
-        self.presence_script(true, room, user, connection_id).await
+        let joined = self.join_room(room, user, connection_id).await;
+        if joined.is_err() {
+            self.want_reconcile();
+        }
+        joined
     }
 
     async fn leave(&self, room: &RoomName, user: &str, connection_id: &str) -> BrokerResult<()> {
@@ -47,13 +109,18 @@ impl Presence for RedisBroker {
                 rooms.remove(room);
             }
         });
-        self.presence_script(false, room, user, connection_id).await
+        let left = self.leave_room(room, user, connection_id).await;
+        if left.is_err() {
+            self.want_reconcile();
+        }
+        left
     }
 
     async fn list(&self, room: &RoomName) -> BrokerResult<Vec<PresenceEntry>> {
+        self.check_available()?;
         let key = self.keys.presence(room);
         let members: HashMap<String, i64> = self
-            .cmd
+            .redis
             .exec(move |mut c| async move { c.hgetall(&key).await })
             .await?;
         let mut users: Vec<PresenceEntry> = members

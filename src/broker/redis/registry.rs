@@ -1,7 +1,14 @@
-//! The connection registry in Redis: `{prefix}:connections` (who is
-//! connected where), `{prefix}:user_connections` (the atomic cluster-wide
-//! per-user limit), and this instance's own copy ([`LocalRegistry`]) from
-//! which it re-registers after an outage.
+//! The connection registry in Redis: each user's connections
+//! (`sb:conns:{U}`: the per-user limit counts them, atomically, on every
+//! instance), each instance's (`sb:instance_conns:{I}`: what the reaper
+//! cleans when it dies), and this instance's own copy ([`LocalRegistry`])
+//! from which it reconciles.
+//!
+//! A connect records the connection under the instance first, then under
+//! its user (with the limit check); a disconnect removes it in the reverse
+//! order (its rooms, its user, then its instance). Every step is
+//! idempotent, so one cut short is finished by the reaper (the instance
+//! died) or the next reconcile (it lives).
 
 use std::collections::{HashMap, HashSet};
 
@@ -25,14 +32,22 @@ pub(super) struct LocalConnection {
 }
 
 /// This instance's own connections, kept so they can be re-registered when
-/// Redis comes back empty. Touched on connect, disconnect, join and leave,
-/// always before the Redis command, so it never holds less than Redis
-/// holds for this instance.
+/// Redis lost them. Touched on connect, disconnect, join and leave, always
+/// before Redis, so it never holds less than Redis holds for this instance.
 #[derive(Default, Clone)]
 pub(super) struct LocalRegistry {
     pub connections: HashMap<String, LocalConnection>,
     /// connection id → rooms it is a member of.
     pub rooms: HashMap<String, HashSet<RoomName>>,
+}
+
+/// An instance's heartbeat: its numbers, for `/api/stats`.
+#[derive(serde::Serialize, serde::Deserialize, Default)]
+pub(super) struct Beat {
+    pub connections: u64,
+    pub users: u64,
+    pub rooms: u64,
+    pub at: u64,
 }
 
 impl RedisBroker {
@@ -43,43 +58,47 @@ impl RedisBroker {
         }
     }
 
-    fn registry_entry(&self, conn: &ConnectionInfo) -> String {
+    pub(super) fn registry_entry(&self, conn: &ConnectionInfo) -> String {
         serde_json::json!({
-            "user": conn.user,
             "instance": self.instance_id,
             "connected_at": conn.connected_at_ms,
         })
         .to_string()
     }
 
-    /// The keys of `register.lua` for this instance.
-    pub(super) fn register_keys(&self) -> Vec<String> {
-        vec![
-            self.keys.connections(),
-            self.keys.user_connections(),
+    /// Records `id` (of `user`) under this instance.
+    pub(super) async fn hold(&self, id: &str, user: &str) -> BrokerResult<()> {
+        let (key, id, user) = (
             self.keys.instance_conns(&self.instance_id),
-        ]
+            id.to_owned(),
+            user.to_owned(),
+        );
+        self.redis
+            .exec(move |mut c| async move { c.hset::<_, _, _, ()>(&key, &id, &user).await })
+            .await?;
+        Ok(())
     }
 
-    /// Adds the connection unless the user is at `max`. True when it is
-    /// registered.
-    async fn register_entry(
+    /// Adds `id` to its user's connections unless the user is at `max`
+    /// (`restore`: no limit check). True when it is registered.
+    async fn register_user(
         &self,
         id: &str,
         user: &str,
         entry: &str,
         max: usize,
+        restore: bool,
     ) -> BrokerResult<bool> {
         let args = vec![
             id.to_owned(),
-            user.to_owned(),
             entry.to_owned(),
             max.to_string(),
-            "0".to_owned(),
+            if restore { "1" } else { "0" }.to_owned(),
         ];
+        let keys = vec![self.keys.user_conns(user)];
         let added: i64 = self
-            .cmd
-            .run_script(&self.cmd.scripts.register, self.register_keys(), args)
+            .redis
+            .run_script(&self.redis.scripts.register, keys, args)
             .await?;
         Ok(added == 1)
     }
@@ -98,14 +117,53 @@ impl RedisBroker {
         }
         Ok(())
     }
+
+    /// This instance's numbers for its heartbeat.
+    pub(super) fn numbers(&self) -> Beat {
+        let (connections, users) = match self.local.lock() {
+            Ok(local) => {
+                let users: HashSet<&str> = local
+                    .connections
+                    .values()
+                    .map(|c| c.user.as_str())
+                    .collect();
+                (local.connections.len() as u64, users.len() as u64)
+            }
+            Err(_) => (0, 0),
+        };
+        Beat {
+            connections,
+            users,
+            rooms: self.local_rooms.load(std::sync::atomic::Ordering::Relaxed) as u64,
+            at: crate::clock::now_ms(),
+        }
+    }
+
+    async fn register_steps(
+        &self,
+        conn: &ConnectionInfo,
+        entry: &str,
+        max: usize,
+    ) -> BrokerResult<bool> {
+        let id = &conn.connection_id;
+        self.hold(id, &conn.user).await?;
+        if self
+            .register_user(id, &conn.user, entry, max, false)
+            .await?
+        {
+            return Ok(true);
+        }
+        // Refused: it is not this instance's either.
+        self.drop_connections(&[id.as_str()], &self.instance_id)
+            .await?;
+        Ok(false)
+    }
 }
 
 #[async_trait]
 impl Registry for RedisBroker {
     async fn register(&self, conn: &ConnectionInfo, max_per_user: usize) -> BrokerResult<()> {
-        if !self.cmd.available() {
-            return Err(self.unavailable());
-        }
+        self.check_available()?;
         let entry = self.registry_entry(conn);
         let id = conn.connection_id.clone();
         let pending = LocalConnection {
@@ -116,9 +174,7 @@ impl Registry for RedisBroker {
         self.update_local(|local| {
             local.connections.insert(id.clone(), pending);
         });
-        let registered = self
-            .register_entry(&id, &conn.user, &entry, max_per_user)
-            .await;
+        let registered = self.register_steps(conn, &entry, max_per_user).await;
         self.update_local(|local| match registered {
             Ok(true) => {
                 if let Some(c) = local.connections.get_mut(&id) {
@@ -133,68 +189,74 @@ impl Registry for RedisBroker {
             Ok(true) => Ok(()),
             Ok(false) => Err(BrokerError::ConnectionLimit),
             Err(e) => {
-                // The script may have run: the next reconcile removes it.
+                // A step may have run: the next reconcile removes it.
                 self.want_reconcile();
                 Err(e)
             }
         }
     }
 
-    async fn unregister(&self, connection_id: &str, _user: &str) {
+    async fn unregister(&self, connection_id: &str, user: &str) {
         self.update_local(|local| {
             local.connections.remove(connection_id);
             local.rooms.remove(connection_id);
             crate::trim::shrink_map(&mut local.connections);
             crate::trim::shrink_map(&mut local.rooms);
         });
-        if let Err(e) = self
-            .drop_connections(&[connection_id], &self.instance_id)
-            .await
-        {
+        let dropped = self
+            .drop_connection(connection_id, Some(user), &self.instance_id)
+            .await;
+        if let Err(e) = dropped {
             tracing::debug!(error = %e, "connection not removed from the registry yet; the next reconcile will");
             self.want_reconcile();
         }
     }
 
     async fn user_connections(&self, user: &str) -> BrokerResult<u64> {
-        let (key, user) = (self.keys.user_connections(), user.to_owned());
-        let n: Option<i64> = self
-            .cmd
-            .exec(move |mut c| async move { c.hget(&key, &user).await })
-            .await?;
-        Ok(n.unwrap_or(0).max(0) as u64)
-    }
-
-    async fn disconnect_user(&self, user: &str) -> BrokerResult<u64> {
-        let n = self.user_connections(user).await?;
-        let channel = self.keys.user_channel(user);
-        let _: i64 = self
-            .cmd
-            .exec(move |mut c| async move { c.publish(&channel, KICK).await })
+        self.check_available()?;
+        let key = self.keys.user_conns(user);
+        let n: u64 = self
+            .redis
+            .exec(move |mut c| async move { c.hlen(&key).await })
             .await?;
         Ok(n)
     }
 
-    /// Three O(1) commands: nothing scans the keyspace.
-    async fn stats(&self) -> BrokerResult<BrokerStats> {
-        let (conns, users) = (self.keys.connections(), self.keys.user_connections());
-        let rooms = self.keys.rooms();
-        let (connections, users, rooms): (u64, u64, u64) = self
-            .cmd
-            .exec(move |mut c| async move {
-                redis::pipe()
-                    .hlen(&conns)
-                    .hlen(&users)
-                    .scard(&rooms)
-                    .query_async(&mut c)
-                    .await
-            })
+    async fn disconnect_user(&self, user: &str) -> BrokerResult<u64> {
+        let n = self.user_connections(user).await?;
+        self.redis
+            .publish(self.keys.user_channel(user), KICK.to_owned())
             .await?;
-        Ok(BrokerStats {
-            rooms,
-            users,
-            connections,
+        Ok(n)
+    }
+
+    /// The sum of the live instances' heartbeats: one read of the
+    /// instances' set, one per instance.
+    async fn stats(&self) -> BrokerResult<BrokerStats> {
+        self.check_available()?;
+        let key = self.keys.instances();
+        let instances: Vec<String> = self
+            .redis
+            .exec(move |mut c| async move { c.smembers(&key).await })
+            .await?;
+        let beats = instances.iter().map(|instance| {
+            let key = self.keys.instance(instance);
+            self.redis
+                .exec(move |mut c| async move { c.get::<_, Option<String>>(&key).await })
+        });
+        let mut stats = BrokerStats {
             local_rooms: self.local_rooms.load(std::sync::atomic::Ordering::Relaxed) as u64,
-        })
+            ..BrokerStats::default()
+        };
+        for beat in futures_util::future::join_all(beats).await {
+            let Some(beat) = beat?.and_then(|b| serde_json::from_str::<Beat>(&b).ok()) else {
+                continue;
+            };
+            stats.connections += beat.connections;
+            stats.users += beat.users;
+            stats.rooms += beat.rooms;
+            stats.instances += 1;
+        }
+        Ok(stats)
     }
 }

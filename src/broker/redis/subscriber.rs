@@ -1,23 +1,28 @@
-//! The `RedisSubscriber` actor: owns the instance's one pub/sub connection
-//! and forwards what arrives to every hub, once per hub, as one shared
-//! pre-serialized envelope ([`super::payload::decode`]). Also the
-//! [`Subscriptions`] part of the Redis broker.
+//! The `RedisSubscriber` actor: owns the instance's pub/sub connection
+//! ([`crate::redis::pubsub`]) and forwards what arrives to every hub, once
+//! per hub, as one shared pre-serialized envelope ([`super::payload`]).
+//! Also the [`Subscriptions`] part of the Redis broker.
 //!
 //! Subscriptions are reference-counted per channel (each hub counts once per
-//! room or user it has local members for) and batched: every SUBSCRIBE or
-//! UNSUBSCRIBE requested within one turn of the actor goes out as one
-//! command. `{prefix}:broadcast` is always subscribed. A `watch` resolves
-//! when Redis has confirmed the subscription, which is what lets a join read
-//! history afterwards with nothing lost at the seam.
+//! room or user it has local members for) and batched: every subscribe or
+//! unsubscribe requested within one turn of the actor goes out together
+//! (on a cluster, one `SSUBSCRIBE` per slot). `{prefix}:broadcast` is always
+//! subscribed. A `watch` resolves when Redis has confirmed the
+//! subscription, which is what lets a join read history afterwards with
+//! nothing lost at the seam.
 //!
-//! When the connection drops, the actor reconnects with exponential backoff
-//! and jitter and resubscribes to everything still referenced; while it is
-//! away, watches succeed at once (they are restored on return) and
-//! [`LocalPublish`] delivers to this instance's members only. Once back,
-//! each room with local members *catches up*: what reached its history
-//! after the last id delivered here (or since it was subscribed) is read
-//! and delivered, then the live messages that arrived meanwhile, newer
-//! ones only, so connected members miss nothing that history kept.
+//! **No gap after a loss.** A subscription can be lost: the whole
+//! connection (standalone, sentinel: the actor reconnects with exponential
+//! backoff and jitter and subscribes to everything still referenced), or,
+//! on a cluster, one node's connection (redis-rs reconnects it) or one
+//! slot's channels (a failover or a slot migration unsubscribes them, and
+//! redis-rs does not subscribe them again: the actor does, with backoff,
+//! until it is confirmed). Once a room's channel is confirmed again, the
+//! room *catches up*: what reached its history after the last id delivered
+//! here (or since it was subscribed) is read and delivered, then the live
+//! messages that arrived meanwhile, newer ones only. Members miss nothing
+//! that history kept; a direct or task update published while its user's
+//! channel was lost is not in history and is lost with it.
 //!
 //! Bounds: the pub/sub intake is drained as fast as it arrives (redis-rs
 //! buffers it unbounded, so the actor never waits on it); a room's live
@@ -31,20 +36,21 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use futures_util::future::BoxFuture;
+use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
-use redis::aio::{PubSubSink, PubSubStream};
-use serde_json::value::RawValue;
 use tokio::sync::oneshot;
 
-use super::commands::{Commands, COMMAND_TIMEOUT};
-use super::keys::Keys;
 use super::payload;
 use super::RedisBroker;
-use crate::broker::fanout::{Envelope, HubSet, LocalIds, Stamp};
+use crate::broker::fanout::{Envelope, HubSet, LocalIds};
 use crate::broker::{BrokerError, BrokerResult, Fanout, Subscriptions, Target};
 use crate::clock::now_ms;
+use crate::config::RedisMode;
 use crate::metrics::metrics;
 use crate::protocol::{MessageId, RoomName};
+use crate::redis::keys::{ChannelOf, Keys};
+use crate::redis::pubsub::{self, Event, PubSub};
+use crate::redis::Redis;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Live messages of one room held back while it catches up.
@@ -54,11 +60,10 @@ const FLUSH_EVERY: Duration = Duration::from_millis(50);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
-/// A room catching up after a reconnect.
+/// A room catching up after a lost subscription.
 struct CatchUp {
     /// The newest id delivered here when it began: nothing older is sent,
-    /// so members keep receiving in id order (after an outage, messages
-    /// numbered here may be newer than what Redis had not yet delivered).
+    /// so members keep receiving in id order.
     floor: Option<MessageId>,
     /// Live messages held back meanwhile.
     held: Vec<Envelope>,
@@ -74,57 +79,83 @@ struct Channel {
     subscribed_at_ms: Option<u64>,
 }
 
+impl Channel {
+    fn new(room: Option<RoomName>) -> Channel {
+        Channel {
+            refs: 0,
+            confirmed: false,
+            waiters: Vec::new(),
+            room,
+            subscribed_at_ms: None,
+        }
+    }
+}
+
 pub struct RedisSubscriber {
-    client: redis::Client,
+    redis: Arc<Redis>,
     keys: Keys,
-    cmd: Arc<Commands>,
     history_size: usize,
     /// Rooms with local members, for `/api/stats`.
     local_rooms: Arc<AtomicUsize>,
-    /// Rooms catching up after a reconnect.
+    /// Rooms catching up after a lost subscription.
     catching_up: HashMap<RoomName, CatchUp>,
     hubs: HubSet,
+    /// Every referenced channel, broadcast included (always one reference).
     channels: HashMap<String, Channel>,
     to_subscribe: HashSet<String>,
     to_unsubscribe: HashSet<String>,
     flush_scheduled: bool,
-    sink: Option<PubSubSink>,
+    pubsub: Option<PubSub>,
     /// Bumped on every (re)connect, so a stale stream's end is ignored.
     generation: u64,
     backoff: Duration,
     connected: Arc<AtomicBool>,
-    /// Ids for messages published straight into Redis without one and for
-    /// local delivery during an outage.
+    /// Cluster: channels the server unsubscribed (or whose node dropped),
+    /// to subscribe again.
+    lost: HashSet<String>,
+    resubscribe_scheduled: bool,
+    resubscribe_backoff: Duration,
+    /// The last id delivered per room; ids of direct and broadcast frames
+    /// published straight into Redis without one.
     ids: LocalIds,
 }
 
 impl RedisSubscriber {
     pub fn new(
-        client: redis::Client,
+        redis: Arc<Redis>,
         keys: Keys,
-        cmd: Arc<Commands>,
         connected: Arc<AtomicBool>,
         local_rooms: Arc<AtomicUsize>,
         history_size: usize,
     ) -> Self {
+        let mut channels = HashMap::new();
+        let mut broadcast = Channel::new(None);
+        broadcast.refs = 1;
+        channels.insert(keys.broadcast_channel(), broadcast);
         RedisSubscriber {
-            client,
+            redis,
             keys,
-            cmd,
             history_size,
             local_rooms,
             catching_up: HashMap::new(),
             hubs: HubSet::default(),
-            channels: HashMap::new(),
+            channels,
             to_subscribe: HashSet::new(),
             to_unsubscribe: HashSet::new(),
             flush_scheduled: false,
-            sink: None,
+            pubsub: None,
             generation: 0,
             backoff: BACKOFF_MIN,
             connected,
+            lost: HashSet::new(),
+            resubscribe_scheduled: false,
+            resubscribe_backoff: BACKOFF_MIN,
             ids: LocalIds::default(),
         }
+    }
+
+    fn cluster(&self) -> bool {
+        self.redis.mode() == RedisMode::Cluster
     }
 
     fn schedule_flush(&mut self, ctx: &mut Context<Self>) {
@@ -134,10 +165,10 @@ impl RedisSubscriber {
         }
     }
 
-    /// Sends the batched SUBSCRIBE and UNSUBSCRIBE.
+    /// Sends the batched subscribes and unsubscribes.
     fn flush(&mut self, ctx: &mut Context<Self>) {
         self.flush_scheduled = false;
-        let Some(sink) = self.sink.clone() else {
+        let Some(pubsub) = self.pubsub.clone() else {
             // Disconnected: the reconnect subscribes to every referenced channel.
             self.to_subscribe.clear();
             self.to_unsubscribe.clear();
@@ -150,26 +181,41 @@ impl RedisSubscriber {
             .collect();
         let generation = self.generation;
         let work = async move {
-            let mut sink = sink;
             if !unsubscribe.is_empty() {
-                sink.unsubscribe(&unsubscribe).await?;
+                pubsub.unsubscribe(&unsubscribe).await?;
             }
             if !subscribe.is_empty() {
-                sink.subscribe(&subscribe).await?;
+                pubsub.subscribe(&subscribe).await?;
             }
-            Ok::<_, redis::RedisError>(subscribe)
+            Ok::<_, crate::redis::RedisError>(subscribe)
         };
         ctx.spawn(
             work.into_actor(self)
                 .map(move |result, this, ctx| match result {
                     Ok(subscribed) => this.confirm(subscribed),
                     Err(e) if this.generation == generation => {
-                        tracing::warn!(error = %e, "redis subscribe failed; reconnecting");
-                        this.lost(ctx);
+                        tracing::warn!(error = %e, "redis subscribe failed");
+                        this.subscribe_failed(ctx);
                     }
                     Err(_) => {}
                 }),
         );
+    }
+
+    /// A subscribe failed: on one connection, start over; on a cluster,
+    /// every unconfirmed channel is subscribed again with backoff.
+    fn subscribe_failed(&mut self, ctx: &mut Context<Self>) {
+        if !self.cluster() {
+            return self.lost_connection(ctx);
+        }
+        let unconfirmed: Vec<String> = self
+            .channels
+            .iter()
+            .filter(|(_, c)| !c.confirmed)
+            .map(|(name, _)| name.clone())
+            .collect();
+        self.lost.extend(unconfirmed);
+        self.schedule_resubscribe(ctx);
     }
 
     fn confirm(&mut self, channels: Vec<String>) {
@@ -184,8 +230,9 @@ impl RedisSubscriber {
         }
     }
 
-    fn lost(&mut self, ctx: &mut Context<Self>) {
-        if self.sink.take().is_none() {
+    /// The whole connection is gone (standalone, sentinel): reconnect.
+    fn lost_connection(&mut self, ctx: &mut Context<Self>) {
+        if self.pubsub.take().is_none() {
             return;
         }
         self.generation += 1;
@@ -204,25 +251,23 @@ impl RedisSubscriber {
     }
 
     /// Opens the pub/sub connection and subscribes to every referenced
-    /// channel plus broadcast.
+    /// channel.
     fn connect(&mut self, ctx: &mut Context<Self>) {
-        let client = self.client.clone();
-        let mut channels: Vec<String> = self.channels.keys().cloned().collect();
-        channels.push(self.keys.broadcast_channel());
+        let config = self.redis.config().clone();
+        let channels: Vec<String> = self.channels.keys().cloned().collect();
         let work = async move {
-            let pubsub = tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_pubsub())
+            let (pubsub, events) = tokio::time::timeout(CONNECT_TIMEOUT, pubsub::connect(&config))
                 .await
                 .map_err(|_| "timed out".to_owned())?
                 .map_err(|e| e.to_string())?;
-            let (mut sink, stream) = pubsub.split();
-            tokio::time::timeout(CONNECT_TIMEOUT, sink.subscribe(&channels))
+            tokio::time::timeout(CONNECT_TIMEOUT * 2, pubsub.subscribe(&channels))
                 .await
                 .map_err(|_| "subscribe timed out".to_owned())?
                 .map_err(|e| e.to_string())?;
-            Ok::<_, String>((sink, stream, channels))
+            Ok::<_, String>((pubsub, events, channels))
         };
         ctx.spawn(work.into_actor(self).map(|result, this, ctx| match result {
-            Ok((sink, stream, channels)) => this.connected(sink, stream, channels, ctx),
+            Ok((pubsub, events, channels)) => this.connected(pubsub, events, channels, ctx),
             Err(e) => {
                 tracing::warn!(error = %e, "redis subscriber cannot connect; retrying with backoff");
                 this.reconnect_later(ctx);
@@ -232,8 +277,8 @@ impl RedisSubscriber {
 
     fn connected(
         &mut self,
-        sink: PubSubSink,
-        stream: PubSubStream,
+        pubsub: PubSub,
+        events: BoxStream<'static, Event>,
         channels: Vec<String>,
         ctx: &mut Context<Self>,
     ) {
@@ -246,14 +291,14 @@ impl RedisSubscriber {
         }
         self.generation += 1;
         let generation = self.generation;
-        self.sink = Some(sink);
+        self.pubsub = Some(pubsub);
         self.backoff = BACKOFF_MIN;
         self.connected.store(true, Ordering::Release);
         let reconnect = generation > 1;
-        self.confirm(channels);
-        ctx.add_stream(stream.map(move |msg| (generation, msg)));
+        self.confirm(channels.clone());
+        ctx.add_stream(events.map(move |event| (generation, event)));
         if reconnect {
-            self.catch_up_all(ctx);
+            self.catch_up_rooms(channels, ctx);
         }
         // Channels referenced while the connection was being made.
         let missing: Vec<String> = self
@@ -269,16 +314,83 @@ impl RedisSubscriber {
     }
 }
 
-/// Catching up after a reconnect.
+/// Cluster: channels the server dropped, subscribed again.
 impl RedisSubscriber {
-    /// Starts a catch-up of every room with local members.
-    fn catch_up_all(&mut self, ctx: &mut Context<Self>) {
-        let rooms: Vec<(RoomName, String)> = self
-            .channels
-            .values()
-            .filter_map(|c| {
+    /// The server unsubscribed a channel we still need (a slot moved or its
+    /// primary was demoted), or a node's connection dropped: subscribe
+    /// again, then catch up.
+    fn mark_lost(&mut self, names: impl IntoIterator<Item = String>, ctx: &mut Context<Self>) {
+        for name in names {
+            let Some(channel) = self.channels.get_mut(&name) else {
+                continue;
+            };
+            channel.confirmed = false;
+            self.lost.insert(name);
+        }
+        self.schedule_resubscribe(ctx);
+    }
+
+    fn schedule_resubscribe(&mut self, ctx: &mut Context<Self>) {
+        if self.resubscribe_scheduled || self.lost.is_empty() {
+            return;
+        }
+        self.resubscribe_scheduled = true;
+        let delay = self
+            .resubscribe_backoff
+            .mul_f64(rand::random_range(0.5..1.0));
+        ctx.run_later(delay, |this, ctx| this.resubscribe(ctx));
+    }
+
+    fn resubscribe(&mut self, ctx: &mut Context<Self>) {
+        self.resubscribe_scheduled = false;
+        let Some(pubsub) = self.pubsub.clone() else {
+            return;
+        };
+        let channels: Vec<String> = std::mem::take(&mut self.lost)
+            .into_iter()
+            .filter(|name| self.channels.contains_key(name))
+            .collect();
+        if channels.is_empty() {
+            return;
+        }
+        tracing::info!(
+            channels = channels.len(),
+            "subscribing again to channels redis dropped"
+        );
+        let work = async move {
+            let result = pubsub.subscribe(&channels).await;
+            (channels, result)
+        };
+        ctx.spawn(work.into_actor(self).map(|(channels, result), this, ctx| match result {
+            Ok(()) => {
+                this.resubscribe_backoff = BACKOFF_MIN;
+                metrics()
+                    .redis_reconnects
+                    .with_label_values(&["subscriber"])
+                    .inc();
+                this.confirm(channels.clone());
+                this.catch_up_rooms(channels, ctx);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "subscribing again failed; retrying with backoff");
+                this.resubscribe_backoff = (this.resubscribe_backoff * 2).min(BACKOFF_MAX);
+                this.lost.extend(channels);
+                this.schedule_resubscribe(ctx);
+            }
+        }));
+    }
+}
+
+/// Catching up after a lost subscription.
+impl RedisSubscriber {
+    /// Starts a catch-up of the rooms among `channels`.
+    fn catch_up_rooms(&mut self, channels: Vec<String>, ctx: &mut Context<Self>) {
+        let rooms: Vec<(RoomName, String)> = channels
+            .iter()
+            .filter_map(|name| {
+                let c = self.channels.get(name)?;
                 let room = c.room.clone()?;
-                let start = match self.ids.last_history_id(&room) {
+                let start = match self.ids.last_room_id(&room) {
                     Some(id) => format!("({id}"),
                     None => format!("{}-0", c.subscribed_at_ms?),
                 };
@@ -302,24 +414,23 @@ impl RedisSubscriber {
     /// Reads the room's history after `start` and delivers it, then the
     /// live messages held back meanwhile.
     fn catch_up(&mut self, room: RoomName, start: String, ctx: &mut Context<Self>) {
-        let (cmd, key, count) = (
-            self.cmd.clone(),
+        let (redis, key, count) = (
+            self.redis.clone(),
             self.keys.history(&room),
             self.history_size,
         );
         let read = async move {
-            let reply: redis::streams::StreamRangeReply = cmd
+            redis
                 .exec(move |mut c| async move {
                     redis::AsyncCommands::xrange_count(&mut c, &key, &start, "+", count).await
                 })
-                .await?;
-            Ok::<_, crate::broker::BrokerError>(reply)
+                .await
         };
-        ctx.spawn(read.into_actor(self).map(move |result, this, _| {
+        ctx.spawn(read.into_actor(self).map(move |result: crate::redis::RedisResult<redis::streams::StreamRangeReply>, this, _| {
             let replay = match result {
                 Ok(reply) => payload::history_envelopes(&room, reply),
                 Err(e) => {
-                    tracing::warn!(error = %e, room = %room, "catch-up after reconnect failed; members may have missed messages");
+                    tracing::warn!(error = %e, room = %room, "catch-up failed; members may have missed messages (they recover with since)");
                     Vec::new()
                 }
             };
@@ -345,9 +456,9 @@ impl RedisSubscriber {
     }
 
     /// Delivers an envelope, or holds it back while its room catches up.
-    /// A room message not newer than the last one delivered here (one that
-    /// an outage's local numbering overtook) is dropped: members receive
-    /// in id order, never twice.
+    /// A room message not newer than the last one delivered here (a late
+    /// copy of one a catch-up delivered) is dropped: members receive in id
+    /// order, never twice.
     fn deliver(&mut self, envelope: Envelope, last: Option<MessageId>) {
         if let Target::Room(room) = &envelope.target {
             if envelope.id.is_some() && envelope.id <= last && !self.catching_up.contains_key(room)
@@ -379,18 +490,50 @@ impl Actor for RedisSubscriber {
     }
 }
 
-impl StreamHandler<(u64, redis::Msg)> for RedisSubscriber {
-    fn handle(&mut self, (generation, msg): (u64, redis::Msg), _: &mut Self::Context) {
+impl StreamHandler<(u64, Event)> for RedisSubscriber {
+    fn handle(&mut self, (generation, event): (u64, Event), ctx: &mut Self::Context) {
         if generation != self.generation {
             return;
         }
-        let channel = msg.get_channel_name();
-        let bytes = msg.get_payload_bytes();
-        let last = self
-            .keys
-            .room_of_channel(channel)
-            .and_then(|room| self.ids.last_room_id(&room));
-        match payload::decode(self.keys.prefix(), channel, bytes, &mut self.ids) {
+        match event {
+            Event::Message { channel, payload } => self.on_message(&channel, &payload),
+            // Ours (the channel is no longer referenced), or the server's.
+            Event::Unsubscribed(channel) => {
+                if self.cluster() && self.channels.contains_key(&channel) {
+                    tracing::info!(
+                        channel,
+                        "redis dropped a subscription (slot moved or failover)"
+                    );
+                    self.mark_lost([channel], ctx);
+                }
+            }
+            Event::Disconnected if self.cluster() => {
+                tracing::warn!("a redis cluster node's pub/sub connection dropped");
+                let all: Vec<String> = self.channels.keys().cloned().collect();
+                self.mark_lost(all, ctx);
+            }
+            Event::Disconnected => {
+                tracing::warn!("redis pub/sub connection lost; reconnecting");
+                self.lost_connection(ctx);
+            }
+        }
+    }
+
+    fn finished(&mut self, ctx: &mut Self::Context) {
+        // The stream of a connection we still use ended.
+        if !self.cluster() {
+            self.lost_connection(ctx);
+        }
+    }
+}
+
+impl RedisSubscriber {
+    fn on_message(&mut self, channel: &str, bytes: &[u8]) {
+        let last = match self.keys.channel_target(channel) {
+            Some(ChannelOf::Room(room)) => self.ids.last_room_id(&room),
+            _ => None,
+        };
+        match payload::decode(&self.keys, channel, bytes, &mut self.ids) {
             Ok(envelope) => self.deliver(envelope, last),
             Err(payload::Malformed) => {
                 metrics().redis_malformed.inc();
@@ -402,12 +545,6 @@ impl StreamHandler<(u64, redis::Msg)> for RedisSubscriber {
                 );
             }
         }
-    }
-
-    fn finished(&mut self, ctx: &mut Self::Context) {
-        // The connection dropped (CLIENT KILL, Redis restart, network).
-        tracing::warn!("redis pub/sub connection lost; reconnecting");
-        self.lost(ctx);
     }
 }
 
@@ -425,7 +562,7 @@ impl Handler<AttachHub> for RedisSubscriber {
 }
 
 /// One more reference to a channel; resolves once Redis has confirmed the
-/// subscription (at once while Redis is away).
+/// subscription.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Watch {
@@ -437,26 +574,19 @@ impl Handler<Watch> for RedisSubscriber {
     type Result = ();
 
     fn handle(&mut self, msg: Watch, ctx: &mut Self::Context) {
-        let room = self.keys.room_of_channel(&msg.channel);
+        let room = match self.keys.channel_target(&msg.channel) {
+            Some(ChannelOf::Room(room)) => Some(room),
+            _ => None,
+        };
         let local_rooms = &self.local_rooms;
         let channel = self.channels.entry(msg.channel.clone()).or_insert_with(|| {
             if room.is_some() {
                 local_rooms.fetch_add(1, Ordering::Relaxed);
             }
-            Channel {
-                refs: 0,
-                confirmed: false,
-                waiters: Vec::new(),
-                room,
-                subscribed_at_ms: None,
-            }
+            Channel::new(room)
         });
         channel.refs += 1;
-        // During an outage (connected before, not now) a watch succeeds at
-        // once and is restored on reconnect; before the first connection it
-        // waits, so early joins are not acked before they are subscribed.
-        let outage = self.sink.is_none() && self.generation > 0;
-        if channel.confirmed || outage {
+        if channel.confirmed {
             let _ = msg.confirmed.send(());
             return;
         }
@@ -488,6 +618,7 @@ impl Handler<Unwatch> for RedisSubscriber {
                 self.ids.forget_room(&room);
                 self.catching_up.remove(&room);
             }
+            self.lost.remove(&msg.0);
             crate::trim::shrink_map(&mut self.channels);
             self.to_subscribe.remove(&msg.0);
             self.to_unsubscribe.insert(msg.0);
@@ -496,69 +627,15 @@ impl Handler<Unwatch> for RedisSubscriber {
     }
 }
 
-/// Delivery to this instance only, while Redis is away. Answers the id given.
-#[derive(Message)]
-#[rtype(result = "String")]
-pub enum LocalPublish {
-    Room {
-        room: RoomName,
-        from: String,
-        data: Box<RawValue>,
-    },
-    User {
-        user: String,
-        from: String,
-        data: Box<RawValue>,
-    },
-    Broadcast {
-        data: Box<RawValue>,
-    },
-    /// A complete frame for a user (a task update).
-    Frame {
-        user: String,
-        frame: bytestring::ByteString,
-    },
-}
-
-impl Handler<LocalPublish> for RedisSubscriber {
-    type Result = String;
-
-    fn handle(&mut self, msg: LocalPublish, _: &mut Self::Context) -> String {
-        let at = Stamp::now();
-        let (envelope, id) = match msg {
-            LocalPublish::Room { room, from, data } => {
-                let id = self.ids.next_room_offline(&room);
-                (
-                    Envelope::message(room, id, &from, &*data, at),
-                    id.to_string(),
-                )
-            }
-            LocalPublish::User { user, from, data } => {
-                let id = self.ids.next_other().to_string();
-                (Envelope::direct(user, &id, &from, &*data, at), id)
-            }
-            LocalPublish::Broadcast { data } => {
-                let id = self.ids.next_other().to_string();
-                (Envelope::broadcast(&id, &*data, at), id)
-            }
-            LocalPublish::Frame { user, frame } => {
-                (Envelope::to_user(user, frame, at), String::new())
-            }
-        };
-        self.hubs.send(envelope);
-        id
-    }
-}
-
 impl RedisBroker {
     /// Takes the reference now; the future resolves once Redis confirmed
-    /// the subscription (at once while Redis is away; a connection that
-    /// dies mid-subscribe is restored by the reconnect).
+    /// the subscription, or fails `unavailable` after `redis.timeout_s`.
     fn watch(&self, channel: String) -> BoxFuture<'static, BrokerResult<()>> {
         let (confirmed, rx) = oneshot::channel();
         self.subscriber.do_send(Watch { channel, confirmed });
+        let limit = self.redis.timeout();
         Box::pin(async move {
-            match tokio::time::timeout(COMMAND_TIMEOUT, rx).await {
+            match tokio::time::timeout(limit, rx).await {
                 Ok(Ok(())) => Ok(()),
                 _ => Err(BrokerError::Unavailable(
                     "subscription not confirmed".into(),

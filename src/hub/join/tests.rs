@@ -171,7 +171,10 @@ impl Setup {
 
     async fn publish(&self, n: u64) -> MessageId {
         let data = json!({ "n": n });
-        let id = self.broker.messages.publish_room(&self.room, "p", &data);
+        let id = self
+            .broker
+            .messages
+            .publish_room(&self.room, "p", &data, None);
         let id = id.await.unwrap();
         // The hub has handled the fan-out once a later message is through.
         self.hub

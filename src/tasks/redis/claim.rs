@@ -8,12 +8,12 @@ use redis::streams::{StreamId, StreamReadReply};
 use redis::Value as RedisValue;
 use serde_json::value::RawValue;
 
-use super::keys::GROUP;
 use super::submit::int;
 use super::{RedisTasks, DEAD_KEPT};
 use crate::clock::now_ms;
 use crate::protocol::TaskStatus;
-use crate::tasks::record::status_frame;
+use crate::redis::keys::TASK_GROUP as GROUP;
+use crate::tasks::record::{outcome_frame, status_frame};
 use crate::tasks::{Job, Outcome, TaskError, TaskResult};
 
 /// How long `XREADGROUP` blocks when there is no work: under redis-rs's
@@ -110,10 +110,11 @@ impl RedisTasks {
         from: &str,
     ) -> TaskResult<Option<StreamReadReply>> {
         let held = self.claims()?.readers.remove(consumer);
-        let mut conn = match held {
-            Some(conn) => conn,
-            None => self.cmd.dedicated().await?,
+        let pooled = match held {
+            Some(pooled) => pooled,
+            None => self.redis.dedicated().await?,
         };
+        let mut conn = pooled.conn();
         let mut cmd = redis::cmd("XREADGROUP");
         cmd.arg("GROUP")
             .arg(GROUP)
@@ -125,16 +126,20 @@ impl RedisTasks {
         }
         cmd.arg("STREAMS").arg(self.keys.queue()).arg(from);
         let limit = Duration::from_millis(BLOCK_MS) + Duration::from_secs(2);
-        let reply = match tokio::time::timeout(limit, cmd.query_async(&mut *conn)).await {
+        let reply = match tokio::time::timeout(limit, cmd.query_async(&mut conn)).await {
             Ok(Ok(reply)) => reply,
-            Ok(Err(e)) => return Err(crate::broker::redis::commands::classify(&e).into()),
+            Ok(Err(e)) => {
+                pooled.discard();
+                return Err(crate::redis::classify(&e).into());
+            }
             Err(_) => {
+                pooled.discard();
                 return Err(TaskError::Unavailable(
                     "reading the task stream timed out".into(),
-                ))
+                ));
             }
         };
-        self.claims()?.readers.insert(consumer.to_owned(), conn);
+        self.claims()?.readers.insert(consumer.to_owned(), pooled);
         Ok(reply)
     }
 
@@ -143,7 +148,7 @@ impl RedisTasks {
     async fn autoclaim(&self, consumer: &str, max: usize) -> TaskResult<Vec<StreamId>> {
         let (queue, consumer, idle) = (self.keys.queue(), consumer.to_owned(), self.visibility_ms);
         let reply: redis::streams::StreamAutoClaimReply = self
-            .cmd
+            .redis
             .exec(move |mut c| async move {
                 redis::cmd("XAUTOCLAIM")
                     .arg(&queue)
@@ -171,10 +176,10 @@ impl RedisTasks {
     pub(super) async fn start_entries(&self, entries: Vec<StreamId>) -> TaskResult<Vec<Job>> {
         let taken: Vec<Taken> = entries.into_iter().map(Taken::from).collect();
         let now = now_ms().to_string();
-        let calls: Vec<crate::broker::redis::commands::ScriptCall<'_>> = taken
+        let calls: Vec<crate::redis::ScriptCall<'_>> = taken
             .iter()
-            .map(|t| crate::broker::redis::commands::ScriptCall {
-                script: &self.scripts.start,
+            .map(|t| crate::redis::ScriptCall {
+                script: &self.redis.scripts.start,
                 keys: vec![
                     self.keys.record(&t.task_id),
                     self.keys.pending(&t.user),
@@ -184,8 +189,6 @@ impl RedisTasks {
                 args: vec![
                     now.clone(),
                     self.max_attempts.to_string(),
-                    self.keys.user_channel(&t.user),
-                    status_frame(&t.task_id, TaskStatus::Running).to_string(),
                     t.entry_id.clone(),
                     t.task_id.clone(),
                     DEAD_KEPT.to_string(),
@@ -193,7 +196,7 @@ impl RedisTasks {
                 ],
             })
             .collect();
-        let replies = self.cmd.run_scripts(&calls).await?;
+        let replies = self.redis.run_scripts(&calls).await?;
         let mut jobs = Vec::new();
         for (t, reply) in taken.into_iter().zip(replies) {
             let answer = match &reply {
@@ -203,6 +206,8 @@ impl RedisTasks {
             match answer.first().and_then(int) {
                 Some(attempt) if attempt > 0 => {
                     self.claims()?.running.insert(t.entry_id.clone());
+                    self.tell(&t.user, status_frame(&t.task_id, TaskStatus::Running))
+                        .await;
                     jobs.push(Job {
                         payload: RawValue::from_string(t.payload).unwrap_or_else(|_| {
                             RawValue::from_string("null".into()).expect("null is JSON")
@@ -220,8 +225,10 @@ impl RedisTasks {
                         .get(1)
                         .and_then(|v| redis::from_redis_value::<String>(v.clone()).ok())
                         .unwrap_or_else(|| LOST.to_owned());
-                    self.retain(&t.task_id, &t.user, &Outcome::Failed(error))
+                    let outcome = Outcome::Failed(error);
+                    self.tell(&t.user, outcome_frame(&t.task_id, &outcome))
                         .await;
+                    self.retain(&t.task_id, &t.user, &outcome).await;
                 }
                 Some(_) => {}
                 None => {
@@ -237,7 +244,9 @@ impl RedisTasks {
     pub(super) async fn renew_claim(&self, consumer: &str, job: &Job) -> TaskResult<bool> {
         let keys = vec![self.keys.queue()];
         let args = vec![GROUP.to_owned(), consumer.to_owned(), job.token.clone()];
-        let renewed: i64 = self.run_script(&self.scripts.renew, keys, args).await?;
+        let renewed: i64 = self
+            .run_script(&self.redis.scripts.renew, keys, args)
+            .await?;
         Ok(renewed == 1)
     }
 }

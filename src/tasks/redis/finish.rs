@@ -21,15 +21,17 @@ impl RedisTasks {
             job.attempt.to_string(),
             error.to_owned(),
             now_ms().to_string(),
-            self.keys.user_channel(&job.user),
-            status_frame(&job.task_id, TaskStatus::Running).to_string(),
         ];
-        let attempt: i64 = self.run_script(&self.scripts.retry, keys, args).await?;
+        let attempt: i64 = self
+            .run_script(&self.redis.scripts.retry, keys, args)
+            .await?;
         if attempt <= 0 {
             self.forget_running(job);
             return Ok(false);
         }
         job.attempt = attempt as u32;
+        self.tell(&job.user, status_frame(&job.task_id, TaskStatus::Running))
+            .await;
         Ok(true)
     }
 
@@ -56,14 +58,16 @@ impl RedisTasks {
             self.result_ttl_ms.to_string(),
             job.token.clone(),
             job.task_id.clone(),
-            self.keys.user_channel(&job.user),
-            outcome_frame(&job.task_id, outcome).to_string(),
             DEAD_KEPT.to_string(),
         ];
-        let written: i64 = self.run_script(&self.scripts.finish, keys, args).await?;
+        let written: i64 = self
+            .run_script(&self.redis.scripts.finish, keys, args)
+            .await?;
         if written != 1 {
             return Ok(false);
         }
+        self.tell(&job.user, outcome_frame(&job.task_id, outcome))
+            .await;
         self.retain(&job.task_id, &job.user, outcome).await;
         Ok(true)
     }
@@ -91,8 +95,9 @@ impl RedisTasks {
             self.result_ttl_ms.to_string(),
             self.max_record_bytes.to_string(),
         ];
-        let evicted: TaskResult<Vec<String>> =
-            self.run_script(&self.scripts.retain, keys, args).await;
+        let evicted: TaskResult<Vec<String>> = self
+            .run_script(&self.redis.scripts.retain, keys, args)
+            .await;
         let evicted = match evicted {
             Ok(evicted) if !evicted.is_empty() => evicted,
             Ok(_) => return,
@@ -103,7 +108,7 @@ impl RedisTasks {
         };
         let records: Vec<String> = evicted.iter().map(|id| self.keys.record(id)).collect();
         let deleted = self
-            .cmd
+            .redis
             .exec(move |mut c| async move {
                 redis::cmd("DEL")
                     .arg(&records)

@@ -5,9 +5,9 @@ use std::collections::HashMap;
 
 use redis::Value as RedisValue;
 
-use super::keys::GROUP;
 use super::RedisTasks;
 use crate::protocol::MessageId;
+use crate::redis::keys::TASK_GROUP as GROUP;
 use crate::tasks::{Depth, TaskResult};
 
 impl RedisTasks {
@@ -15,7 +15,7 @@ impl RedisTasks {
     async fn group_state(&self) -> TaskResult<(HashMap<String, RedisValue>, Option<String>, u64)> {
         let (queue, dead) = (self.keys.queue(), self.keys.dead());
         let (groups, oldest, dead_len): (Vec<HashMap<String, RedisValue>>, RedisValue, u64) = self
-            .cmd
+            .redis
             .exec(move |mut c| async move {
                 redis::pipe()
                     .cmd("XINFO")
@@ -83,7 +83,7 @@ impl RedisTasks {
         });
         if let Some(min_id) = min_id {
             let queue = self.keys.queue();
-            self.cmd
+            self.redis
                 .exec(move |mut c| async move {
                     redis::cmd("XTRIM")
                         .arg(&queue)

@@ -1,6 +1,7 @@
-//! The task queue on Redis (cluster mode), shared by every hub and every
-//! `switchboard worker` on the same `redis.prefix`; the keys are in
-//! [`keys`].
+//! The task queue on Redis (`broker.kind = "redis"`), shared by every hub
+//! and every `switchboard worker` on the same `redis.prefix`, on the Redis
+//! layer ([`crate::redis`]); the keys are [`crate::redis::keys::TaskKeys`],
+//! all under one hash tag.
 //!
 //! - Submitting ([`submit`]): `submit.lua` writes the idempotency key, the
 //!   user's pending entry and the record in one step, provisionally; after
@@ -20,11 +21,11 @@
 //! - Housekeeping ([`maintain`]): trimming the stream, the gauges.
 //!
 //! Every script touches keys of the one `{tasks}` slot only; updates go to
-//! the user as `task` frames on `{prefix}:user:{user}`.
+//! the user as `task` frames on the user's channel, published after the
+//! script that made the change (the channel is in the user's slot).
 
 mod claim;
 mod finish;
-pub mod keys;
 mod maintain;
 mod submit;
 
@@ -34,46 +35,17 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 
-use self::keys::{TaskKeys, GROUP};
 use super::{
     Cancelled, Depth, Job, Outcome, Prepared, Progressed, Submission, TaskError, TaskQueue,
     TaskRecord, TaskResult, TaskStartError,
 };
-use crate::broker::redis::commands::{Commands, Lua};
 use crate::config::Config;
+use crate::redis::keys::{TaskKeys, TASK_GROUP as GROUP};
+use crate::redis::scripts::Lua;
+use crate::redis::Redis;
 
 /// Dead letters kept (approximately).
 const DEAD_KEPT: usize = 10_000;
-
-struct Scripts {
-    submit: Lua,
-    enqueue: Lua,
-    unsubmit: Lua,
-    cancel: Lua,
-    progress: Lua,
-    start: Lua,
-    renew: Lua,
-    retry: Lua,
-    finish: Lua,
-    retain: Lua,
-}
-
-impl Scripts {
-    fn load() -> Scripts {
-        Scripts {
-            submit: Lua::new(include_str!("../scripts/submit.lua")),
-            enqueue: Lua::new(include_str!("../scripts/enqueue.lua")),
-            unsubmit: Lua::new(include_str!("../scripts/unsubmit.lua")),
-            cancel: Lua::new(include_str!("../scripts/cancel.lua")),
-            progress: Lua::new(include_str!("../scripts/progress.lua")),
-            start: Lua::new(include_str!("../scripts/start.lua")),
-            renew: Lua::new(include_str!("../scripts/renew.lua")),
-            retry: Lua::new(include_str!("../scripts/retry.lua")),
-            finish: Lua::new(include_str!("../scripts/finish.lua")),
-            retain: Lua::new(include_str!("../scripts/retain.lua")),
-        }
-    }
-}
 
 /// What a worker process knows of its own reads.
 #[derive(Default)]
@@ -81,7 +53,7 @@ struct Claims {
     /// When each consumer last looked for tasks to take over.
     last_claim: HashMap<String, Instant>,
     /// Each consumer's own connection for its blocking reads.
-    readers: HashMap<String, deadpool_redis::Connection>,
+    readers: HashMap<String, crate::redis::conn::Pooled>,
     /// Consumers that have read their own pending entries since their last
     /// failed read (or start).
     recovered: HashSet<String>,
@@ -91,9 +63,8 @@ struct Claims {
 }
 
 pub struct RedisTasks {
-    cmd: Arc<Commands>,
+    redis: Arc<Redis>,
     keys: TaskKeys,
-    scripts: Scripts,
     max_pending: usize,
     max_attempts: u32,
     visibility_ms: u64,
@@ -107,12 +78,11 @@ impl RedisTasks {
     /// A pool of its own (workers block on it) and the consumer group,
     /// created when missing (a Redis that is away is retried later).
     pub async fn start(config: &Config) -> Result<RedisTasks, TaskStartError> {
-        let cmd = Commands::new(&config.redis).map_err(|e| TaskStartError::Redis(e.to_string()))?;
+        let redis = Redis::new(&config.redis).map_err(TaskStartError::Redis)?;
         let t = &config.tasks;
         let tasks = RedisTasks {
-            cmd: Arc::new(cmd),
+            redis: Arc::new(redis),
             keys: TaskKeys::new(&config.redis.prefix),
-            scripts: Scripts::load(),
             max_pending: t.max_pending_per_user,
             max_attempts: t.max_attempts,
             visibility_ms: t.visibility_timeout_s.saturating_mul(1000),
@@ -136,7 +106,7 @@ impl RedisTasks {
     async fn ensure_group(&self) -> TaskResult<()> {
         let queue = self.keys.queue();
         let created: redis::RedisResult<()> = self
-            .cmd
+            .redis
             .exec(move |mut c| async move {
                 Ok(redis::cmd("XGROUP")
                     .arg("CREATE")
@@ -161,7 +131,16 @@ impl RedisTasks {
         keys: Vec<String>,
         args: Vec<String>,
     ) -> TaskResult<T> {
-        Ok(self.cmd.run_script(script, keys, args).await?)
+        Ok(self.redis.run_script(script, keys, args).await?)
+    }
+
+    /// Tells the user about its task (best effort: the record is the
+    /// truth, and `task_status` reads it).
+    async fn tell(&self, user: &str, frame: bytestring::ByteString) {
+        let channel = self.keys.user_channel(user);
+        if let Err(e) = self.redis.publish(channel, frame.to_string()).await {
+            tracing::debug!(error = %e, "task update not published");
+        }
     }
 }
 
@@ -225,7 +204,7 @@ impl TaskQueue for RedisTasks {
 
     async fn ready(&self) -> Result<(), String> {
         let pong: TaskResult<String> = self
-            .cmd
+            .redis
             .exec(|mut c| async move { redis::cmd("PING").query_async(&mut c).await })
             .await
             .map_err(TaskError::from);

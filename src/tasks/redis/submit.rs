@@ -44,7 +44,9 @@ impl RedisTasks {
             PROVISIONAL_MS.to_string(),
             pending_ttl.to_string(),
         ];
-        let (code, id): (i64, String) = self.run_script(&self.scripts.submit, keys, args).await?;
+        let (code, id): (i64, String) = self
+            .run_script(&self.redis.scripts.submit, keys, args)
+            .await?;
         match code {
             1 => Ok(Prepared {
                 task_id,
@@ -55,7 +57,7 @@ impl RedisTasks {
                 // The earlier task of this key; never another user's.
                 let key = self.keys.record(&id);
                 let owner: Option<String> = self
-                    .cmd
+                    .redis
                     .exec(move |mut c| async move {
                         redis::cmd("HGET")
                             .arg(&key)
@@ -96,7 +98,9 @@ impl RedisTasks {
             self.result_ttl_ms.to_string(),
             self.idempotency_ttl_ms.to_string(),
         ];
-        let enqueued: TaskResult<i64> = self.run_script(&self.scripts.enqueue, keys, args).await;
+        let enqueued: TaskResult<i64> = self
+            .run_script(&self.redis.scripts.enqueue, keys, args)
+            .await;
         let error = match enqueued {
             Ok(_) => return Ok(()),
             Err(e) => e,
@@ -104,7 +108,11 @@ impl RedisTasks {
         tracing::warn!(error = %error, task_id = %prepared.task_id, "enqueue failed: undoing the submission");
         let keys = self.submission_keys(&prepared.task_id, s);
         let undone: TaskResult<i64> = self
-            .run_script(&self.scripts.unsubmit, keys, vec![prepared.task_id.clone()])
+            .run_script(
+                &self.redis.scripts.unsubmit,
+                keys,
+                vec![prepared.task_id.clone()],
+            )
             .await;
         match undone {
             Ok(0) => Ok(()),
@@ -119,7 +127,7 @@ impl RedisTasks {
     pub(super) async fn read_record(&self, task_id: &str) -> TaskResult<Option<TaskRecord>> {
         let key = self.keys.record(task_id);
         let fields: HashMap<String, String> =
-            self.cmd
+            self.redis
                 .exec(move |mut c| async move {
                     redis::cmd("HGETALL").arg(&key).query_async(&mut c).await
                 })
@@ -129,17 +137,14 @@ impl RedisTasks {
 
     pub(super) async fn cancel_queued(&self, task_id: &str, user: &str) -> TaskResult<Cancelled> {
         let outcome = Outcome::Failed("cancelled".into());
-        let args = vec![
-            user.to_owned(),
-            now_ms().to_string(),
-            self.keys.user_channel(user),
-            outcome_frame(task_id, &outcome).to_string(),
-            task_id.to_owned(),
-        ];
+        let args = vec![user.to_owned(), now_ms().to_string(), task_id.to_owned()];
         let keys = vec![self.keys.record(task_id), self.keys.pending(user)];
-        let n: i64 = self.run_script(&self.scripts.cancel, keys, args).await?;
+        let n: i64 = self
+            .run_script(&self.redis.scripts.cancel, keys, args)
+            .await?;
         match n {
             1 => {
+                self.tell(user, outcome_frame(task_id, &outcome)).await;
                 self.retain(task_id, user, &outcome).await;
                 Ok(Cancelled::Cancelled)
             }
@@ -154,19 +159,24 @@ impl RedisTasks {
         progress: u8,
         message: Option<&str>,
     ) -> TaskResult<Progressed> {
-        let args = vec![
-            progress.to_string(),
-            now_ms().to_string(),
-            self.keys.prefix().to_owned(),
-            progress_frame(task_id, progress, message).to_string(),
-        ];
+        let args = vec![progress.to_string(), now_ms().to_string()];
         let keys = vec![self.keys.record(task_id)];
-        let n: i64 = self.run_script(&self.scripts.progress, keys, args).await?;
-        Ok(match n {
-            1 => Progressed::Reported,
-            0 => Progressed::NotRunning,
-            _ => Progressed::NotFound,
-        })
+        let reply: Vec<RedisValue> = self
+            .run_script(&self.redis.scripts.progress, keys, args)
+            .await?;
+        match reply.first().and_then(int) {
+            Some(1) => {
+                let user = reply
+                    .get(1)
+                    .and_then(|u| redis::from_redis_value::<String>(u.clone()).ok())
+                    .unwrap_or_default();
+                self.tell(&user, progress_frame(task_id, progress, message))
+                    .await;
+                Ok(Progressed::Reported)
+            }
+            Some(0) => Ok(Progressed::NotRunning),
+            _ => Ok(Progressed::NotFound),
+        }
     }
 }
 
