@@ -1,4 +1,4 @@
-//! JWT authentication (contract section 2): verifying client tokens,
+//! JWT authentication (docs/protocol.md §2): verifying client tokens,
 //! minting development tokens, and the `rooms` / `publish` glob claims.
 //!
 //! The accepted algorithm is pinned by `auth.jwt_algorithm`: a token whose

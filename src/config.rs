@@ -1,4 +1,4 @@
-//! Typed configuration: the TOML file of contract section 7, overridden by
+//! Typed configuration: the TOML file of docs/protocol.md §11 (every key: config/default.toml), overridden by
 //! `SWITCHBOARD__SECTION__KEY` environment variables, validated once at start.
 //!
 //! Every key has a default (so a file holds only what differs); unknown keys

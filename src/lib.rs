@@ -19,7 +19,7 @@
 //!   [`broker::Presence`], [`broker::Registry`], [`broker::Subscriptions`]),
 //!   each with a memory ([`broker::memory`]) and a Redis
 //!   ([`broker::redis`]) implementation.
-//! - [`protocol`]: every frame, error code and close code of the contract.
+//! - [`protocol`]: every frame, error code and close code (docs/protocol.md).
 //! - [`auth`]: JWT verification and minting, room globs.
 //! - [`config`]: the TOML file and `SWITCHBOARD__…` overrides.
 //! - [`state`]: what every worker shares; connection places; shutdown.

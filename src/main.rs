@@ -1,4 +1,4 @@
-//! The `switchboard` command line (contract section 8): `serve` (the
+//! The `switchboard` command line (docs/protocol.md §12): `serve` (the
 //! default), `token`, `check-config`, `worker`.
 
 use std::path::PathBuf;
@@ -80,8 +80,8 @@ fn load(path: Option<&std::path::Path>) -> Result<Config, ExitCode> {
 /// after a wave of connections has gone, so has their memory; pages in
 /// use again sooner (any steady traffic) are never given back. It also
 /// packs an idle connection's small allocations tighter than glibc (4.1
-/// against 5.4 KB each in the shared harness). See "Benchmarks" in the
-/// README.
+/// against 5.4 KB each in `bench/compare.sh`'s idle scenario). See
+/// `docs/benchmarks.md`.
 #[cfg(all(target_os = "linux", not(target_env = "musl")))]
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;

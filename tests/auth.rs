@@ -1,4 +1,4 @@
-//! JWT rules of contract section 2, over real connections: algorithms,
+//! JWT rules of docs/protocol.md §2, over real connections: algorithms,
 //! claims, room globs. Auth does not depend on the broker, so these run
 //! against the memory broker only.
 

@@ -1,7 +1,8 @@
 //! Several hubs on one Redis behave as one, and survive Redis and instance
-//! failures. Every test runs twice: on a private standalone `redis-server`
-//! and on a Redis Cluster of three primaries, each started for the test on
-//! free ports (failovers, slot migrations and Sentinel: `tests/failover.rs`).
+//! failures (docs/protocol.md §9, §10). Every test runs twice: on a private
+//! standalone `redis-server` and on a Redis Cluster of three primaries, each
+//! started for the test on free ports (failovers, slot migrations and
+//! Sentinel: `tests/failover.rs`).
 
 mod support;
 

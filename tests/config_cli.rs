@@ -1,4 +1,4 @@
-//! The command line (contract section 8) and config errors (section 7).
+//! The command line (docs/protocol.md §12) and config errors (§11).
 
 mod support;
 

@@ -131,7 +131,7 @@ both_brokers!(fuzzed_frames_hurt_nobody, |broker| async move {
                     }
                 }
                 Err(closed) => {
-                    // Only contract closes are acceptable (e.g. 1009 for the nesting).
+                    // Only documented closes are acceptable (e.g. 1009 for the nesting).
                     assert!(
                         [1003, 1009].contains(&closed.code),
                         "closed {closed:?} after {text:?}"

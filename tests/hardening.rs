@@ -1,5 +1,5 @@
 //! Hardening: behaviour the hub promises under pipelining, edge inputs,
-//! closes, churn, stalls and reconnects (contract sections 2–5, 7 and 8),
+//! closes, churn, stalls and reconnects (docs/protocol.md),
 //! over real sockets and HTTP, against both brokers where it is the same.
 
 mod support;

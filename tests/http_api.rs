@@ -1,4 +1,4 @@
-//! The HTTP API of contract section 5, against both brokers: every endpoint
+//! The HTTP API (docs/protocol.md §9, docs/openapi.yaml), against both brokers: every endpoint
 //! with and without a key, JSON errors, and what clients receive.
 
 mod support;
@@ -178,6 +178,10 @@ both_brokers!(malformed_bodies_are_400_bad_request, |broker| async move {
         r#"{"room": "bad room", "data": 1}"#,
         r#"{"room": "lobby", "data": 1, "extra": true}"#,
         r#"{"broadcast": false, "data": 1}"#,
+        // A null target is refused, not taken for absent.
+        r#"{"broadcast": null, "user": "bob", "data": 1}"#,
+        r#"{"room": null, "user": "bob", "data": 1}"#,
+        r#"{"room": "lobby", "user": null, "data": 1}"#,
     ] {
         let request = api
             .http
@@ -377,3 +381,83 @@ both_brokers!(unknown_paths_are_json_404, |broker| async move {
     assert_eq!(status, 404);
     assert_eq!(body["error"], "not_found");
 });
+
+both_brokers!(
+    a_method_a_path_does_not_take_is_405_with_allow,
+    |broker| async move {
+        let hub = Hub::start(broker);
+        let api = hub.api().await;
+        for (method, path, allow) in [
+            ("DELETE", "/api/stats", "GET"),
+            ("GET", "/api/publish", "POST"),
+            ("PUT", "/api/rooms/lobby/history", "GET"),
+            ("POST", "/health/live", "GET"),
+            ("TRACE", "/metrics", "GET"),
+            ("POST", "/openapi.yaml", "GET"),
+        ] {
+            let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+            let request = api
+                .http
+                .request(method.clone(), hub.http(path))
+                .bearer_auth(API_KEY);
+            let response = request.send().await.expect("http");
+            let status = response.status().as_u16();
+            let allowed = response
+                .headers()
+                .get("allow")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            let body: Value = response.json().await.expect("a JSON body");
+            assert_eq!(
+                (status, allowed.as_deref(), &body["error"]),
+                (405, Some(allow), &json!("method_not_allowed")),
+                "{method} {path}: {body}"
+            );
+        }
+        // The API key is still checked first.
+        let (status, body) = api.call(api.http.delete(hub.http("/api/stats"))).await;
+        assert_eq!((status, &body["error"]), (401, &json!("unauthorized")));
+    }
+);
+
+both_brokers!(
+    the_openapi_document_is_served_without_a_key,
+    |broker| async move {
+        let hub = Hub::start(broker);
+        let response = reqwest::get(hub.http("/openapi.yaml")).await.expect("http");
+        assert_eq!(response.status().as_u16(), 200);
+        let content_type = response.headers().get("content-type").cloned();
+        assert_eq!(
+            content_type.as_ref().and_then(|v| v.to_str().ok()),
+            Some("application/yaml")
+        );
+        let text = response.text().await.expect("body");
+        let in_repo =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi.yaml"))
+                .expect("docs/openapi.yaml");
+        assert_eq!(text, in_repo, "the served document is docs/openapi.yaml");
+    }
+);
+
+#[tokio::test]
+async fn an_oversized_dev_token_body_is_a_json_413() {
+    let hub = Hub::builder(Broker::Memory)
+        .toml("[auth]\ndev_tokens = true")
+        .start();
+    let api = hub.api().await;
+    let ask = |user: String| {
+        api.http
+            .post(hub.http("/dev/token"))
+            .json(&json!({ "user": user }))
+    };
+    // Like every other error of the API (it was actix's plain-text 413).
+    let (status, body) = api.call(ask("a".repeat(300_000))).await;
+    assert_eq!(
+        (status, &body["error"]),
+        (413, &json!("too_large")),
+        "{body}"
+    );
+    // 64 characters of 4 bytes each still fit.
+    let (status, body) = api.call(ask("𝒜".repeat(64))).await;
+    assert_eq!(status, 200, "{body}");
+}

@@ -1,4 +1,4 @@
-//! Every limit of contract sections 2, 3 and 7, against both brokers.
+//! Every limit of docs/protocol.md §2, §5 and §6, against both brokers.
 
 mod support;
 

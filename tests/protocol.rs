@@ -1,4 +1,4 @@
-//! The wire protocol of contract section 3, over real sockets, against both
+//! The wire protocol of docs/protocol.md §3–§7, over real sockets, against both
 //! brokers: every client frame, every server frame, the errors that keep
 //! the connection open, ordering and recovery.
 

@@ -1,4 +1,4 @@
-//! Async tasks (contract section 6): the `task`, `task_status` and
+//! Async tasks (docs/protocol.md §8): the `task`, `task_status` and
 //! `task_cancel` frames, idempotency, webhook handlers and their failures,
 //! retries and dead letters, workers in the hub and in `switchboard
 //! worker`, a worker killed mid-task, updates across instances, the

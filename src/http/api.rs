@@ -1,4 +1,4 @@
-//! The admin API of contract section 5 (the API key is checked once, by
+//! The admin API (docs/protocol.md §9, docs/openapi.yaml) (the API key is checked once, by
 //! [`super::api_key`], for the whole `/api` scope). Errors are JSON
 //! `{"error": code, "message": …}`.
 
@@ -49,6 +49,14 @@ impl ApiError {
         )
     }
 
+    /// A request body over `limit` bytes.
+    pub fn body_too_large(limit: usize) -> ApiError {
+        Self::new(
+            ErrorCode::TooLarge,
+            format!("the body is over {limit} bytes"),
+        )
+    }
+
     /// A missing or wrong key; `keys_configured` false says the API is
     /// closed whatever the key (a newcomer's first surprise otherwise).
     pub fn unauthorized(keys_configured: bool) -> ApiError {
@@ -88,28 +96,45 @@ fn user_param(user: &str) -> Result<&str, ApiError> {
     }
 }
 
-/// The body of `POST /api/publish`.
+/// The body of `POST /api/publish`. A target given as `null` is refused,
+/// not taken for absent.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PublishBody {
+    #[serde(default, deserialize_with = "not_null")]
     room: Option<String>,
+    #[serde(default, deserialize_with = "not_null")]
     user: Option<String>,
+    #[serde(default, deserialize_with = "not_null")]
     broadcast: Option<bool>,
     data: Value,
     /// A room publish sent again with the same key is stored once.
     idempotency_key: Option<String>,
 }
 
+/// A field that, when present, must hold a value of its type (`null`
+/// included in "present": it is refused).
+fn not_null<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
+}
+
 /// What a publish body may hold beyond its `data`.
 const BODY_OVERHEAD: usize = 1024;
 
 /// The request body, refused with a JSON 413 past `limit` bytes.
-async fn read_body(mut payload: web::Payload, limit: usize) -> Result<web::BytesMut, ApiError> {
+pub(super) async fn read_body(
+    mut payload: web::Payload,
+    limit: usize,
+) -> Result<web::BytesMut, ApiError> {
     let mut body = web::BytesMut::new();
     while let Some(chunk) = payload.next().await {
         let chunk = chunk.map_err(|e| ApiError::bad_request(format!("reading the body: {e}")))?;
         if body.len() + chunk.len() > limit {
-            return Err(ApiError::too_large(limit));
+            return Err(ApiError::body_too_large(limit));
         }
         body.extend_from_slice(&chunk);
     }

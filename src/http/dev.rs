@@ -9,7 +9,7 @@ use actix_web::{web, HttpResponse};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::api::ApiError;
+use super::api::{read_body, ApiError};
 use crate::state::AppState;
 
 const TTL: Duration = Duration::from_secs(3600);
@@ -30,7 +30,14 @@ fn demo_name(user: &str) -> bool {
             .all(|c| c.is_alphanumeric() || matches!(c, '_' | '.' | '-'))
 }
 
-pub async fn token(state: web::Data<AppState>, body: web::Bytes) -> Result<HttpResponse, ApiError> {
+/// The largest body taken (64 characters of up to 4 bytes fit, and more).
+const MAX_BODY: usize = 1024;
+
+pub async fn token(
+    state: web::Data<AppState>,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let body = read_body(payload, MAX_BODY).await?;
     let body: Body = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("invalid body: {e}")))?;
     if !demo_name(&body.user) {

@@ -3,11 +3,11 @@
 //! actix-http hands every request that asks for a WebSocket upgrade, with
 //! its connection, to [`service`] (the HTTP server's upgrade service; see
 //! [`crate::server`]). It answers the handshake (actix-http's), makes the
-//! checks of contract section 2, in order — origin, token, instance full,
+//! checks of docs/protocol.md §2 ("Admission"), in order — origin, token, instance full,
 //! per-user limit — and gives the socket to a [`Session`]: from then on the
 //! session reads and writes it itself, with no HTTP machinery in between and
 //! no per-connection buffer while it is idle. A refused client is accepted
-//! and closed at once with the contract's code and reason.
+//! and closed at once with the documented code and reason.
 //!
 //! An upgrade request for another path is answered 404; `/ws` without an
 //! upgrade reaches the app's route ([`without_upgrade`]) and gets 400.

@@ -1,4 +1,4 @@
-//! Client → server frames (contract section 3, first table) and the one
+//! Client → server frames (docs/protocol.md §3, "Client → server") and the one
 //! parser every text frame goes through.
 
 use serde::{Deserialize, Serialize};

@@ -1,4 +1,4 @@
-//! The tables of codes: every error code the hub answers (in an `error`
+//! The tables of codes (docs/protocol.md §4, §5 and §9): every error code the hub answers (in an `error`
 //! frame that keeps a connection open, or in an HTTP error body), each with
 //! its HTTP status, and every close the server sends, each with its code
 //! and reason.
@@ -21,6 +21,8 @@ pub enum ErrorCode {
     Internal,
     /// HTTP only: no valid API key.
     Unauthorized,
+    /// HTTP only: a method the path does not take.
+    MethodNotAllowed,
     /// HTTP only: a body over its limit.
     TooLarge,
     /// HTTP only: the request does not fit the resource's state.
@@ -28,7 +30,7 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 10] = [
+    pub const ALL: [ErrorCode; 11] = [
         ErrorCode::BadRequest,
         ErrorCode::Forbidden,
         ErrorCode::LimitExceeded,
@@ -37,6 +39,7 @@ impl ErrorCode {
         ErrorCode::Unavailable,
         ErrorCode::Internal,
         ErrorCode::Unauthorized,
+        ErrorCode::MethodNotAllowed,
         ErrorCode::TooLarge,
         ErrorCode::Conflict,
     ];
@@ -51,6 +54,7 @@ impl ErrorCode {
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
             ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::TooLarge => "too_large",
             ErrorCode::Conflict => "conflict",
         }
@@ -63,6 +67,7 @@ impl ErrorCode {
             ErrorCode::Unauthorized => 401,
             ErrorCode::Forbidden => 403,
             ErrorCode::NotFound => 404,
+            ErrorCode::MethodNotAllowed => 405,
             ErrorCode::Conflict => 409,
             ErrorCode::TooLarge => 413,
             ErrorCode::LimitExceeded | ErrorCode::RateLimited => 429,
@@ -105,7 +110,7 @@ impl ErrorReply {
     }
 }
 
-/// Every way the server closes a WebSocket (contract section 3, "Closes").
+/// Every way the server closes a WebSocket (docs/protocol.md §5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloseReason {
     Normal,

@@ -1,8 +1,8 @@
-//! The wire protocol of contract section 3: client frames, server frames,
+//! The wire protocol (docs/protocol.md §3–§5): client frames, server frames,
 //! error codes, close codes, room names and message ids.
 //!
-//! Everything a client can see is defined in this module, so the contract's
-//! tables are visible in one place:
+//! Everything a client can see is defined in this module, so the tables of
+//! docs/protocol.md are visible in one place:
 //!
 //! - [`client`]: [`ClientFrame`] (client → server) and its parser;
 //! - [`server`]: one encoder per server frame (`*_frame`, [`Ack`]);

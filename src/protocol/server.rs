@@ -1,4 +1,4 @@
-//! Server → client frames (contract section 3, second table): one encoder
+//! Server → client frames (docs/protocol.md §3, "Server → client"): one encoder
 //! per frame type, used by both brokers, so the bytes a client receives are
 //! laid out in this file only.
 //!

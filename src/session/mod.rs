@@ -10,7 +10,7 @@
 //! that is not UTF-8 (1007), WebSocket protocol errors (1002), the token
 //! bucket with strikes (every frame counts, pings and pongs too),
 //! and hands each client frame to its handler: one file per frame of
-//! contract section 3 ([`join`], [`leave`], [`publish`] (publish and
+//! docs/protocol.md §3 ([`join`], [`leave`], [`publish`] (publish and
 //! direct), [`presence`], [`task`] (task, task_status, task_cancel),
 //! [`refresh`], [`ping`]), all answering
 //! through [`reply`].

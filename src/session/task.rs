@@ -1,6 +1,6 @@
 //! `task` (`name`, `payload`, `idempotency_key`?), `task_status`
-//! (`task_id`) and `task_cancel` (`task_id`): async tasks (contract
-//! section 6).
+//! (`task_id`) and `task_cancel` (`task_id`): async tasks
+//! (docs/protocol.md §8).
 //!
 //! A submission is acked with its `task_id` and followed by a `task`
 //! frame with status `queued` (for a repeated idempotency key: the first

@@ -1,4 +1,4 @@
-//! Async tasks (contract section 6): a client submits work by name, gets
+//! Async tasks (docs/protocol.md §8): a client submits work by name, gets
 //! an id at once, and follows the task's life in `task` frames on every
 //! connection of its user, on any instance.
 //!

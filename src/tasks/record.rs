@@ -1,5 +1,5 @@
 //! A task's record: what `GET /api/tasks/{id}` and `task_status` answer
-//! (contract section 6), and the `task` frames that tell its changes.
+//! (docs/protocol.md §8), and the `task` frames that tell its changes.
 
 use serde::Serialize;
 use serde_json::value::RawValue;

@@ -1,21 +1,20 @@
 #!/usr/bin/env bash
 # crates/switchboard-bench/scripts/tasks.sh — Switchboard's async tasks on one machine, the way
-# the comparison harness's peers/tasks/run.sh measures Celery and BullMQ: an `echo` task with a 100-byte
+# bench/peers/tasks measures Celery and BullMQ: an `echo` task with a 100-byte
 # payload, the worker side (here: the hub with tasks.workers = W) under `taskset -c 0`, the
 # client (switchboard-bench tasks) and redis-server under `taskset -c 1`; N=5000 throughput
 # runs, then fixed rates 1000/s and 200/s for 5 s each, latency from each task's scheduled
 # time to its `done`. Prints one Markdown table (W = 1, 2, 4) and, with PEERS=1, runs the
-# peers' run.sh (from a copy of the bench directory) in the same invocation and prints theirs.
+# peers' run.sh (bench/peers/tasks/run.sh) in the same invocation and prints theirs.
 #
 #   crates/switchboard-bench/scripts/tasks.sh               # builds (cargo build --release --workspace), ~2 minutes
-#   PEERS=1 PEERS_SRC=path/to/bench crates/switchboard-bench/scripts/tasks.sh   # plus Celery and BullMQ, ~3 more minutes
+#   PEERS=1 crates/switchboard-bench/scripts/tasks.sh       # plus Celery and BullMQ (bench/peers/tasks), ~3 more minutes
 #   BUILD=0 WORKERS="2" N=2000 crates/switchboard-bench/scripts/tasks.sh
 #
 # Overrides: WORKERS ("1 2 4"), N (5000), RUNS (2), RATE (1000), LOW_RATE (200, 0 skips it),
 # SECS (5), WARMUP (2000), CLIENTS (50), WINDOW (32), DRAIN_S (30), PAYLOAD_BYTES (100),
 # WORKER_CPU (0), CLIENT_CPU (1), HUB_LOG (RUST_LOG of the hub), BIN_DIR (target/release),
-# BUILD (1), PEERS (0), PEERS_SRC (the bench directory holding peers/tasks/run.sh; default
-# bench/ at the repository's root), OUT (a new temporary directory).
+# BUILD (1), PEERS (0), OUT (a new temporary directory).
 # Starts its own redis-server on a free port (--save "" --appendonly no), FLUSHALLs it before
 # each system, and stops everything it started by PID (TERM, then KILL), never by name.
 set -euo pipefail
@@ -39,12 +38,6 @@ HUB_LOG=${HUB_LOG:-"info,switchboard::tasks=debug"}
 BIN_DIR=${BIN_DIR:-$ROOT/target/release}
 BUILD=${BUILD:-1}
 PEERS=${PEERS:-0}
-PEERS_SRC=${PEERS_SRC:-$ROOT/bench}
-if [ "$PEERS" = 1 ] && [ ! -f "$PEERS_SRC/peers/tasks/run.sh" ]; then
-  echo "PEERS=1 runs the peers' task bench from PEERS_SRC, a directory holding peers/tasks/run.sh;" >&2
-  echo "there is none in $PEERS_SRC: set PEERS_SRC=<that directory>, or run with PEERS=0 (Switchboard alone)." >&2
-  exit 2
-fi
 OUT=${OUT:-$(mktemp -d "${TMPDIR:-/tmp}/switchboard-tasks.XXXXXX")}
 mkdir -p "$OUT"
 
@@ -61,10 +54,9 @@ stop_pid() { # pid [grace s]: TERM it and its descendants, KILL what is left aft
   for p in $all; do kill -0 "$p" 2>/dev/null && kill -KILL "$p" 2>/dev/null || true; done
   wait "$pid" 2>/dev/null || true
 }
-REDIS_PID= HUB_PID= PEERS_PID= PEERS_DIR=
+REDIS_PID= HUB_PID= PEERS_PID=
 cleanup() {
   stop_pid "$PEERS_PID" 15; stop_pid "$HUB_PID" 15; stop_pid "$REDIS_PID" 5
-  [ -n "$PEERS_DIR" ] && rm -rf "$PEERS_DIR"
   return 0
 }
 trap cleanup EXIT
@@ -164,13 +156,11 @@ REDIS_PID=
 # ---- the peers, in the same invocation ---------------------------------------------------
 PEERS_OUT=
 if [ "$PEERS" = 1 ]; then
-  PEERS_DIR=$(mktemp -d "${TMPDIR:-/tmp}/peers-bench.XXXXXX")
-  cp -r "$PEERS_SRC" "$PEERS_DIR/bench"
   PEERS_OUT=$OUT/peers
-  log "peers: $PEERS_DIR/bench/peers/tasks/run.sh (setup on first use: venv, npm ci)"
+  log "peers: bench/peers/tasks/run.sh (setup on first use: venv, npm ci)"
   REDIS_PORT=$(free_port) N=$N RUNS=$RUNS RATE=$RATE LOW_RATE=$LOW_RATE SECS=$SECS WARMUP=$WARMUP \
     WORKER_CPU=$WORKER_CPU CLIENT_CPU=$CLIENT_CPU OUT=$PEERS_OUT \
-    bash "$PEERS_DIR/bench/peers/tasks/run.sh" >"$OUT/peers.txt" 2>"$OUT/peers.log" &
+    bash "$ROOT/bench/peers/tasks/run.sh" >"$OUT/peers.txt" 2>"$OUT/peers.log" &
   PEERS_PID=$!
   rc=0; wait "$PEERS_PID" || rc=$?
   PEERS_PID=

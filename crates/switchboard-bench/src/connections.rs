@@ -237,7 +237,7 @@ impl Rss {
     }
 }
 
-/// The run as JSON, with the shared harness's key names where it has one.
+/// The run as JSON, with bench/compare.sh's key names where it has one.
 fn json_of(
     args: &ConnectionsArgs,
     opened: &Opened,

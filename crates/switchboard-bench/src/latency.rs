@@ -99,7 +99,7 @@ impl Latency {
 
 impl Latency {
     /// `{"p50": …, "p90", "p99", "p999", "max", "mean"}` in milliseconds:
-    /// the shape of the shared harness's `latency_ms`.
+    /// the shape of bench/compare.sh's `latency_ms`.
     pub fn json_ms(&self) -> serde_json::Value {
         let ms = |us: u64| us as f64 / 1000.0;
         serde_json::json!({

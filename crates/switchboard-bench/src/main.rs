@@ -134,7 +134,7 @@ pub struct FanoutArgs {
     /// The room everyone joins (with `--rooms`, the rooms' common prefix).
     #[arg(long, default_value = "bench")]
     pub room: String,
-    /// Rooms, as the shared harness spreads its members: subscriber i and
+    /// Rooms, as bench/compare.sh spreads its members: subscriber i and
     /// publisher p join `<room>-<i mod rooms>` and `<room>-<p mod rooms>`
     /// (so at most `--publishers`); 1: everyone in `--room`.
     #[arg(long, default_value_t = 1)]

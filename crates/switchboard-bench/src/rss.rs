@@ -1,5 +1,5 @@
 //! The server's resident memory, read from `/proc/PID/status` (Linux), for
-//! the idle-connection and churn figures the shared harness reports.
+//! the idle-connection and churn figures bench/compare.sh and bench/soak.sh report.
 
 /// `VmRSS` of `pid` in KiB; `None` when it cannot be read.
 pub fn rss_kb(pid: u32) -> Option<u64> {

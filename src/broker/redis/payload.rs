@@ -1,4 +1,4 @@
-//! What travels through Redis (contract section 4): the payloads on the
+//! What travels through Redis (docs/protocol.md §10): the payloads on the
 //! room, user and broadcast channels, and the entries of the history
 //! streams. Decoding turns a channel message into the [`Envelope`] the hubs
 //! deliver; the client-visible bytes are built by [`crate::protocol`] only.

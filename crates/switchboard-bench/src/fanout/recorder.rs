@@ -23,7 +23,7 @@ pub struct Recorder {
     pub unique: u64,
     pub duplicates: u64,
     pub out_of_order: u64,
-    /// Message ids that did not strictly increase (contract: id order).
+    /// Message ids that did not strictly increase (docs/protocol.md §7: id order).
     pub id_order_violations: u64,
     last_id: Option<MessageId>,
     /// Messages in the room that were not the bench's (or out of range).

@@ -27,7 +27,7 @@ pub struct Run<'a> {
 }
 
 /// Print the report; whether the run was OK, and the run as one step of
-/// the shared harness's JSON (`rate`, `delivery_ratio`, `latency_ms`, …).
+/// bench/compare.sh's JSON (`rate`, `delivery_ratio`, `latency_ms`, …).
 pub async fn print(run: Run<'_>) -> (bool, serde_json::Value) {
     let args = run.args;
     println!();
