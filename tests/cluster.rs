@@ -150,7 +150,8 @@ on_standalone_and_cluster!(
         let mut bob = h2.connect("bob").await;
         alice.join("once").await;
         bob.join("once").await;
-        let publish = json!({"type": "publish", "room": "once", "data": "hello", "idempotency_key": "k-1"});
+        let publish =
+            json!({"type": "publish", "room": "once", "data": "hello", "idempotency_key": "k-1"});
         let first = alice.request(publish.clone()).await;
         let again = alice.request(publish.clone()).await;
         assert_eq!(first["type"], "ack", "{first}");
@@ -160,7 +161,11 @@ on_standalone_and_cluster!(
         alice2.join("once").await;
         assert_eq!(alice2.request(publish).await["id"], first["id"]);
         let (_, history) = h2.api().await.get("/api/rooms/once/history").await;
-        assert_eq!(history["messages"].as_array().map(Vec::len), Some(1), "{history}");
+        assert_eq!(
+            history["messages"].as_array().map(Vec::len),
+            Some(1),
+            "{history}"
+        );
         assert_eq!(bob.recv_type("message").await["id"], first["id"]);
         bob.expect_silence(Duration::from_millis(300)).await;
         // Another user's equal key is another publish.
@@ -212,29 +217,32 @@ on_standalone_and_cluster!(
     }
 );
 
-on_standalone_and_cluster!(kick_reaches_every_instance, |redis: Deployment| async move {
-    let (h1, h2) = pair(&redis, "");
-    let mut a1 = h1.connect("alice").await;
-    let mut a2 = h2.connect("alice").await;
-    let mut bob = h2.connect("bob").await;
-    let (status, body) = h1
-        .api()
-        .await
-        .post("/api/users/alice/disconnect", json!({}))
-        .await;
-    assert_eq!(status, 200);
-    assert_eq!(body["disconnected"], 2);
-    for a in [&mut a1, &mut a2] {
-        assert_eq!(
-            a.recv_close().await,
-            Closed {
-                code: 1008,
-                reason: "kicked".into()
-            }
-        );
+on_standalone_and_cluster!(
+    kick_reaches_every_instance,
+    |redis: Deployment| async move {
+        let (h1, h2) = pair(&redis, "");
+        let mut a1 = h1.connect("alice").await;
+        let mut a2 = h2.connect("alice").await;
+        let mut bob = h2.connect("bob").await;
+        let (status, body) = h1
+            .api()
+            .await
+            .post("/api/users/alice/disconnect", json!({}))
+            .await;
+        assert_eq!(status, 200);
+        assert_eq!(body["disconnected"], 2);
+        for a in [&mut a1, &mut a2] {
+            assert_eq!(
+                a.recv_close().await,
+                Closed {
+                    code: 1008,
+                    reason: "kicked".into()
+                }
+            );
+        }
+        assert_eq!(bob.request(json!({"type": "ping"})).await["type"], "pong");
     }
-    assert_eq!(bob.request(json!({"type": "ping"})).await["type"], "pong");
-});
+);
 
 on_standalone_and_cluster!(
     stats_add_up_the_instances_heartbeats,

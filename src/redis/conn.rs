@@ -87,8 +87,15 @@ impl Pooled {
     }
 }
 
-/// One deadpool-redis pool, of the configured deployment.
-pub enum Pool {
+/// One deadpool-redis pool, of the configured deployment, and how long a
+/// command may wait for its answer (`redis.timeout_s`: redis-rs's own
+/// default, 500 ms, would take a short stall for a failure).
+pub struct Pool {
+    kind: PoolKind,
+    response_timeout: Duration,
+}
+
+enum PoolKind {
     Single(deadpool_redis::Pool),
     Sentinel(deadpool_redis::sentinel::Pool),
     Cluster(deadpool_redis::cluster::Pool),
@@ -108,13 +115,13 @@ impl Pool {
         };
         let urls = config.urls();
         let runtime = Some(Runtime::Tokio1);
-        match config.mode {
+        let kind = match config.mode {
             RedisMode::Standalone => {
                 let url = urls.first().cloned().unwrap_or_default();
                 let mut cfg = deadpool_redis::Config::from_url(url);
                 cfg.pool = Some(pool_config);
                 cfg.create_pool(runtime)
-                    .map(Pool::Single)
+                    .map(PoolKind::Single)
                     .map_err(|e| e.to_string())
             }
             RedisMode::Sentinel => {
@@ -125,35 +132,41 @@ impl Pool {
                 );
                 cfg.pool = Some(pool_config);
                 cfg.create_pool(runtime)
-                    .map(Pool::Sentinel)
+                    .map(PoolKind::Sentinel)
                     .map_err(|e| e.to_string())
             }
             RedisMode::Cluster => {
                 let mut cfg = deadpool_redis::cluster::Config::from_urls(urls);
                 cfg.pool = Some(pool_config);
                 cfg.create_pool(runtime)
-                    .map(Pool::Cluster)
+                    .map(PoolKind::Cluster)
                     .map_err(|e| e.to_string())
             }
-        }
+        }?;
+        Ok(Pool {
+            kind,
+            response_timeout: timeout,
+        })
     }
 
     /// A connection of its own (a blocking command would hold up every
     /// caller of a shared one); back in the pool when dropped.
     pub async fn get(&self) -> RedisResult<Pooled> {
         let unavailable = |e: String| RedisError::Unavailable(format!("redis pool: {e}"));
-        match self {
-            Pool::Single(p) => p
-                .get()
-                .await
-                .map(Pooled::Single)
-                .map_err(|e| unavailable(e.to_string())),
-            Pool::Sentinel(p) => p
-                .get()
-                .await
-                .map(Pooled::Sentinel)
-                .map_err(|e| unavailable(e.to_string())),
-            Pool::Cluster(p) => p
+        let timeout = self.response_timeout;
+        match &self.kind {
+            PoolKind::Single(p) => {
+                let mut c = p.get().await.map_err(|e| unavailable(e.to_string()))?;
+                c.set_response_timeout(timeout);
+                Ok(Pooled::Single(c))
+            }
+            PoolKind::Sentinel(p) => {
+                let mut c = p.get().await.map_err(|e| unavailable(e.to_string()))?;
+                c.set_response_timeout(timeout);
+                Ok(Pooled::Sentinel(c))
+            }
+            // A cluster connection has no response time-out of its own.
+            PoolKind::Cluster(p) => p
                 .get()
                 .await
                 .map(Pooled::Cluster)

@@ -249,10 +249,7 @@ impl Redis {
     /// Sends the pipelines, all at once (on a multiplexed connection they
     /// share the round trip), each to its slot's node on a cluster; their
     /// replies in order. Each pipeline's commands must share a slot.
-    pub async fn pipelines(
-        &self,
-        pipes: Vec<redis::Pipeline>,
-    ) -> RedisResult<Vec<Vec<Value>>> {
+    pub async fn pipelines(&self, pipes: Vec<redis::Pipeline>) -> RedisResult<Vec<Vec<Value>>> {
         let parts = pipes.into_iter().map(|pipe| {
             self.exec(move |mut c| async move { pipe.query_async::<Vec<Value>>(&mut c).await })
         });
@@ -267,7 +264,11 @@ impl Redis {
     pub fn group<T, K: AsRef<[u8]>>(&self, items: impl Iterator<Item = (T, K)>) -> Vec<Vec<T>> {
         if self.mode() != RedisMode::Cluster {
             let all: Vec<T> = items.map(|(item, _)| item).collect();
-            return if all.is_empty() { Vec::new() } else { vec![all] };
+            return if all.is_empty() {
+                Vec::new()
+            } else {
+                vec![all]
+            };
         }
         group_by_slot(items)
     }

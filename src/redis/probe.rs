@@ -42,9 +42,9 @@ pub async fn connect(config: &RedisConfig) -> redis::RedisResult<Conn> {
         }
         _ => {
             let client = single_client(config).await?;
-            Ok(Conn::Single(
-                client.get_multiplexed_async_connection().await?,
-            ))
+            let mut conn = client.get_multiplexed_async_connection().await?;
+            conn.set_response_timeout(PROBE_TIMEOUT);
+            Ok(Conn::Single(conn))
         }
     }
 }

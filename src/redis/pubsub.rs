@@ -21,7 +21,9 @@ use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 use redis::{PushInfo, PushKind, Value};
 
-use super::error::{classify, RedisResult};
+use std::time::Duration;
+
+use super::error::{classify, RedisError, RedisResult};
 use super::group_by_slot;
 use super::probe::single_client;
 use crate::config::{RedisConfig, RedisMode};
@@ -39,15 +41,24 @@ pub enum Event {
     Disconnected,
 }
 
-/// The handle that subscribes.
+/// The handle that subscribes; each (un)subscribe gives up after
+/// `redis.timeout_s` (a cluster connection has no time-out of its own, and
+/// a slot in flux can leave a command unanswered).
 #[derive(Clone)]
-pub enum PubSub {
+pub struct PubSub {
+    conn: Conn,
+    timeout: Duration,
+}
+
+#[derive(Clone)]
+enum Conn {
     Single(PubSubSink),
     Cluster(ClusterConnection),
 }
 
 /// Opens the pub/sub connection of the configured deployment.
 pub async fn connect(config: &RedisConfig) -> RedisResult<(PubSub, BoxStream<'static, Event>)> {
+    let timeout = Duration::from_secs(config.timeout_s);
     match config.mode {
         RedisMode::Cluster => {
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<PushInfo>();
@@ -62,7 +73,11 @@ pub async fn connect(config: &RedisConfig) -> RedisResult<(PubSub, BoxStream<'st
                 .map_err(|e| classify(&e))?;
             let pushes = stream::poll_fn(move |cx| rx.poll_recv(cx))
                 .filter_map(|push| async move { event(push) });
-            Ok((PubSub::Cluster(conn), pushes.boxed()))
+            let pubsub = PubSub {
+                conn: Conn::Cluster(conn),
+                timeout,
+            };
+            Ok((pubsub, pushes.boxed()))
         }
         _ => {
             let client = single_client(config).await.map_err(|e| classify(&e))?;
@@ -74,7 +89,11 @@ pub async fn connect(config: &RedisConfig) -> RedisResult<(PubSub, BoxStream<'st
                     payload: msg.get_payload_bytes().to_vec(),
                 })
                 .chain(stream::once(async { Event::Disconnected }));
-            Ok((PubSub::Single(sink), events.boxed()))
+            let pubsub = PubSub {
+                conn: Conn::Single(sink),
+                timeout,
+            };
+            Ok((pubsub, events.boxed()))
         }
     }
 }
@@ -100,12 +119,31 @@ fn event(push: PushInfo) -> Option<Event> {
 impl PubSub {
     /// Subscribes to `channels`; `Ok` once the server confirmed them.
     pub async fn subscribe(&self, channels: &[String]) -> RedisResult<()> {
-        match self {
-            PubSub::Single(sink) => {
+        self.within(self.subscribe_now(channels)).await
+    }
+
+    /// Unsubscribes from `channels`.
+    pub async fn unsubscribe(&self, channels: &[String]) -> RedisResult<()> {
+        self.within(self.unsubscribe_now(channels)).await
+    }
+
+    async fn within(
+        &self,
+        work: impl std::future::Future<Output = RedisResult<()>>,
+    ) -> RedisResult<()> {
+        match tokio::time::timeout(self.timeout, work).await {
+            Ok(result) => result,
+            Err(_) => Err(RedisError::Unavailable("subscribe timed out".into())),
+        }
+    }
+
+    async fn subscribe_now(&self, channels: &[String]) -> RedisResult<()> {
+        match &self.conn {
+            Conn::Single(sink) => {
                 let mut sink = sink.clone();
                 sink.subscribe(channels).await.map_err(|e| classify(&e))
             }
-            PubSub::Cluster(conn) => {
+            Conn::Cluster(conn) => {
                 let groups = group_by_slot(channels.iter().map(|c| (c.clone(), c.clone())));
                 let subscribed = groups.into_iter().map(|group| {
                     let mut conn = conn.clone();
@@ -119,14 +157,13 @@ impl PubSub {
         }
     }
 
-    /// Unsubscribes from `channels`.
-    pub async fn unsubscribe(&self, channels: &[String]) -> RedisResult<()> {
-        match self {
-            PubSub::Single(sink) => {
+    async fn unsubscribe_now(&self, channels: &[String]) -> RedisResult<()> {
+        match &self.conn {
+            Conn::Single(sink) => {
                 let mut sink = sink.clone();
                 sink.unsubscribe(channels).await.map_err(|e| classify(&e))
             }
-            PubSub::Cluster(conn) => {
+            Conn::Cluster(conn) => {
                 let groups = group_by_slot(channels.iter().map(|c| (c.clone(), c.clone())));
                 let unsubscribed = groups.into_iter().map(|group| {
                     let mut conn = conn.clone();

@@ -152,11 +152,16 @@ impl Cluster {
     /// Every live node says `cluster_state:ok` and agrees on who serves
     /// every slot.
     pub fn wait_ok(&self) {
-        wait_until("cluster_state:ok on every node", Duration::from_secs(30), || {
-            self.nodes.iter().filter(|n| n.child.is_some()).all(|n| {
-                text(n.cmd(&["CLUSTER", "INFO"])).contains("cluster_state:ok")
-            })
-        });
+        wait_until(
+            "cluster_state:ok on every node",
+            Duration::from_secs(30),
+            || {
+                self.nodes
+                    .iter()
+                    .filter(|n| n.child.is_some())
+                    .all(|n| text(n.cmd(&["CLUSTER", "INFO"])).contains("cluster_state:ok"))
+            },
+        );
     }
 
     /// The seed URLs, comma-separated (`redis.url` in cluster mode).
@@ -182,7 +187,14 @@ impl Cluster {
             .lines()
             .filter_map(|line| {
                 let f: Vec<&str> = line.split_whitespace().collect();
-                let port = f.get(1)?.split('@').next()?.rsplit(':').next()?.parse().ok()?;
+                let port = f
+                    .get(1)?
+                    .split('@')
+                    .next()?
+                    .rsplit(':')
+                    .next()?
+                    .parse()
+                    .ok()?;
                 let flags = f.get(2)?;
                 let slots = f
                     .iter()
@@ -286,12 +298,19 @@ impl Cluster {
             .find(|n| n.master && !n.failed && n.id != from.id)
             .expect("another primary")
             .clone();
-        node_cmd(to.port, &["CLUSTER", "SETSLOT", &slot, "IMPORTING", &from.id]);
-        node_cmd(from.port, &["CLUSTER", "SETSLOT", &slot, "MIGRATING", &to.id]);
+        node_cmd(
+            to.port,
+            &["CLUSTER", "SETSLOT", &slot, "IMPORTING", &from.id],
+        );
+        node_cmd(
+            from.port,
+            &["CLUSTER", "SETSLOT", &slot, "MIGRATING", &to.id],
+        );
         loop {
-            let keys: Vec<String> = node_cmd(from.port, &["CLUSTER", "GETKEYSINSLOT", &slot, "100"])
-                .and_then(|v| redis::from_redis_value(v).ok())
-                .unwrap_or_default();
+            let keys: Vec<String> =
+                node_cmd(from.port, &["CLUSTER", "GETKEYSINSLOT", &slot, "100"])
+                    .and_then(|v| redis::from_redis_value(v).ok())
+                    .unwrap_or_default();
             if keys.is_empty() {
                 break;
             }
@@ -353,7 +372,9 @@ impl Sentinels {
                     port,
                     child: Some(child),
                 };
-                wait_until("the sentinel answers", WAIT, || node.cmd(&["PING"]).is_some());
+                wait_until("the sentinel answers", WAIT, || {
+                    node.cmd(&["PING"]).is_some()
+                });
                 node
             })
             .collect();
@@ -403,12 +424,14 @@ impl Sentinels {
             self.sentinels[0].port,
             &["SENTINEL", "FAILOVER", &self.master_name],
         );
-        wait_until("the sentinels name the new primary", Duration::from_secs(30), || {
-            let now = self.master_port();
-            now != before
-                && now != 0
-                && text(node_cmd(now, &["ROLE"])).contains("master")
-        });
+        wait_until(
+            "the sentinels name the new primary",
+            Duration::from_secs(30),
+            || {
+                let now = self.master_port();
+                now != before && now != 0 && text(node_cmd(now, &["ROLE"])).contains("master")
+            },
+        );
     }
 }
 

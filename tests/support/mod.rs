@@ -5,6 +5,7 @@
 
 pub mod deployments;
 pub mod raw;
+pub mod traffic;
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;

@@ -58,6 +58,14 @@ const CATCH_UP_BUFFER: usize = 4096;
 /// How often markers for fan-outs dropped at a full hub are retried.
 const FLUSH_EVERY: Duration = Duration::from_millis(50);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// On a cluster, how long a room subscribed again holds its live messages
+/// before it reads history: a subscription made while the slot's topology
+/// settles (it may land on the demoted primary, still catching up with the
+/// new one) can miss what is published meanwhile, and history cannot.
+const SETTLE: Duration = Duration::from_millis(1500);
+/// How long after a dropped subscription it is made again (redis-rs needs
+/// a moment to learn the new topology).
+const RESUBSCRIBE_AFTER: Duration = Duration::from_millis(300);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// A room catching up after a lost subscription.
@@ -298,7 +306,7 @@ impl RedisSubscriber {
         self.confirm(channels.clone());
         ctx.add_stream(events.map(move |event| (generation, event)));
         if reconnect {
-            self.catch_up_rooms(channels, ctx);
+            self.catch_up_rooms(channels, Duration::ZERO, ctx);
         }
         // Channels referenced while the connection was being made.
         let missing: Vec<String> = self
@@ -335,9 +343,10 @@ impl RedisSubscriber {
             return;
         }
         self.resubscribe_scheduled = true;
-        let delay = self
-            .resubscribe_backoff
-            .mul_f64(rand::random_range(0.5..1.0));
+        let delay = RESUBSCRIBE_AFTER
+            + self
+                .resubscribe_backoff
+                .mul_f64(rand::random_range(0.0..1.0));
         ctx.run_later(delay, |this, ctx| this.resubscribe(ctx));
     }
 
@@ -363,13 +372,14 @@ impl RedisSubscriber {
         };
         ctx.spawn(work.into_actor(self).map(|(channels, result), this, ctx| match result {
             Ok(()) => {
+                tracing::info!(channels = channels.len(), "subscribed again");
                 this.resubscribe_backoff = BACKOFF_MIN;
                 metrics()
                     .redis_reconnects
                     .with_label_values(&["subscriber"])
                     .inc();
                 this.confirm(channels.clone());
-                this.catch_up_rooms(channels, ctx);
+                this.catch_up_rooms(channels, SETTLE, ctx);
             }
             Err(e) => {
                 tracing::warn!(error = %e, "subscribing again failed; retrying with backoff");
@@ -383,8 +393,9 @@ impl RedisSubscriber {
 
 /// Catching up after a lost subscription.
 impl RedisSubscriber {
-    /// Starts a catch-up of the rooms among `channels`.
-    fn catch_up_rooms(&mut self, channels: Vec<String>, ctx: &mut Context<Self>) {
+    /// Starts a catch-up of the rooms among `channels`: their live messages
+    /// are held from now on, and history is read after `settle`.
+    fn catch_up_rooms(&mut self, channels: Vec<String>, settle: Duration, ctx: &mut Context<Self>) {
         let rooms: Vec<(RoomName, String)> = channels
             .iter()
             .filter_map(|name| {
@@ -407,7 +418,12 @@ impl RedisSubscriber {
                 held: Vec::new(),
             };
             self.catching_up.insert(room.clone(), catch_up);
-            self.catch_up(room, start, ctx);
+            if settle.is_zero() {
+                self.catch_up(room, start, ctx);
+            } else {
+                // Read after whatever was delivered before the hold.
+                ctx.run_later(settle, move |this, ctx| this.catch_up(room, start, ctx));
+            }
         }
     }
 
@@ -442,6 +458,7 @@ impl RedisSubscriber {
         let Some(CatchUp { floor, held }) = self.catching_up.remove(&room) else {
             return;
         };
+        tracing::debug!(room = %room, replayed = replay.len(), held = held.len(), "caught up");
         let mut last = floor;
         for envelope in replay.into_iter().chain(held) {
             if envelope.id.is_some() && envelope.id <= last {
