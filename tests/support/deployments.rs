@@ -76,6 +76,15 @@ pub fn node_cmd(port: u16, args: &[&str]) -> Option<redis::Value> {
     cmd.query(&mut con).ok()
 }
 
+/// What `ROLE` says a server is (`master`, `slave`).
+fn role(port: u16) -> String {
+    node_cmd(port, &["ROLE"])
+        .and_then(|v| redis::from_redis_value::<Vec<redis::Value>>(v).ok())
+        .and_then(|role| role.into_iter().next())
+        .and_then(|r| redis::from_redis_value::<String>(r).ok())
+        .unwrap_or_default()
+}
+
 fn text(v: Option<redis::Value>) -> String {
     v.and_then(|v| redis::from_redis_value::<String>(v).ok())
         .unwrap_or_default()
@@ -128,6 +137,9 @@ impl Cluster {
                         &conf,
                         "--cluster-node-timeout",
                         &timeout,
+                        // A replica may take over however long it was cut off.
+                        "--cluster-replica-validity-factor",
+                        "0",
                     ],
                 )
             })
@@ -388,6 +400,16 @@ impl Sentinels {
             text(node_cmd(setup.redis[1].port, &["INFO", "replication"]))
                 .contains("master_link_status:up")
         });
+        let replica = format!("127.0.0.1:{}", setup.redis[1].port);
+        wait_until("every sentinel knows the replica", Duration::from_secs(30), || {
+            setup.sentinels.iter().all(|s| {
+                let replicas: Vec<Vec<String>> =
+                    node_cmd(s.port, &["SENTINEL", "REPLICAS", &setup.master_name])
+                        .and_then(|v| redis::from_redis_value(v).ok())
+                        .unwrap_or_default();
+                replicas.iter().flatten().any(|f| *f == replica)
+            })
+        });
         setup
     }
 
@@ -420,16 +442,19 @@ impl Sentinels {
     /// sentinels name it.
     pub fn failover(&self) {
         let before = self.master_port();
-        node_cmd(
-            self.sentinels[0].port,
-            &["SENTINEL", "FAILOVER", &self.master_name],
-        );
+        wait_until("a sentinel starts the failover", Duration::from_secs(30), || {
+            node_cmd(
+                self.sentinels[0].port,
+                &["SENTINEL", "FAILOVER", &self.master_name],
+            )
+            .is_some()
+        });
         wait_until(
             "the sentinels name the new primary",
             Duration::from_secs(30),
             || {
                 let now = self.master_port();
-                now != before && now != 0 && text(node_cmd(now, &["ROLE"])).contains("master")
+                now != before && now != 0 && role(now) == "master"
             },
         );
     }
