@@ -86,6 +86,9 @@ pub struct RedisConfig {
     /// How long a Redis command may take: a Redis that is slow or paused
     /// for less is waited for, not treated as away.
     pub timeout_s: u64,
+    /// A publish is acked once this many replicas hold it (`WAIT`); 0
+    /// acks when the primary holds it.
+    pub wait_replicas: u32,
 }
 
 impl RedisConfig {
@@ -227,6 +230,7 @@ impl Default for RedisConfig {
             pool_size: 16,
             instance_ttl_s: 15,
             timeout_s: 5,
+            wait_replicas: 0,
         }
     }
 }
@@ -485,6 +489,9 @@ impl Config {
         }
         if r.timeout_s == 0 {
             return bad("redis.timeout_s", 0, "at least 1");
+        }
+        if r.wait_replicas > 64 {
+            return bad("redis.wait_replicas", r.wait_replicas, "0 to 64");
         }
         if self.redis.pool_size == 0 {
             return bad("redis.pool_size", 0, "at least 1");

@@ -70,18 +70,23 @@ async fn a_cluster_failover_loses_nothing_acked() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_killed_cluster_primary_loses_nothing_acked() {
-    let mut cluster = Cluster::start(3, 1);
+    // A crashed primary takes what it had not replicated yet with it: a
+    // publish is acked only once a replica holds it (`wait_replicas`);
+    // two replicas each, so that one is left to acknowledge after.
+    let mut cluster = Cluster::start(3, 2);
     let url = cluster.url();
     // The deployment for the hubs: same nodes (the test keeps the cluster).
     let hubs = {
         let a = Hub::builder(Broker::Redis)
             .redis_url(&url)
             .env("SWITCHBOARD__REDIS__MODE", "cluster")
+            .env("SWITCHBOARD__REDIS__WAIT_REPLICAS", "1")
             .toml(FAST)
             .start();
         let b = Hub::builder(Broker::Redis)
             .redis_url(&url)
             .env("SWITCHBOARD__REDIS__MODE", "cluster")
+            .env("SWITCHBOARD__REDIS__WAIT_REPLICAS", "1")
             .toml(FAST)
             .prefix(&a.prefix)
             .start();

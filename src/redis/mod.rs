@@ -115,6 +115,77 @@ impl Redis {
         }
     }
 
+    /// `WAIT` for `redis.wait_replicas` replicas with half the command
+    /// timeout, when set: appended to a pipeline of writes that must
+    /// survive the primary's crash before they are acked.
+    pub fn wait_command(&self) -> Option<redis::Cmd> {
+        if self.config.wait_replicas == 0 {
+            return None;
+        }
+        let mut cmd = redis::cmd("WAIT");
+        cmd.arg(self.config.wait_replicas)
+            .arg((self.config.timeout_s * 1000 / 2).max(1));
+        Some(cmd)
+    }
+
+    /// Checks `WAIT`'s reply: fewer replicas than asked is unavailable
+    /// (the write is on the primary but may not outlive it).
+    pub fn check_wait(&self, reply: &Value) -> RedisResult<()> {
+        match reply {
+            Value::Int(n) if *n >= i64::from(self.config.wait_replicas) => Ok(()),
+            Value::Int(n) => Err(RedisError::Unavailable(format!(
+                "written on the primary, {n} of {} replicas acknowledged",
+                self.config.wait_replicas
+            ))),
+            Value::ServerError(e) => Err(classify(&redis::RedisError::from(e.clone()))),
+            other => Err(RedisError::Reply(format!("WAIT answered {other:?}"))),
+        }
+    }
+
+    /// Runs a script like [`Redis::run_script`], then, with
+    /// `redis.wait_replicas`, waits for the replicas in the same round
+    /// trip: the result is returned only once the write is replicated.
+    pub async fn run_script_durable<T: redis::FromRedisValue>(
+        &self,
+        script: &Lua,
+        keys: Vec<String>,
+        args: Vec<String>,
+    ) -> RedisResult<T> {
+        let Some(wait) = self.wait_command() else {
+            return self.run_script(script, keys, args).await;
+        };
+        for load in [false, true] {
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            if load {
+                pipe.cmd("SCRIPT").arg("LOAD").arg(script.source()).ignore();
+            }
+            pipe.cmd("EVALSHA")
+                .arg(script.get_hash())
+                .arg(keys.len())
+                .arg(&keys)
+                .arg(&args);
+            pipe.add_command(wait.clone());
+            let replies = self.pipelines(vec![pipe]).await?.pop().unwrap_or_default();
+            let [reply, waited]: [Value; 2] = replies
+                .try_into()
+                .map_err(|r: Vec<Value>| RedisError::Reply(format!("{} replies to 2", r.len())))?;
+            match reply {
+                Value::ServerError(e) if e.code() == "NOSCRIPT" && !load => continue,
+                Value::ServerError(e) => return Err(classify(&redis::RedisError::from(e))),
+                reply => {
+                    self.check_wait(&waited)?;
+                    return redis::from_redis_value(reply)
+                        .map_err(|e| RedisError::Reply(e.to_string()));
+                }
+            }
+        }
+        Err(RedisError::Reply(format!(
+            "{} missing after SCRIPT LOAD",
+            script.get_hash()
+        )))
+    }
+
     /// Whether the watchdog last found Redis reachable.
     pub fn available(&self) -> bool {
         self.health.is_up()
@@ -132,6 +203,40 @@ impl Redis {
         F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
+        self.exec_checked(limit, f, |_| false).await
+    }
+
+    /// Runs a pipeline within `limit`. Its error replies are returned
+    /// (the pipeline ignores errors), but one saying the server no longer
+    /// takes writes (`READONLY`: a primary demoted behind the same name)
+    /// drops the connection, so the next command connects afresh.
+    async fn exec_pipeline(
+        &self,
+        limit: Duration,
+        pipe: redis::Pipeline,
+    ) -> RedisResult<Vec<Value>> {
+        self.exec_checked(
+            limit,
+            move |mut c| async move { pipe.query_async::<Vec<Value>>(&mut c).await },
+            |replies: &Vec<Value>| {
+                replies
+                    .iter()
+                    .any(|r| matches!(r, Value::ServerError(e) if e.code() == "READONLY"))
+            },
+        )
+        .await
+    }
+
+    async fn exec_checked<T, F, Fut>(
+        &self,
+        limit: Duration,
+        f: F,
+        stale: impl FnOnce(&T) -> bool,
+    ) -> RedisResult<T>
+    where
+        F: FnOnce(Conn) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
         let mut used = None;
         let work = async {
             let (lane, conn) = self.lanes.get(&self.pool).await?;
@@ -142,7 +247,12 @@ impl Redis {
             Ok(result) => result,
             Err(_) => Err(RedisError::Unavailable("redis command timed out".into())),
         };
-        if let (Err(RedisError::Unavailable(_)), Some(lane)) = (&result, used) {
+        let discard = match &result {
+            Err(RedisError::Unavailable(_)) => true,
+            Ok(value) => stale(value),
+            Err(RedisError::Reply(_)) => false,
+        };
+        if let (true, Some(lane)) = (discard, used) {
             self.lanes.discard(lane);
         }
         result
@@ -219,11 +329,7 @@ impl Redis {
             }
             let limit = self.timeout() * 2;
             async move {
-                let replies = self
-                    .exec_within(limit, move |mut c| async move {
-                        pipe.query_async::<Vec<Value>>(&mut c).await
-                    })
-                    .await?;
+                let replies = self.exec_pipeline(limit, pipe).await?;
                 if replies.len() != indices.len() {
                     return Err(RedisError::Reply(format!(
                         "{} replies to {} script calls",
@@ -250,9 +356,9 @@ impl Redis {
     /// share the round trip), each to its slot's node on a cluster; their
     /// replies in order. Each pipeline's commands must share a slot.
     pub async fn pipelines(&self, pipes: Vec<redis::Pipeline>) -> RedisResult<Vec<Vec<Value>>> {
-        let parts = pipes.into_iter().map(|pipe| {
-            self.exec(move |mut c| async move { pipe.query_async::<Vec<Value>>(&mut c).await })
-        });
+        let parts = pipes
+            .into_iter()
+            .map(|pipe| self.exec_pipeline(self.timeout(), pipe));
         futures_util::future::join_all(parts)
             .await
             .into_iter()

@@ -174,6 +174,16 @@ impl Cluster {
                     .all(|n| text(n.cmd(&["CLUSTER", "INFO"])).contains("cluster_state:ok"))
             },
         );
+        wait_until(
+            "every replica in sync with its primary",
+            Duration::from_secs(30),
+            || {
+                self.live().all(|n| {
+                    let info = text(n.cmd(&["INFO", "replication"]));
+                    info.contains("role:master") || info.contains("master_link_status:up")
+                })
+            },
+        );
     }
 
     /// The seed URLs, comma-separated (`redis.url` in cluster mode).
@@ -401,15 +411,19 @@ impl Sentinels {
                 .contains("master_link_status:up")
         });
         let replica = format!("127.0.0.1:{}", setup.redis[1].port);
-        wait_until("every sentinel knows the replica", Duration::from_secs(30), || {
-            setup.sentinels.iter().all(|s| {
-                let replicas: Vec<Vec<String>> =
-                    node_cmd(s.port, &["SENTINEL", "REPLICAS", &setup.master_name])
-                        .and_then(|v| redis::from_redis_value(v).ok())
-                        .unwrap_or_default();
-                replicas.iter().flatten().any(|f| *f == replica)
-            })
-        });
+        wait_until(
+            "every sentinel knows the replica",
+            Duration::from_secs(30),
+            || {
+                setup.sentinels.iter().all(|s| {
+                    let replicas: Vec<Vec<String>> =
+                        node_cmd(s.port, &["SENTINEL", "REPLICAS", &setup.master_name])
+                            .and_then(|v| redis::from_redis_value(v).ok())
+                            .unwrap_or_default();
+                    replicas.iter().flatten().any(|f| *f == replica)
+                })
+            },
+        );
         setup
     }
 
@@ -442,13 +456,17 @@ impl Sentinels {
     /// sentinels name it.
     pub fn failover(&self) {
         let before = self.master_port();
-        wait_until("a sentinel starts the failover", Duration::from_secs(30), || {
-            node_cmd(
-                self.sentinels[0].port,
-                &["SENTINEL", "FAILOVER", &self.master_name],
-            )
-            .is_some()
-        });
+        wait_until(
+            "a sentinel starts the failover",
+            Duration::from_secs(30),
+            || {
+                node_cmd(
+                    self.sentinels[0].port,
+                    &["SENTINEL", "FAILOVER", &self.master_name],
+                )
+                .is_some()
+            },
+        );
         wait_until(
             "the sentinels name the new primary",
             Duration::from_secs(30),

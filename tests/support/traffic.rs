@@ -201,7 +201,12 @@ async fn publish_until(url: String, p: usize, room: String, stop: Arc<AtomicBool
     while !stop.load(Ordering::Acquire) {
         let frame = json!({"type": "publish", "room": room, "data": {"p": p, "k": k},
                            "idempotency_key": format!("{p}-{k}")});
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "publisher{p}: still unavailable after 60 s: {frame}"
+            );
             let reply = match tokio::time::timeout(WAIT, c.request(frame.clone())).await {
                 Ok(reply) => reply,
                 Err(_) => panic!("publisher{p}: no answer to {frame}"),

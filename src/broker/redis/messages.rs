@@ -229,7 +229,7 @@ impl Messages for RedisBroker {
         let (keys, args) = self.publish_room_call(room, from, &raw, key.as_deref());
         let id: String = self
             .redis
-            .run_script(&self.redis.scripts.publish_room, keys, args)
+            .run_script_durable(&self.redis.scripts.publish_room, keys, args)
             .await?;
         id.parse()
             .map_err(|e: crate::protocol::InvalidMessageId| BrokerError::Internal(e.to_string()))

@@ -129,6 +129,7 @@ impl RedisBroker {
         let groups = self
             .redis
             .group(calls.iter().map(|&(i, p)| ((i, p), p.key.as_str())));
+        let wait = self.redis.wait_command();
         let pipes = groups
             .iter()
             .map(|group| {
@@ -143,14 +144,18 @@ impl RedisBroker {
                 for (_, p) in group {
                     pipe.add_command(p.cmd.clone());
                 }
+                if let Some(wait) = &wait {
+                    pipe.add_command(wait.clone());
+                }
                 pipe
             })
             .collect();
+        let expected = |group: &Vec<(usize, &Prepared)>| group.len() + usize::from(wait.is_some());
         let failure = match self.redis.pipelines(pipes).await {
             Ok(replies) => {
                 let mut failure = None;
-                for (group, replies) in groups.iter().zip(replies) {
-                    if replies.len() != group.len() {
+                for (group, mut replies) in groups.iter().zip(replies) {
+                    if replies.len() != expected(group) {
                         failure = Some(BrokerError::Internal(format!(
                             "redis: {} replies to {} publishes",
                             replies.len(),
@@ -158,8 +163,18 @@ impl RedisBroker {
                         )));
                         continue;
                     }
+                    // With `wait_replicas`, the group's last reply is WAIT's:
+                    // too few replicas fail every write of the group.
+                    let waited = match wait {
+                        Some(_) => replies.pop().map(|w| self.redis.check_wait(&w)),
+                        None => None,
+                    };
                     for ((i, p), reply) in group.iter().zip(replies) {
-                        outcomes[*i] = Some(outcome(p, reply));
+                        let mut result = outcome(p, reply);
+                        if let (Some(Err(e)), Outcome::Done(Ok(_))) = (&waited, &result) {
+                            result = Outcome::Done(Err(BrokerError::from(e.clone())));
+                        }
+                        outcomes[*i] = Some(result);
                     }
                 }
                 match failure {

@@ -45,7 +45,8 @@ impl RedisTasks {
             pending_ttl.to_string(),
         ];
         let (code, id): (i64, String) = self
-            .run_script(&self.redis.scripts.submit, keys, args)
+            .redis
+            .run_script_durable(&self.redis.scripts.submit, keys, args)
             .await?;
         match code {
             1 => Ok(Prepared {
