@@ -1,34 +1,43 @@
-//! A seeded, bounded chaos run: three hubs on one Redis (persistence on),
-//! listeners that stay connected, publishers, and churning clients that
-//! join, leave, publish and drop at random, while the test kills the
-//! pub/sub connections, pauses Redis, restarts it, and SIGKILLs one hub.
+//! Seeded, bounded chaos: three hubs on one Redis deployment, listeners
+//! that stay connected, publishers, and churning clients that join, leave,
+//! publish and drop at random, while the test injects faults in a seeded
+//! order:
 //!
-//! After it settles: the registry equals the live connections, per-user
-//! counts and presence equal the live members, `PUBSUB CHANNELS` equals
-//! the rooms and users with members, and every listener received every
-//! acked message of its rooms that reached history, in order, exactly once.
+//! - on one Redis (an append-only file fsynced before every reply): the
+//!   pub/sub connections killed, Redis paused for writes for 2 s, Redis
+//!   SIGKILLed and restarted from its data, one hub SIGKILLed;
+//! - on a Redis Cluster: the pub/sub connections killed, every primary
+//!   paused for writes for 2 s, a room's primary failing over, one hub
+//!   SIGKILLed.
 //!
-//! `CHAOS_SEED=n cargo test --test chaos` replays one run.
+//! Publishers retry an `unavailable` answer with the same
+//! `idempotency_key`. After it settles, the cluster state is exact: the
+//! live instances, each one's connections, each user's connections, each
+//! connection's rooms, each room's members and presence, the channels
+//! subscribed, and no other registry key. And every acked message is in
+//! history once, and every listener received every acked message of its
+//! rooms, in order, exactly once, without being closed.
+//!
+//! `CHAOS_SEED=n cargo test --test chaos` replays one run's faults and
+//! choices.
 
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
+use support::deployments::{Cluster, Deployment};
 use support::*;
 
 const ROOMS: [&str; 4] = ["c0", "c1", "c2", "c3"];
 const LISTENERS: usize = 8;
 const PUBLISHERS: usize = 3;
 const CHURNERS: usize = 6;
-/// Before a Redis crash, how long a publish may still be in flight.
-const CRASH_WINDOW: Duration = Duration::from_millis(300);
 /// How long clients churn and publish while faults are injected.
 const CHURN: Duration = Duration::from_secs(30);
 
@@ -36,88 +45,25 @@ const CONFIG: &str = "[redis]\ninstance_ttl_s = 3\n\
     [limits]\nmessages_per_second = 10000\nburst = 10000\nmax_connections_per_user = 100\n\
     [history]\nsize = 100000\n";
 
-/// A private redis-server with an append-only file, restartable on its port.
-struct DurableRedis {
-    port: u16,
-    dir: tempfile::TempDir,
-    child: Option<Child>,
+/// A connection that stays: who, where, which rooms.
+#[derive(Clone)]
+struct Member {
+    user: String,
+    connection_id: String,
+    instance: String,
+    rooms: Vec<String>,
 }
 
-impl DurableRedis {
-    fn start() -> DurableRedis {
-        let mut redis = DurableRedis {
-            port: free_port(),
-            dir: tempfile::tempdir().expect("tempdir"),
-            child: None,
-        };
-        redis.spawn();
-        redis
-    }
-
-    fn spawn(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args([
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-            ])
-            .arg("--dir")
-            .arg(self.dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server");
-        self.child = Some(child);
-        for _ in 0..200 {
-            if self.cmd(&["PING"]).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(25));
-        }
-        panic!("redis-server on {} did not start", self.port);
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn cmd(&self, args: &[&str]) -> redis::RedisResult<redis::Value> {
-        let client = redis::Client::open(self.url())?;
-        let mut con = client.get_connection_with_timeout(Duration::from_secs(2))?;
-        let mut cmd = redis::cmd(args[0]);
-        for a in &args[1..] {
-            cmd.arg(*a);
-        }
-        cmd.query(&mut con)
-    }
-
-    fn query<T: redis::FromRedisValue>(&self, args: &[&str]) -> T {
-        let value = self
-            .cmd(args)
-            .unwrap_or_else(|e| panic!("redis {args:?}: {e}"));
-        redis::from_redis_value(value).unwrap_or_else(|e| panic!("redis {args:?}: {e}"))
-    }
-
-    /// Kills it (no clean shutdown) and starts it again from its AOF.
-    fn crash_and_restart(&mut self, down: Duration) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        std::thread::sleep(down);
-        self.spawn();
-    }
-}
-
-impl Drop for DurableRedis {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+impl Member {
+    fn of(client: &Client, user: &str, rooms: Vec<String>) -> Member {
+        Member {
+            user: user.to_owned(),
+            connection_id: client.connection_id(),
+            instance: client.welcome["instance"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+            rooms,
         }
     }
 }
@@ -126,9 +72,7 @@ impl Drop for DurableRedis {
 type Received = Arc<Mutex<HashMap<String, Vec<String>>>>;
 
 struct Listener {
-    user: String,
-    connection_id: String,
-    rooms: Vec<String>,
+    member: Member,
     received: Received,
     closed: Arc<Mutex<Option<Closed>>>,
 }
@@ -146,9 +90,7 @@ async fn start_listener(
     let received: Received = Arc::default();
     let closed = Arc::new(Mutex::new(None));
     let listener = Listener {
-        user: user.to_owned(),
-        connection_id: client.connection_id(),
-        rooms,
+        member: Member::of(&client, user, rooms),
         received: received.clone(),
         closed: closed.clone(),
     };
@@ -167,57 +109,68 @@ async fn start_listener(
                 }
             }
         }
-        // Held open until the checks are done.
-        while !stop.load(Ordering::Acquire) {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
         drop(client);
     });
     listener
 }
 
-/// Acked message ids per room, with when they were acked.
-type Acked = Arc<Mutex<HashMap<String, Vec<(String, Instant)>>>>;
+/// Acked message ids per room.
+type Acked = Arc<Mutex<HashMap<String, Vec<String>>>>;
 
-/// A publisher: joins every room, publishes at random until `stop`.
+/// A publisher: joins every room, publishes at random until `stop`,
+/// retrying `unavailable` with the same key.
 async fn start_publisher(
     hub: &Hub,
-    user: &str,
+    p: usize,
     seed: u64,
     acked: Acked,
     stop: Arc<AtomicBool>,
-) -> (String, tokio::task::JoinHandle<Client>) {
-    let mut client = hub.connect(user).await;
+) -> (Member, tokio::task::JoinHandle<Client>) {
+    let user = format!("p{p}");
+    let mut client = hub.connect(&user).await;
     for room in ROOMS {
         client.join(room).await;
     }
-    let connection_id = client.connection_id();
+    let member = Member::of(
+        &client,
+        &user,
+        ROOMS.iter().map(|r| r.to_string()).collect(),
+    );
     let task = tokio::spawn(async move {
         let mut rng = StdRng::seed_from_u64(seed);
         let mut n = 0u64;
         while !stop.load(Ordering::Acquire) {
             let room = ROOMS[rng.random_range(0..ROOMS.len())];
             n += 1;
-            let frame = json!({"type": "publish", "room": room, "data": {"n": n}});
-            let reply = request(&mut client, frame, n).await;
-            match reply {
-                Some(reply) if reply["type"] == "ack" => {
+            let frame = json!({"type": "publish", "room": room, "data": {"p": p, "n": n},
+                               "idempotency_key": format!("p{p}-{n}")});
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "p{p}: still unavailable after 60 s"
+                );
+                let reply = request(&mut client, frame.clone(), n)
+                    .await
+                    .unwrap_or_else(|| panic!("p{p} was closed during the chaos"));
+                if reply["type"] == "ack" {
                     let id = reply["id"].as_str().unwrap_or_default().to_owned();
                     acked
                         .lock()
                         .unwrap()
                         .entry(room.to_owned())
                         .or_default()
-                        .push((id, Instant::now()));
+                        .push(id);
+                    break;
                 }
-                Some(_) => {}
-                None => panic!("a publisher was closed during the chaos"),
+                assert_eq!(reply["code"], "unavailable", "p{p}: {reply}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
             tokio::time::sleep(Duration::from_millis(rng.random_range(5..40))).await;
         }
         client
     });
-    (connection_id, task)
+    (member, task)
 }
 
 /// Sends `frame` with `ref` = `r` and returns the reply carrying it
@@ -287,24 +240,40 @@ fn seed() -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn three_hubs_survive_chaos_with_an_exact_registry_and_no_lost_message() {
+async fn chaos_on_one_redis_leaves_an_exact_state_and_loses_nothing_acked() {
+    chaos(Deployment::Standalone(PrivateRedis::durable())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chaos_on_a_redis_cluster_leaves_an_exact_state_and_loses_nothing_acked() {
+    chaos(Deployment::Cluster(Cluster::start(3, 1))).await;
+}
+
+/// Reads a Redis reply into `T` (its default when absent).
+fn read<T: redis::FromRedisValue + Default>(v: Option<redis::Value>) -> T {
+    v.and_then(|v| redis::from_redis_value(v).ok())
+        .unwrap_or_default()
+}
+
+async fn chaos(mut redis: Deployment) {
     let seed = seed();
-    eprintln!("chaos seed {seed} (CHAOS_SEED={seed} to replay)");
+    eprintln!(
+        "chaos seed {seed} on {} (CHAOS_SEED={seed} to replay)",
+        redis.mode()
+    );
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut redis = DurableRedis::start();
-    let url = redis.url();
     let first = Hub::builder(Broker::Redis)
-        .redis_url(&url)
+        .redis(&redis)
         .toml(CONFIG)
         .start();
     let prefix = first.prefix.clone();
     let second = Hub::builder(Broker::Redis)
-        .redis_url(&url)
+        .redis(&redis)
         .prefix(&prefix)
         .toml(CONFIG)
         .start();
     let doomed = Hub::builder(Broker::Redis)
-        .redis_url(&url)
+        .redis(&redis)
         .prefix(&prefix)
         .toml(CONFIG)
         .start();
@@ -327,11 +296,10 @@ async fn three_hubs_survive_chaos_with_an_exact_registry_and_no_lost_message() {
     }
     let acked: Acked = Arc::default();
     let mut publishers = Vec::new();
-    for i in 0..PUBLISHERS {
-        let hub = hubs[i % hubs.len()];
+    for p in 0..PUBLISHERS {
+        let hub = hubs[p % hubs.len()];
         let seed = rng.random();
-        publishers
-            .push(start_publisher(hub, &format!("p{i}"), seed, acked.clone(), stop.clone()).await);
+        publishers.push(start_publisher(hub, p, seed, acked.clone(), stop.clone()).await);
     }
     let ports = vec![first.port, second.port, doomed.port];
     let churners: Vec<_> = (0..CHURNERS)
@@ -339,27 +307,32 @@ async fn three_hubs_survive_chaos_with_an_exact_registry_and_no_lost_message() {
         .collect();
 
     // The faults, in a seeded order, spread over the churn.
-    let mut faults = ["kill-pubsub", "pause", "restart", "kill-hub"];
+    let mut faults = match redis {
+        Deployment::Cluster(_) => ["kill-pubsub", "pause", "failover", "kill-hub"],
+        _ => ["kill-pubsub", "pause", "restart", "kill-hub"],
+    };
     for i in (1..faults.len()).rev() {
         faults.swap(i, rng.random_range(0..=i));
     }
     let step = CHURN / (faults.len() as u32 + 1);
     let mut doomed = Some(doomed);
-    let mut crashed_at = None;
     for fault in faults {
         tokio::time::sleep(step).await;
         eprintln!("fault: {fault}");
         match fault {
-            "kill-pubsub" => {
-                let _ = redis.cmd(&["CLIENT", "KILL", "TYPE", "pubsub"]);
-            }
-            "pause" => {
-                let _ = redis.cmd(&["CLIENT", "PAUSE", "1500", "ALL"]);
-            }
+            "kill-pubsub" => redis.on_every_node(&["CLIENT", "KILL", "TYPE", "pubsub"]),
+            "pause" => redis.on_every_node(&["CLIENT", "PAUSE", "2000", "WRITE"]),
             "restart" => {
                 let down = Duration::from_millis(rng.random_range(500..2000));
-                crashed_at = Some(Instant::now());
-                tokio::task::block_in_place(|| redis.crash_and_restart(down));
+                if let Deployment::Standalone(r) = &mut redis {
+                    tokio::task::block_in_place(|| r.crash_and_restart(down));
+                }
+            }
+            "failover" => {
+                if let Deployment::Cluster(c) = &redis {
+                    let channel = format!("{prefix}:room:{{c0}}");
+                    tokio::task::block_in_place(|| c.failover(&channel));
+                }
             }
             _ => {
                 if let Some(hub) = doomed.take() {
@@ -374,135 +347,204 @@ async fn three_hubs_survive_chaos_with_an_exact_registry_and_no_lost_message() {
     for churner in churners {
         churner.await.expect("churner");
     }
-    let mut publisher_ids = Vec::new();
+    let mut members: Vec<Member> = listeners.iter().map(|l| l.member.clone()).collect();
     let mut publisher_clients = Vec::new();
-    for (id, task) in publishers {
-        publisher_ids.push(id);
+    for (member, task) in publishers {
+        members.push(member);
         publisher_clients.push(task.await.expect("publisher"));
     }
 
-    // Settle: what is live is what the cluster holds.
-    let mut live: BTreeSet<String> = listeners.iter().map(|l| l.connection_id.clone()).collect();
-    live.extend(publisher_ids.iter().cloned());
-    let registry = eventually("the registry holds exactly the live connections", || {
-        let keys: Vec<String> = redis.query(&["HKEYS", &format!("{prefix}:connections")]);
-        let keys: BTreeSet<String> = keys.into_iter().collect();
-        std::future::ready((keys == live).then_some(keys))
+    check_state(&redis, &prefix, &members).await;
+    check_messages(&redis, &prefix, &listeners, &acked, seed).await;
+    stop_listeners.store(true, Ordering::Release);
+    drop(publisher_clients);
+}
+
+/// Waits until `get` answers `want` (panics with the last answer after
+/// 20 s).
+async fn settled<T: PartialEq + std::fmt::Debug>(what: &str, want: &T, mut get: impl FnMut() -> T) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = get();
+        if &got == want {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: wanted {want:?}, Redis holds {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Once it settles, Redis holds exactly the live connections, rooms,
+/// presence and subscriptions, and no other registry key.
+async fn check_state(redis: &Deployment, prefix: &str, members: &[Member]) {
+    let live_instances: BTreeSet<String> = members.iter().map(|m| m.instance.clone()).collect();
+    settled("the live instances", &live_instances, || {
+        let key = format!("{prefix}:instances");
+        read(redis.cmd(&key, &["SMEMBERS", &key]))
     })
     .await;
-    assert_eq!(registry, live);
 
-    let mut per_user: BTreeMap<String, i64> = BTreeMap::new();
-    for l in &listeners {
-        *per_user.entry(l.user.clone()).or_default() += 1;
-    }
-    for i in 0..PUBLISHERS {
-        *per_user.entry(format!("p{i}")).or_default() += 1;
-    }
-    let counts: BTreeMap<String, i64> =
-        redis.query(&["HGETALL", &format!("{prefix}:user_connections")]);
-    assert_eq!(counts, per_user, "per-user counts");
-
-    for room in ROOMS {
-        let mut want: BTreeMap<String, i64> = listeners
-            .iter()
-            .filter(|l| l.rooms.iter().any(|r| r == room))
-            .fold(BTreeMap::new(), |mut m, l| {
-                *m.entry(l.user.clone()).or_default() += 1;
-                m
-            });
-        for i in 0..PUBLISHERS {
-            want.insert(format!("p{i}"), 1);
+    // The registry keys there should be, and what each holds.
+    let mut want: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+    let mut hash = |key: String, field: &str, value: String| {
+        want.entry(key).or_default().insert(field.to_owned(), value);
+    };
+    for m in members {
+        let c = &m.connection_id;
+        hash(
+            format!("{prefix}:instance_conns:{{{}}}", m.instance),
+            c,
+            m.user.clone(),
+        );
+        hash(format!("{prefix}:conns:{{{}}}", m.user), c, String::new());
+        for room in &m.rooms {
+            hash(
+                format!("{prefix}:conn_rooms:{{{}}}:{c}", m.instance),
+                room,
+                String::new(),
+            );
+            hash(format!("{prefix}:members:{{{room}}}"), c, m.user.clone());
         }
-        let got = eventually(&format!("presence of {room}"), || {
-            let got: BTreeMap<String, i64> =
-                redis.query(&["HGETALL", &format!("{prefix}:presence:{room}")]);
-            std::future::ready((got == want).then_some(got))
-        })
-        .await;
-        assert_eq!(got, want, "presence of {room}");
+    }
+    let mut presence: BTreeMap<String, BTreeMap<String, i64>> = BTreeMap::new();
+    for m in members {
+        for room in &m.rooms {
+            *presence
+                .entry(format!("{prefix}:presence:{{{room}}}"))
+                .or_default()
+                .entry(m.user.clone())
+                .or_default() += 1;
+        }
+    }
+    for key in presence.keys() {
+        want.entry(key.clone()).or_default();
+    }
+    let kinds = [
+        "instance_conns",
+        "conns",
+        "conn_rooms",
+        "members",
+        "presence",
+    ];
+    let registry_keys = || -> BTreeSet<String> {
+        kinds
+            .iter()
+            .flat_map(|k| redis.keys(&format!("{prefix}:{k}:*")))
+            .collect()
+    };
+    let want_keys: BTreeSet<String> = want.keys().cloned().collect();
+    settled("exactly the live registry keys", &want_keys, registry_keys).await;
+
+    for (key, fields) in &want {
+        if key.contains(":presence:") {
+            let got: BTreeMap<String, i64> = read(redis.cmd(key, &["HGETALL", key]));
+            assert_eq!(&got, &presence[key], "{key}");
+        } else if key.contains(":conn_rooms:") {
+            let got: BTreeSet<String> = read(redis.cmd(key, &["SMEMBERS", key]));
+            let want: BTreeSet<String> = fields.keys().cloned().collect();
+            assert_eq!(got, want, "{key}");
+        } else if key.contains(":conns:") {
+            let got: BTreeSet<String> = read(redis.cmd(key, &["HKEYS", key]));
+            let want: BTreeSet<String> = fields.keys().cloned().collect();
+            assert_eq!(got, want, "{key}");
+        } else {
+            let got: BTreeMap<String, String> = read(redis.cmd(key, &["HGETALL", key]));
+            assert_eq!(&got, fields, "{key}");
+        }
     }
 
-    let mut want_channels: BTreeSet<String> =
-        ROOMS.iter().map(|r| format!("{prefix}:room:{r}")).collect();
-    for user in per_user.keys() {
-        want_channels.insert(format!("{prefix}:user:{user}"));
+    let mut want_channels: BTreeSet<String> = ROOMS
+        .iter()
+        .map(|r| format!("{prefix}:room:{{{r}}}"))
+        .collect();
+    for m in members {
+        want_channels.insert(format!("{prefix}:user:{{{}}}", m.user));
     }
     want_channels.insert(format!("{prefix}:broadcast"));
-    let channels = eventually(
-        "PUBSUB CHANNELS holds the rooms and users with members",
-        || {
-            let got: Vec<String> = redis.query(&["PUBSUB", "CHANNELS", &format!("{prefix}:*")]);
-            let got: BTreeSet<String> = got.into_iter().collect();
-            std::future::ready((got == want_channels).then_some(got))
-        },
+    let ours = |c: &String| c.starts_with(&format!("{prefix}:"));
+    settled(
+        "the channels of the live rooms and users",
+        &want_channels,
+        || redis.channels().into_iter().filter(ours).collect(),
     )
     .await;
-    assert_eq!(channels, want_channels);
+}
 
-    // Every acked message that reached history reached every listener of
-    // its room, in order, once.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+/// Every acked message is in history once, and reached every listener of
+/// its room in order, once.
+async fn check_messages(
+    redis: &Deployment,
+    prefix: &str,
+    listeners: &[Listener],
+    acked: &Acked,
+    seed: u64,
+) {
     let acked = acked.lock().unwrap().clone();
     for room in ROOMS {
-        let history: redis::streams::StreamRangeReply =
-            redis.query(&["XRANGE", &format!("{prefix}:history:{room}"), "-", "+"]);
-        let in_history: BTreeSet<String> = history.ids.into_iter().map(|e| e.id).collect();
-        // A message acked in the instant before Redis was killed may not have
-        // reached the other instances, and during the outage they number
-        // their own: such a message is in history (so `since` recovers it)
-        // but may be skipped live to keep members in id order.
-        let in_flight_at_crash = |at: &Instant| {
-            crashed_at.is_some_and(|c| *at <= c && c.duration_since(*at) < CRASH_WINDOW)
-        };
-        let must: Vec<&String> = acked
-            .get(room)
-            .into_iter()
-            .flatten()
-            .filter(|(id, at)| in_history.contains(id) && !in_flight_at_crash(at))
-            .map(|(id, _)| id)
-            .collect();
-        assert!(!must.is_empty(), "nothing acked into {room}'s history");
+        let key = format!("{prefix}:history:{{{room}}}");
+        let history: redis::streams::StreamRangeReply = redis
+            .cmd(&key, &["XRANGE", &key, "-", "+"])
+            .and_then(|v| redis::from_redis_value(v).ok())
+            .expect("history");
+        let mut stored = BTreeSet::new();
+        let mut published = BTreeSet::new();
+        for entry in &history.ids {
+            stored.insert(entry.id.clone());
+            let body: Value = entry
+                .get::<String>("b")
+                .and_then(|b| serde_json::from_str(&b).ok())
+                .unwrap_or_default();
+            let data = &body["data"];
+            if data.get("p").is_some() {
+                let publish = (data["p"].to_string(), data["n"].to_string());
+                assert!(
+                    published.insert(publish.clone()),
+                    "{publish:?} stored twice in {room} (seed {seed})"
+                );
+            }
+        }
+        let must = acked.get(room).cloned().unwrap_or_default();
+        assert!(!must.is_empty(), "nothing acked into {room}");
+        for id in &must {
+            assert!(
+                stored.contains(id),
+                "acked {id} is not in {room}'s history (seed {seed})"
+            );
+        }
         for l in listeners
             .iter()
-            .filter(|l| l.rooms.iter().any(|r| r == room))
+            .filter(|l| l.member.rooms.iter().any(|r| r == room))
         {
+            let user = &l.member.user;
             assert_eq!(
                 *l.closed.lock().unwrap(),
                 None,
-                "listener {} was closed",
-                l.user
+                "listener {user} was closed (seed {seed})"
             );
-            let got = l
-                .received
-                .lock()
-                .unwrap()
-                .get(room)
-                .cloned()
-                .unwrap_or_default();
+            let got = eventually(&format!("{user} got every acked message of {room}"), || {
+                let got = l
+                    .received
+                    .lock()
+                    .unwrap()
+                    .get(room)
+                    .cloned()
+                    .unwrap_or_default();
+                let all = must.iter().all(|id| got.contains(id));
+                std::future::ready(all.then_some(got))
+            })
+            .await;
             let pairs: Vec<(u64, u64)> = got.iter().map(|id| id_pair(&json!(id))).collect();
             for w in pairs.windows(2) {
                 assert!(
                     w[0] < w[1],
-                    "{} in {room}: {:?} then {:?} (seed {seed})",
-                    l.user,
+                    "{user} in {room}: {:?} then {:?}, out of order or twice (seed {seed})",
                     w[0],
                     w[1]
                 );
             }
-            let got: BTreeSet<&String> = got.iter().collect();
-            let missing: Vec<&&String> = must.iter().filter(|id| !got.contains(**id)).collect();
-            assert!(
-                missing.is_empty(),
-                "{} missed {} of {} acked messages in {room}: {:?} (seed {seed})",
-                l.user,
-                missing.len(),
-                must.len(),
-                &missing[..missing.len().min(10)]
-            );
         }
     }
-    stop_listeners.store(true, Ordering::Release);
-    drop(publisher_clients);
-    let _ = redis.cmd(&["FLUSHALL"]);
 }

@@ -363,6 +363,49 @@ on_standalone_and_cluster!(
 );
 
 on_standalone_and_cluster!(
+    a_stalled_instance_taken_for_dead_writes_itself_back,
+    |redis: Deployment| async move {
+        // A hub frozen past its TTL (a stop-the-world pause, a VM
+        // migration) is reaped by the others; when it wakes, its
+        // connections, users and memberships are written back.
+        let (h1, h2) = pair(&redis, "[redis]\ninstance_ttl_s = 2");
+        let mut watcher = h1.connect("watcher").await;
+        watcher.join("room").await;
+        let mut sleeper = h2.connect("sleeper").await;
+        sleeper.join("room").await;
+        assert_eq!(watcher.recv_type("joined").await["user"], "watcher");
+        assert_eq!(watcher.recv_type("joined").await["user"], "sleeper");
+        h2.signal("STOP");
+        assert_eq!(watcher.recv_type("left").await["user"], "sleeper");
+        let api = h1.api().await;
+        eventually("the sleeper's connection is reaped", || async {
+            let (_, body) = api.get("/api/users/sleeper/connections").await;
+            (body["connections"] == 0).then_some(())
+        })
+        .await;
+        h2.signal("CONT");
+        assert_eq!(watcher.recv_type("joined").await["user"], "sleeper");
+        eventually("the sleeper's connection is back", || async {
+            let (_, body) = api.get("/api/users/sleeper/connections").await;
+            (body["connections"] == 1).then_some(())
+        })
+        .await;
+        let (_, presence) = api.get("/api/rooms/room/presence").await;
+        let mut users: Vec<String> = presence["users"]
+            .as_array()
+            .expect("users")
+            .iter()
+            .map(|u| u["user"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        users.sort();
+        assert_eq!(users, ["sleeper", "watcher"], "{presence}");
+        // And it is a member again, everywhere.
+        let m = resumed(&mut watcher, &mut sleeper, "room").await;
+        assert_eq!(m["from"], "watcher");
+    }
+);
+
+on_standalone_and_cluster!(
     a_killed_instance_is_reaped_within_instance_ttl,
     |redis: Deployment| async move {
         let toml = "[redis]\ninstance_ttl_s = 2\n[limits]\nmax_connections_per_user = 1";

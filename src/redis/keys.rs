@@ -19,6 +19,7 @@
 //! | `sb:instance:{I}` | string, TTL | an instance's heartbeat: `{"connections","users","rooms","at"}` |
 //! | `sb:instance_conns:{I}` | hash | connection → user: the connections an instance holds |
 //! | `sb:conn_rooms:{I}:{C}` | set | the rooms connection `C` (of instance `I`) is a member of |
+//! | `sb:reaping:{I}` | string, TTL | set while a surviving instance drops dead instance `I`'s connections |
 //! | `sb:instances` | set | the instances that heartbeat (the reaper's list; small) |
 //! | `sb:broadcast` | channel | frames for everyone |
 //! | `sb:{tasks}:…` | | the task queue ([`TaskKeys`]) |
@@ -116,6 +117,11 @@ impl Keys {
 
     pub fn instance(&self, instance: &str) -> String {
         self.tagged("instance", instance)
+    }
+
+    /// Held while a reaper drops `instance`'s connections.
+    pub fn reaping(&self, instance: &str) -> String {
+        self.tagged("reaping", instance)
     }
 
     pub fn instance_conns(&self, instance: &str) -> String {

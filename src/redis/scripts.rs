@@ -38,6 +38,8 @@ pub struct Scripts {
     pub presence_join: Lua,
     pub presence_leave: Lua,
     pub register: Lua,
+    pub beat: Lua,
+    pub reap_claim: Lua,
     // The task queue.
     pub submit: Lua,
     pub enqueue: Lua,
@@ -58,6 +60,8 @@ impl Scripts {
             presence_join: Lua::new(include_str!("scripts/presence_join.lua")),
             presence_leave: Lua::new(include_str!("scripts/presence_leave.lua")),
             register: Lua::new(include_str!("scripts/register.lua")),
+            beat: Lua::new(include_str!("scripts/beat.lua")),
+            reap_claim: Lua::new(include_str!("scripts/reap_claim.lua")),
             submit: Lua::new(include_str!("scripts/submit.lua")),
             enqueue: Lua::new(include_str!("scripts/enqueue.lua")),
             unsubmit: Lua::new(include_str!("scripts/unsubmit.lua")),

@@ -547,6 +547,29 @@ impl Deployment {
         }
     }
 
+    /// The keys matching `pattern`, on every primary.
+    pub fn keys(&self, pattern: &str) -> Vec<String> {
+        let on = |port: u16| -> Vec<String> {
+            node_cmd(port, &["KEYS", pattern])
+                .and_then(|v| redis::from_redis_value(v).ok())
+                .unwrap_or_default()
+        };
+        let mut all: Vec<String> = match self {
+            Deployment::Cluster(c) => c
+                .topology()
+                .iter()
+                .filter(|n| n.master && !n.failed)
+                .flat_map(|n| on(n.port))
+                .collect(),
+            other => other
+                .cmd("", &["KEYS", pattern])
+                .and_then(|v| redis::from_redis_value(v).ok())
+                .unwrap_or_default(),
+        };
+        all.sort();
+        all
+    }
+
     /// The channels subscribed to (shard channels on a cluster).
     pub fn channels(&self) -> Vec<String> {
         match self {

@@ -659,18 +659,39 @@ pub struct PrivateRedis {
     pub port: u16,
     child: Option<Child>,
     dir: tempfile::TempDir,
+    /// An append-only file fsynced before every reply: a crash loses
+    /// nothing acknowledged.
+    durable: bool,
 }
 
 impl PrivateRedis {
     pub fn start() -> PrivateRedis {
+        Self::with(false)
+    }
+
+    /// One that keeps every acknowledged write through a crash.
+    pub fn durable() -> PrivateRedis {
+        Self::with(true)
+    }
+
+    fn with(durable: bool) -> PrivateRedis {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut redis = PrivateRedis {
             port: free_port(),
             child: None,
             dir,
+            durable,
         };
         redis.spawn();
         redis
+    }
+
+    /// SIGKILLs it and, `down` later, starts it again on its port (from its
+    /// append-only file when durable).
+    pub fn crash_and_restart(&mut self, down: Duration) {
+        self.stop();
+        std::thread::sleep(down);
+        self.spawn();
     }
 
     fn spawn(&mut self) {
@@ -683,7 +704,9 @@ impl PrivateRedis {
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                if self.durable { "yes" } else { "no" },
+                "--appendfsync",
+                "always",
                 "--dir",
             ])
             .arg(self.dir.path())

@@ -14,7 +14,11 @@
 //!   back), those it no longer holds are dropped.
 //! - **reap**: the connections of instances whose heartbeat expired are
 //!   dropped, page by page from the dead instance's own records, so reaping
-//!   costs what that instance held.
+//!   costs what that instance held. A reaper first claims the instance
+//!   (`reap_claim.lua`, atomic with the heartbeat's `beat.lua`): an
+//!   instance that was only stalled past its TTL sees the claim in its next
+//!   heartbeat and reconciles once the reaper is done, so the registry
+//!   ends exact either way.
 //!
 //! Every step works in batches of [`BATCH`] connections; on a cluster each
 //! batch is a few round trips per slot, all at once.
@@ -341,20 +345,28 @@ impl RedisBroker {
             if instance == self.instance_id {
                 continue;
             }
-            let key = self.keys.instance(&instance);
-            let alive: bool = self
+            let keys = vec![self.keys.instance(&instance), self.keys.reaping(&instance)];
+            let args = vec![self.instance_id.clone(), self.claim_ms().to_string()];
+            let claimed: i64 = self
                 .redis
-                .exec(move |mut c| async move { c.exists(&key).await })
+                .run_script(&self.redis.scripts.reap_claim, keys, args)
                 .await?;
-            if !alive {
+            if claimed == 1 {
                 self.reap_instance(&instance).await?;
             }
         }
         Ok(())
     }
 
+    /// How long a reaper's claim on a dead instance lasts without being
+    /// renewed (it is renewed every page): a reaper that dies mid-way
+    /// holds a stalled instance's reconcile back this long at most.
+    fn claim_ms(&self) -> i64 {
+        (self.redis.timeout().as_millis() as i64).saturating_mul(10)
+    }
+
     /// Drops every connection of one dead instance, page by page, then
-    /// forgets it.
+    /// forgets it (the claim `reap_claim.lua` took is held meanwhile).
     async fn reap_instance(&self, instance: &str) -> BrokerResult<()> {
         let started = std::time::Instant::now();
         let conns = self.keys.instance_conns(instance);
@@ -374,12 +386,22 @@ impl RedisBroker {
             if page.is_empty() {
                 break;
             }
+            let (claim, ms) = (self.keys.reaping(instance), self.claim_ms());
+            self.redis
+                .exec(move |mut c| async move { c.pexpire::<_, ()>(&claim, ms).await })
+                .await?;
             self.drop_connections(&page, instance).await?;
             reaped += page.len();
         }
         let (instances, member) = (self.keys.instances(), instance.to_owned());
         self.redis
             .exec(move |mut c| async move { c.srem::<_, _, ()>(&instances, &member).await })
+            .await?;
+        // Last: an instance that was only stalled waits for this to
+        // write its connections back.
+        let claim = self.keys.reaping(instance);
+        self.redis
+            .exec(move |mut c| async move { c.del::<_, ()>(&claim).await })
             .await?;
         if reaped > 0 {
             let elapsed_ms = started.elapsed().as_millis() as u64;

@@ -66,6 +66,9 @@ pub struct RedisBroker {
     /// A reconcile is due (after an outage or a failed clean-up).
     dirty: AtomicBool,
     reconcile_wanted: tokio::sync::Notify,
+    /// Another instance took this one for dead and is dropping its
+    /// connections: once it is done, everything is written again.
+    being_reaped: AtomicBool,
     /// Tells this broker's publish pipelines apart from other brokers'.
     pipeline_key: u64,
     _arbiter: ArbiterHandle,
@@ -104,6 +107,7 @@ impl RedisBroker {
             local: Mutex::new(LocalRegistry::default()),
             dirty: AtomicBool::new(true),
             reconcile_wanted: tokio::sync::Notify::new(),
+            being_reaped: AtomicBool::new(false),
             pipeline_key: pipeline::broker_key(),
             _arbiter: arbiter.clone(),
         });

@@ -82,19 +82,30 @@ impl RedisBroker {
     /// reap a dead instance within the TTL) and lists the instance in
     /// `{prefix}:instances`. A key that had vanished (Redis restarted
     /// empty, a failover lost it, or this instance was presumed dead) asks
-    /// for a reconcile.
+    /// for a reconcile; when a survivor is reaping this instance (it
+    /// stalled past its TTL), the reconcile waits until the reaper is done,
+    /// then writes back everything it dropped.
     async fn beat(&self, probe: &mut Probe) {
         let expiry_ms = (self.instance_ttl_s.max(1) * 2000 / 3).max(500);
         let beat = serde_json::to_string(&self.numbers()).unwrap_or_default();
-        let mut set = redis::cmd("SET");
-        set.arg(self.keys.instance(&self.instance_id))
+        let mut call = redis::cmd("EVAL");
+        call.arg(self.redis.scripts.beat.source())
+            .arg(2)
+            .arg(self.keys.instance(&self.instance_id))
+            .arg(self.keys.reaping(&self.instance_id))
             .arg(beat)
-            .arg("PX")
-            .arg(expiry_ms)
-            .arg("GET");
-        match probe.query::<Option<String>>(&set).await {
-            Ok(None) => self.want_reconcile(),
-            Ok(Some(_)) => {}
+            .arg(expiry_ms);
+        match probe.query::<(i64, i64)>(&call).await {
+            Ok((_, 1)) => {
+                if !self.being_reaped.swap(true, Ordering::AcqRel) {
+                    tracing::warn!("another instance took this one for dead (its heartbeat lapsed) and is dropping its connections; they are written again once it is done");
+                }
+            }
+            Ok((had, _)) => {
+                if had == 0 || self.being_reaped.swap(false, Ordering::AcqRel) {
+                    self.want_reconcile();
+                }
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "redis heartbeat failed");
                 return;
