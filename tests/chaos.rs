@@ -19,7 +19,7 @@
 //! rooms, in order, exactly once, without being closed.
 //!
 //! `CHAOS_SEED=n cargo test --test chaos` replays one run's faults and
-//! choices.
+//! choices; `CHAOS_LOGS=1` prints the hubs' logs when a check fails.
 
 mod support;
 
@@ -354,8 +354,17 @@ async fn chaos(mut redis: Deployment) {
         publisher_clients.push(task.await.expect("publisher"));
     }
 
-    check_state(&redis, &prefix, &members).await;
-    check_messages(&redis, &prefix, &listeners, &acked, seed).await;
+    let checks = async {
+        check_state(&redis, &prefix, &members).await;
+        check_messages(&redis, &prefix, &listeners, &acked, seed).await;
+    };
+    let result = futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(checks)).await;
+    if let Err(panic) = result {
+        if std::env::var_os("CHAOS_LOGS").is_some() {
+            eprintln!("---- hub 1\n{}\n---- hub 2\n{}", first.log(), second.log());
+        }
+        std::panic::resume_unwind(panic);
+    }
     stop_listeners.store(true, Ordering::Release);
     drop(publisher_clients);
 }
@@ -524,7 +533,8 @@ async fn check_messages(
                 None,
                 "listener {user} was closed (seed {seed})"
             );
-            let got = eventually(&format!("{user} got every acked message of {room}"), || {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+            let got = loop {
                 let got = l
                     .received
                     .lock()
@@ -532,10 +542,19 @@ async fn check_messages(
                     .get(room)
                     .cloned()
                     .unwrap_or_default();
-                let all = must.iter().all(|id| got.contains(id));
-                std::future::ready(all.then_some(got))
-            })
-            .await;
+                let missing: Vec<&String> = must.iter().filter(|id| !got.contains(id)).collect();
+                if missing.is_empty() {
+                    break got;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{user} missed {} of {} acked messages in {room}: {:?}… (seed {seed})",
+                    missing.len(),
+                    must.len(),
+                    &missing[..missing.len().min(8)]
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            };
             let pairs: Vec<(u64, u64)> = got.iter().map(|id| id_pair(&json!(id))).collect();
             for w in pairs.windows(2) {
                 assert!(

@@ -70,10 +70,17 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// A room catching up after a lost subscription.
 struct CatchUp {
-    /// The newest id delivered here when it began: nothing older is sent,
-    /// so members keep receiving in id order.
+    /// The newest id delivered here when the subscription was lost:
+    /// history is read after it, and nothing older is sent, so members
+    /// keep receiving in id order.
     floor: Option<MessageId>,
-    /// Live messages held back meanwhile.
+    /// Where the history read starts (`(floor`, or when the channel was
+    /// first confirmed).
+    start: String,
+    /// Whether the history read is scheduled (once subscribed again).
+    reading: bool,
+    /// Live messages held back meanwhile: from the loss on, since redis-rs
+    /// may subscribe again by itself before we do.
     held: Vec<Envelope>,
 }
 
@@ -328,13 +335,16 @@ impl RedisSubscriber {
     /// primary was demoted), or a node's connection dropped: subscribe
     /// again, then catch up.
     fn mark_lost(&mut self, names: impl IntoIterator<Item = String>, ctx: &mut Context<Self>) {
+        let mut lost = Vec::new();
         for name in names {
             let Some(channel) = self.channels.get_mut(&name) else {
                 continue;
             };
             channel.confirmed = false;
-            self.lost.insert(name);
+            self.lost.insert(name.clone());
+            lost.push(name);
         }
+        self.hold_rooms(&lost);
         self.schedule_resubscribe(ctx);
     }
 
@@ -393,31 +403,53 @@ impl RedisSubscriber {
 
 /// Catching up after a lost subscription.
 impl RedisSubscriber {
-    /// Starts a catch-up of the rooms among `channels`: their live messages
-    /// are held from now on, and history is read after `settle`.
-    fn catch_up_rooms(&mut self, channels: Vec<String>, settle: Duration, ctx: &mut Context<Self>) {
-        let rooms: Vec<(RoomName, String)> = channels
-            .iter()
-            .filter_map(|name| {
-                let c = self.channels.get(name)?;
-                let room = c.room.clone()?;
-                let start = match self.ids.last_room_id(&room) {
-                    Some(id) => format!("({id}"),
-                    None => format!("{}-0", c.subscribed_at_ms?),
-                };
-                Some((room, start))
-            })
-            .collect();
-        for (room, start) in rooms {
+    /// Holds the live messages of the rooms among `channels` from now on
+    /// (a catch-up begins; its history read comes later).
+    fn hold_rooms(&mut self, channels: &[String]) {
+        for name in channels {
+            let Some(c) = self.channels.get(name) else {
+                continue;
+            };
+            let Some(room) = c.room.clone() else {
+                continue;
+            };
             if self.catching_up.contains_key(&room) {
                 continue;
             }
             let floor = self.ids.last_room_id(&room);
+            let start = match (floor, c.subscribed_at_ms) {
+                (Some(id), _) => format!("({id}"),
+                (None, Some(ms)) => format!("{ms}-0"),
+                (None, None) => continue,
+            };
             let catch_up = CatchUp {
                 floor,
+                start,
+                reading: false,
                 held: Vec::new(),
             };
-            self.catching_up.insert(room.clone(), catch_up);
+            self.catching_up.insert(room, catch_up);
+        }
+    }
+
+    /// Catches up the rooms among `channels` (subscribed again): their
+    /// live messages are held (since the loss, or from now on), and
+    /// history is read after `settle`.
+    fn catch_up_rooms(&mut self, channels: Vec<String>, settle: Duration, ctx: &mut Context<Self>) {
+        self.hold_rooms(&channels);
+        let rooms: Vec<RoomName> = channels
+            .iter()
+            .filter_map(|name| self.channels.get(name)?.room.clone())
+            .collect();
+        for room in rooms {
+            let Some(catch_up) = self.catching_up.get_mut(&room) else {
+                continue;
+            };
+            if catch_up.reading {
+                continue;
+            }
+            catch_up.reading = true;
+            let start = catch_up.start.clone();
             if settle.is_zero() {
                 self.catch_up(room, start, ctx);
             } else {
@@ -455,7 +487,7 @@ impl RedisSubscriber {
     }
 
     fn finish_catch_up(&mut self, room: RoomName, replay: Vec<Envelope>) {
-        let Some(CatchUp { floor, held }) = self.catching_up.remove(&room) else {
+        let Some(CatchUp { floor, held, .. }) = self.catching_up.remove(&room) else {
             return;
         };
         tracing::debug!(room = %room, replayed = replay.len(), held = held.len(), "caught up");
