@@ -52,6 +52,7 @@ struct Shared {
 /// answers pings) until stop, close cleanly.
 async fn hold_connection(
     url: String,
+    room: Option<String>,
     shared: Arc<Shared>,
     ready: mpsc::UnboundedSender<bool>,
     mut stop: watch::Receiver<bool>,
@@ -74,6 +75,14 @@ async fn hold_connection(
     let welcomed_at = Some(Instant::now());
     let _ = ready.send(true);
     let (mut sink, mut stream) = ws.split();
+    if let Some(room) = room {
+        let join = serde_json::json!({"type": "join", "room": room}).to_string();
+        let _ = futures_util::SinkExt::send(
+            &mut sink,
+            tokio_tungstenite::tungstenite::Message::text(join),
+        )
+        .await;
+    }
     let end = client::read_until_stop(&mut stream, &mut stop, |_| {}).await;
     let (mut closed_cleanly, mut close_took) = (false, None);
     if let ReadEnd::Stopped = end {
@@ -305,8 +314,10 @@ async fn open_all(
     let started = Instant::now();
     let tasks: Vec<_> = urls
         .into_iter()
-        .map(|url| {
-            let task = hold_connection(url, shared.clone(), ready_tx.clone(), stop.clone());
+        .enumerate()
+        .map(|(i, url)| {
+            let room = (args.rooms > 0).then(|| format!("bench-{}", i % args.rooms));
+            let task = hold_connection(url, room, shared.clone(), ready_tx.clone(), stop.clone());
             tokio::spawn(task)
         })
         .collect();

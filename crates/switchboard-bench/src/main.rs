@@ -178,6 +178,10 @@ pub struct ConnectionsArgs {
     /// Seconds to hold all connections open (answering pings) before closing.
     #[arg(long, default_value_t = 2)]
     pub hold_s: u64,
+    /// Each connection joins one of this many rooms (`bench-<i mod rooms>`)
+    /// once welcomed; 0: none.
+    #[arg(long, default_value_t = 0)]
+    pub rooms: usize,
     /// The server's PID: its RSS is read before connecting, with every
     /// connection open (KB per idle connection, as the harness reports it)
     /// and `--settle-s` after they closed (does the memory come back?).
