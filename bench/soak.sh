@@ -10,8 +10,8 @@
 # frame). After each cycle /api/stats must report 0 connections (Switchboard only) and
 # the hub's RSS is sampled: after the last cycle it must be within MAX_RSS_GROWTH % of
 # the RSS after cycle 2. With the redis broker (a private redis-server on a free port),
-# the connection registry `{REDIS_PREFIX}:connections` and the presence keys
-# `{REDIS_PREFIX}:presence:*` must be empty after the last cycle.
+# the connection registry (`{REDIS_PREFIX}:instance_conns:*`, `:conns:*`, `:conn_rooms:*`)
+# and the room keys (`:presence:*`, `:members:*`) must be empty after the last cycle.
 #
 # Prints per-cycle lines and a final `soak summary: …` line; writes churn.json, the
 # loadgen's output and the server log to $RESULTS. Exit status: 0 pass, 1 any leak,
@@ -161,7 +161,18 @@ kill -0 "$SERVER_PID" 2>/dev/null || SERVER_ALIVE=no
 REDIS_CONNS=- PRESENCE_KEYS=- PRESENCE_MEMBERS=-
 redis_leftovers() { # -> REDIS_CONNS, PRESENCE_KEYS (with members), PRESENCE_MEMBERS
   local key n
-  REDIS_CONNS=$(rcli hlen "$REDIS_PREFIX:connections" 2>&1 || true)
+  REDIS_CONNS=0
+  while IFS= read -r key; do
+    [ -n "$key" ] || continue
+    case $(rcli type "$key" || true) in
+      hash) n=$(rcli hlen "$key" || true) ;;
+      set) n=$(rcli scard "$key" || true) ;;
+      none) n=0 ;;
+      *) n=1 ;;
+    esac
+    case $n in '' | *[!0-9]*) n=1 ;; esac
+    REDIS_CONNS=$((REDIS_CONNS + n))
+  done < <(for family in instance_conns conns conn_rooms; do rcli --scan --pattern "$REDIS_PREFIX:$family:*"; done || true)
   PRESENCE_KEYS=0 PRESENCE_MEMBERS=0
   while IFS= read -r key; do
     [ -n "$key" ] || continue
@@ -178,7 +189,7 @@ redis_leftovers() { # -> REDIS_CONNS, PRESENCE_KEYS (with members), PRESENCE_MEM
       PRESENCE_KEYS=$((PRESENCE_KEYS + 1))
       PRESENCE_MEMBERS=$((PRESENCE_MEMBERS + n))
     fi
-  done < <(rcli --scan --pattern "$REDIS_PREFIX:presence:*" || true)
+  done < <(for family in presence members; do rcli --scan --pattern "$REDIS_PREFIX:$family:*"; done || true)
 }
 if [ "$BROKER" = redis ]; then
   for _ in $(seq 1 $((REDIS_SETTLE_SECS * 5))); do
@@ -188,8 +199,8 @@ if [ "$BROKER" = redis ]; then
   done
   # an inventory of what is left under the prefix, by key family (history streams are expected)
   rcli --scan --pattern "$REDIS_PREFIX:*" | awk -F: '{print $2}' | sort | uniq -c >"$RESULTS/redis-keys.txt" || true
-  log "redis after the last cycle: HLEN $REDIS_PREFIX:connections = $REDIS_CONNS;" \
-    "$PRESENCE_KEYS $REDIS_PREFIX:presence:* keys with $PRESENCE_MEMBERS members;" \
+  log "redis after the last cycle: $REDIS_CONNS registry entries ($REDIS_PREFIX:instance_conns:*, :conns:*, :conn_rooms:*);" \
+    "$PRESENCE_KEYS $REDIS_PREFIX:presence:* / :members:* keys with $PRESENCE_MEMBERS members;" \
     "keys by family: $(awk '{printf "%s%s %s", s, $2, $1; s=", "}' "$RESULTS/redis-keys.txt")"
 fi
 
