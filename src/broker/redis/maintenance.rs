@@ -66,6 +66,9 @@ impl RedisBroker {
                 last_reconcile = tokio::time::Instant::now();
                 self.reconcile_logged(wanted).await;
             }
+            if let Err(e) = self.settle_unsure().await {
+                tracing::debug!(error = %e, "leaving unsure memberships failed; retrying");
+            }
             if let Err(e) = self.reap().await {
                 tracing::debug!(error = %e, "reaping dead instances failed");
             }
@@ -101,13 +104,19 @@ impl RedisBroker {
         let held = self
             .hash_fields(&self.keys.instance_conns(&self.instance_id))
             .await?;
-        let local = match self.local.lock() {
-            Ok(local) => local.clone(),
+        // Each held connection, and whether its registration is done.
+        let local: Vec<(String, bool)> = match self.local.lock() {
+            Ok(local) => local
+                .connections
+                .iter()
+                .map(|(id, c)| (id.clone(), c.registered))
+                .collect(),
             Err(_) => return Ok(0),
         };
+        let ours: HashSet<&str> = local.iter().map(|(id, _)| id.as_str()).collect();
         let stale: Vec<String> = held
             .into_iter()
-            .filter(|id| !local.connections.contains_key(id))
+            .filter(|id| !ours.contains(id.as_str()))
             .collect();
         if !stale.is_empty() {
             tracing::info!(
@@ -119,43 +128,133 @@ impl RedisBroker {
             self.drop_connections(batch, &self.instance_id).await?;
         }
         let ids: Vec<&String> = local
-            .connections
             .iter()
-            .filter(|(_, c)| c.registered)
+            .filter(|(_, registered)| *registered)
             .map(|(id, _)| id)
             .collect();
         for batch in ids.chunks(BATCH) {
             self.restore_batch(batch).await?;
         }
-        Ok(local.connections.len())
+        Ok(local.len())
+    }
+
+    /// Leaves again the memberships whose last change failed, of the
+    /// connections this instance no longer holds (a held one's are made
+    /// right by the reconcile, and its disconnect leaves its rooms). One
+    /// is forgotten once a leave that began `2 × redis.timeout_s` after
+    /// its failure succeeded: by then a write that a paused or failing
+    /// Redis held back has been applied or dropped.
+    async fn settle_unsure(&self) -> BrokerResult<()> {
+        let started = std::time::Instant::now();
+        let gone: Vec<(String, RoomName, std::time::Instant)> = match self.local.lock() {
+            Ok(mut local) => {
+                let local = &mut *local;
+                let (unsure, held) = (&local.unsure, &local.connections);
+                unsure
+                    .iter()
+                    .filter(|(conn, _)| !held.contains_key(*conn))
+                    .flat_map(|(conn, rooms)| {
+                        rooms.iter().map(|(room, at)| (conn.clone(), room.clone(), *at))
+                    })
+                    .take(BATCH)
+                    .collect()
+            }
+            Err(_) => return Ok(()),
+        };
+        if gone.is_empty() {
+            return Ok(());
+        }
+        let leaves: Vec<ScriptCall<'_>> = gone
+            .iter()
+            .map(|(conn, room, _)| self.presence_call(false, room, "", conn))
+            .collect();
+        fail_on_errors(self.redis.run_scripts(&leaves).await?)?;
+        let mut pipe = redis::pipe();
+        for (conn, room, _) in &gone {
+            pipe.srem(self.keys.conn_rooms(&self.instance_id, conn), room.as_str())
+                .ignore();
+        }
+        self.redis.pipelines(vec![pipe]).await?;
+        let settled = self.redis.timeout() * 2;
+        self.update_local(|local| {
+            for (conn, room, at) in &gone {
+                let Some(rooms) = local.unsure.get_mut(conn) else {
+                    continue;
+                };
+                // Not if it failed again since.
+                if rooms.get(room) == Some(at) && *at + settled <= started {
+                    rooms.remove(room);
+                }
+                if rooms.is_empty() {
+                    local.unsure.remove(conn);
+                }
+            }
+            crate::trim::shrink_map(&mut local.unsure);
+        });
+        Ok(())
     }
 
     /// Writes a batch of held connections again, in the order of a connect
     /// and a join (no limit check; idempotent), and ends the memberships
-    /// Redis has that they no longer hold.
+    /// Redis has that they no longer hold. A join or leave, or a
+    /// disconnect, applied while the batch was being written may have
+    /// been overwritten with the older state: such connections are written
+    /// again (or dropped) until none changed, for a few rounds; past them
+    /// the next reconcile goes on.
     async fn restore_batch(&self, ids: &[&String]) -> BrokerResult<()> {
-        // The local registry as it is now: a join or leave since the
-        // batch was chosen has been applied already.
-        let now = match self.local.lock() {
-            Ok(local) => local.clone(),
-            Err(_) => return Ok(()),
+        const ROUNDS: usize = 4;
+        let mut ids: Vec<String> = ids.iter().map(|id| (*id).clone()).collect();
+        for _ in 0..ROUNDS {
+            let (moved, went) = self.restore_once(&ids).await?;
+            for batch in went.chunks(BATCH) {
+                self.drop_connections(batch, &self.instance_id).await?;
+            }
+            if moved.is_empty() {
+                return Ok(());
+            }
+            ids = moved;
+        }
+        self.want_reconcile();
+        Ok(())
+    }
+
+    /// One round of [`Self::restore_batch`]: returns the connections whose
+    /// rooms changed while it wrote, and those that went.
+    async fn restore_once(&self, ids: &[String]) -> BrokerResult<(Vec<String>, Vec<String>)> {
+        struct Held {
+            id: String,
+            user: String,
+            entry: String,
+            rooms: HashSet<RoomName>,
+            stamp: Option<u64>,
+        }
+        let held: Vec<Held> = match self.local.lock() {
+            Ok(local) => ids
+                .iter()
+                .filter_map(|id| {
+                    let c = local.connections.get(id)?;
+                    Some(Held {
+                        id: id.clone(),
+                        user: c.user.clone(),
+                        entry: c.entry.clone(),
+                        rooms: local.rooms.get(id).map(|r| r.set.clone()).unwrap_or_default(),
+                        stamp: local.stamp(id),
+                    })
+                })
+                .collect(),
+            Err(_) => return Ok((Vec::new(), Vec::new())),
         };
-        let held: Vec<(&String, &super::registry::LocalConnection)> = ids
-            .iter()
-            .filter_map(|id| now.connections.get(*id).map(|c| (*id, c)))
-            .collect();
         if held.is_empty() {
-            return Ok(());
+            return Ok((Vec::new(), Vec::new()));
         }
         // 1. Under the instance: the connections and their rooms.
         let key = self.keys.instance_conns(&self.instance_id);
         let mut pipe = redis::pipe();
-        for (id, c) in &held {
-            pipe.hset(&key, id.as_str(), &c.user).ignore();
-            let rooms = now.rooms.get(*id).cloned().unwrap_or_default();
-            let rooms: Vec<&str> = rooms.iter().map(RoomName::as_str).collect();
+        for c in &held {
+            pipe.hset(&key, &c.id, &c.user).ignore();
+            let rooms: Vec<&str> = c.rooms.iter().map(RoomName::as_str).collect();
             if !rooms.is_empty() {
-                pipe.sadd(self.keys.conn_rooms(&self.instance_id, id), rooms)
+                pipe.sadd(self.keys.conn_rooms(&self.instance_id, &c.id), rooms)
                     .ignore();
             }
         }
@@ -164,28 +263,27 @@ impl RedisBroker {
         let scripts = &self.redis.scripts;
         let calls: Vec<ScriptCall<'_>> = held
             .iter()
-            .map(|(id, c)| ScriptCall {
+            .map(|c| ScriptCall {
                 script: &scripts.register,
                 keys: vec![self.keys.user_conns(&c.user)],
-                args: vec![(*id).clone(), c.entry.clone(), "0".into(), "1".into()],
+                args: vec![c.id.clone(), c.entry.clone(), "0".into(), "1".into()],
             })
             .collect();
         fail_on_errors(self.redis.run_scripts(&calls).await?)?;
         // 3. In each room: the memberships held, and none other.
         let current = self
-            .rooms_of(&held.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>())
+            .rooms_of(&held.iter().map(|c| c.id.as_str()).collect::<Vec<_>>())
             .await?;
         let mut changes = Vec::new();
         let mut gone = Vec::new();
-        for ((id, c), rooms_now) in held.iter().zip(current) {
-            let wanted = now.rooms.get(*id).cloned().unwrap_or_default();
-            for room in &wanted {
-                changes.push(self.presence_call(true, room, &c.user, id));
+        for (c, rooms_now) in held.iter().zip(current) {
+            for room in &c.rooms {
+                changes.push(self.presence_call(true, room, &c.user, &c.id));
             }
             for room in rooms_now.iter().filter_map(|r| RoomName::parse(r).ok()) {
-                if !wanted.contains(&room) {
-                    changes.push(self.presence_call(false, &room, &c.user, id));
-                    gone.push(((*id).clone(), room));
+                if !c.rooms.contains(&room) {
+                    changes.push(self.presence_call(false, &room, &c.user, &c.id));
+                    gone.push((c.id.clone(), room));
                 }
             }
         }
@@ -198,7 +296,17 @@ impl RedisBroker {
             }
             self.redis.pipelines(vec![pipe]).await?;
         }
-        Ok(())
+        let (mut moved, mut went) = (Vec::new(), Vec::new());
+        if let Ok(local) = self.local.lock() {
+            for c in held {
+                if !local.connections.contains_key(&c.id) {
+                    went.push(c.id);
+                } else if local.stamp(&c.id) != c.stamp {
+                    moved.push(c.id);
+                }
+            }
+        }
+        Ok((moved, went))
     }
 
     /// Each connection's rooms (connections of this instance), in one

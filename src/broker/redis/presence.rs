@@ -92,25 +92,31 @@ impl RedisBroker {
 #[async_trait]
 impl Presence for RedisBroker {
     async fn join(&self, room: &RoomName, user: &str, connection_id: &str) -> BrokerResult<()> {
+        let mut held = false;
         self.update_local(|local| {
-            let rooms = local.rooms.entry(connection_id.to_owned()).or_default();
-            rooms.insert(room.clone());
+            // A connection gone already (its lane ran behind its
+            // disconnect) is not written back.
+            if local.connections.contains_key(connection_id) {
+                held = true;
+                local.change_room(connection_id, room, true);
+            }
         });
+        if !held {
+            return Ok(());
+        }
         let joined = self.join_room(room, user, connection_id).await;
         if joined.is_err() {
+            self.update_local(|local| local.mark_unsure(connection_id, room));
             self.want_reconcile();
         }
         joined
     }
 
     async fn leave(&self, room: &RoomName, user: &str, connection_id: &str) -> BrokerResult<()> {
-        self.update_local(|local| {
-            if let Some(rooms) = local.rooms.get_mut(connection_id) {
-                rooms.remove(room);
-            }
-        });
+        self.update_local(|local| local.change_room(connection_id, room, false));
         let left = self.leave_room(room, user, connection_id).await;
         if left.is_err() {
+            self.update_local(|local| local.mark_unsure(connection_id, room));
             self.want_reconcile();
         }
         left

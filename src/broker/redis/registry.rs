@@ -38,7 +38,66 @@ pub(super) struct LocalConnection {
 pub(super) struct LocalRegistry {
     pub connections: HashMap<String, LocalConnection>,
     /// connection id → rooms it is a member of.
-    pub rooms: HashMap<String, HashSet<RoomName>>,
+    pub rooms: HashMap<String, HeldRooms>,
+    /// Stamps the room changes, in order (see [`HeldRooms::stamp`]).
+    pub changes: u64,
+    /// Memberships whose last change failed (connection id → room → when),
+    /// Redis's side unknown. Once the connection is gone no reconcile sees
+    /// them (they are not under the instance any more), so the maintenance
+    /// task leaves them again itself (see `settle_unsure`).
+    pub unsure: HashMap<String, HashMap<RoomName, std::time::Instant>>,
+}
+
+/// One connection's rooms.
+#[derive(Default, Clone)]
+pub(super) struct HeldRooms {
+    pub set: HashSet<RoomName>,
+    /// The stamp of its last change: a reconcile that wrote an older state
+    /// sees it changed under it and writes the connection again.
+    pub stamp: u64,
+}
+
+/// Unsure memberships are kept for at most this many connections (each
+/// one that changed a membership while Redis failed).
+pub(super) const MAX_UNSURE: usize = 100_000;
+
+impl LocalRegistry {
+    /// Adds (`joined`) or removes `conn`'s membership of `room`.
+    pub fn change_room(&mut self, conn: &str, room: &RoomName, joined: bool) {
+        self.changes += 1;
+        let stamp = self.changes;
+        if joined {
+            let rooms = self.rooms.entry(conn.to_owned()).or_default();
+            rooms.set.insert(room.clone());
+            rooms.stamp = stamp;
+        } else if let Some(rooms) = self.rooms.get_mut(conn) {
+            rooms.set.remove(room);
+            rooms.stamp = stamp;
+            if rooms.set.is_empty() {
+                self.rooms.remove(conn);
+            }
+        }
+    }
+
+    /// The stamp of `conn`'s rooms (`None` without any).
+    pub fn stamp(&self, conn: &str) -> Option<u64> {
+        self.rooms.get(conn).map(|r| r.stamp)
+    }
+
+    /// Records that `conn`'s membership of `room` may be wrong in Redis.
+    pub fn mark_unsure(&mut self, conn: &str, room: &RoomName) {
+        if self.unsure.len() >= MAX_UNSURE && !self.unsure.contains_key(conn) {
+            tracing::error!(
+                limit = MAX_UNSURE,
+                "too many presence changes failed; one is not retried"
+            );
+            return;
+        }
+        self.unsure
+            .entry(conn.to_owned())
+            .or_default()
+            .insert(room.clone(), std::time::Instant::now());
+    }
 }
 
 /// An instance's heartbeat: its numbers, for `/api/stats`.
@@ -199,6 +258,9 @@ impl Registry for RedisBroker {
     async fn unregister(&self, connection_id: &str, user: &str) {
         self.update_local(|local| {
             local.connections.remove(connection_id);
+            // A join its lane writes after the drop below is followed there
+            // by the leave of its disconnect (or, if that fails, marked
+            // unsure).
             local.rooms.remove(connection_id);
             crate::trim::shrink_map(&mut local.connections);
             crate::trim::shrink_map(&mut local.rooms);
