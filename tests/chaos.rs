@@ -447,22 +447,55 @@ async fn check_state(redis: &Deployment, prefix: &str, members: &[Member]) {
     let want_keys: BTreeSet<String> = want.keys().cloned().collect();
     settled("exactly the live registry keys", &want_keys, registry_keys).await;
 
-    for (key, fields) in &want {
+    // What each key holds, as "field=value" lines, against what it should.
+    let held = |key: &str| -> BTreeSet<String> {
         if key.contains(":presence:") {
             let got: BTreeMap<String, i64> = read(redis.cmd(key, &["HGETALL", key]));
-            assert_eq!(&got, &presence[key], "{key}");
+            got.iter().map(|(f, v)| format!("{f}={v}")).collect()
         } else if key.contains(":conn_rooms:") {
-            let got: BTreeSet<String> = read(redis.cmd(key, &["SMEMBERS", key]));
-            let want: BTreeSet<String> = fields.keys().cloned().collect();
-            assert_eq!(got, want, "{key}");
+            read(redis.cmd(key, &["SMEMBERS", key]))
         } else if key.contains(":conns:") {
-            let got: BTreeSet<String> = read(redis.cmd(key, &["HKEYS", key]));
-            let want: BTreeSet<String> = fields.keys().cloned().collect();
-            assert_eq!(got, want, "{key}");
+            read(redis.cmd(key, &["HKEYS", key]))
         } else {
             let got: BTreeMap<String, String> = read(redis.cmd(key, &["HGETALL", key]));
-            assert_eq!(&got, fields, "{key}");
+            got.iter().map(|(f, v)| format!("{f}={v}")).collect()
         }
+    };
+    let wanted = |key: &str, fields: &BTreeMap<String, String>| -> BTreeSet<String> {
+        if key.contains(":presence:") {
+            presence[key]
+                .iter()
+                .map(|(f, v)| format!("{f}={v}"))
+                .collect()
+        } else if key.contains(":conn_rooms:") || key.contains(":conns:") {
+            fields.keys().cloned().collect()
+        } else {
+            fields.iter().map(|(f, v)| format!("{f}={v}")).collect()
+        }
+    };
+    let want_contents: BTreeMap<String, BTreeSet<String>> = want
+        .iter()
+        .map(|(key, fields)| (key.clone(), wanted(key, fields)))
+        .collect();
+    // A connection closed at the end may still be leaving its rooms.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let wrong: Vec<String> = want_contents
+            .iter()
+            .filter_map(|(key, fields)| {
+                let got = held(key);
+                (&got != fields).then(|| format!("{key}: wanted {fields:?}, Redis holds {got:?}"))
+            })
+            .collect();
+        if wrong.is_empty() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "registry contents differ:\n{}",
+            wrong.join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
     let mut want_channels: BTreeSet<String> = ROOMS

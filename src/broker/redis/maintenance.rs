@@ -12,6 +12,10 @@
 //!   and memberships it holds are written again (idempotently: a write
 //!   that is there already changes nothing, one a failover lost comes
 //!   back), those it no longer holds are dropped.
+//! - **settle**: a join or leave that failed, of a connection that is gone
+//!   since, is no longer under the instance, so no reconcile finds it: the
+//!   local registry remembers it (`unsure`) and it is left again until a
+//!   leave that began well after the failure succeeded.
 //! - **reap**: the connections of instances whose heartbeat expired are
 //!   dropped, page by page from the dead instance's own records, so reaping
 //!   costs what that instance held. A reaper first claims the instance
@@ -154,7 +158,9 @@ impl RedisBroker {
                     .iter()
                     .filter(|(conn, _)| !held.contains_key(*conn))
                     .flat_map(|(conn, rooms)| {
-                        rooms.iter().map(|(room, at)| (conn.clone(), room.clone(), *at))
+                        rooms
+                            .iter()
+                            .map(|(room, at)| (conn.clone(), room.clone(), *at))
                     })
                     .take(BATCH)
                     .collect()
@@ -237,7 +243,11 @@ impl RedisBroker {
                         id: id.clone(),
                         user: c.user.clone(),
                         entry: c.entry.clone(),
-                        rooms: local.rooms.get(id).map(|r| r.set.clone()).unwrap_or_default(),
+                        rooms: local
+                            .rooms
+                            .get(id)
+                            .map(|r| r.set.clone())
+                            .unwrap_or_default(),
                         stamp: local.stamp(id),
                     })
                 })
