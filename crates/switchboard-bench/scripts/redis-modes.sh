@@ -3,8 +3,10 @@
 # publishers on the other (every delivery crosses Redis), the same fan-out
 # on (1) one Redis, (2) one Redis with a replica and `redis.wait_replicas =
 # 1` (an ack waits for the replica), (3) a Redis Cluster of three primaries
-# (sharded pub/sub). Prints the fan-out's verdict, publish-ack and delivery
-# latency for each. Needs the release build of both binaries:
+# (sharded pub/sub). For each: the fan-out's verdict with publish-ack and
+# delivery latency at a fixed rate, then a sweep (RATES msg/s, 4 s a step,
+# p99 <= MAX_P99_MS, default 100) whose last sustained step is the
+# cross-instance throughput. Needs the release build of both binaries:
 #   cargo build --release --workspace
 #   crates/switchboard-bench/scripts/redis-modes.sh [subscribers] [msg/s] [seconds]
 # Default 1,000 subscribers over 10 rooms, 10 publishers, 200 msg/s (20,000
@@ -14,6 +16,8 @@ set -u
 SUBS=${1:-1000}
 RATE=${2:-200}
 SECS=${3:-10}
+RATES=${RATES:-500,1000,1500,2000,3000,4000}
+MAX_P99_MS=${MAX_P99_MS:-100}
 ROOT=$(cd "$(dirname "$0")/../../.." && pwd)
 B=$ROOT/target/release
 DIR=$(mktemp -d)
@@ -55,6 +59,10 @@ run() { # name, then SWITCHBOARD__ assignments
     --subscribers "$SUBS" --publishers 10 --rooms 10 --rate "$RATE" --messages $((RATE * SECS)) \
     --api-key bench-key >"$DIR/$name.txt" 2>&1
   grep -E "^result|publish ack latency|latency \(publish|missing" "$DIR/$name.txt"
+  "$B/switchboard-bench" fanout --url ws://127.0.0.1:18401 --publish-url ws://127.0.0.1:18402 \
+    --subscribers "$SUBS" --publishers 10 --rooms 10 --rates "$RATES" --step-s 4 \
+    --max-p99-ms "$MAX_P99_MS" --api-key bench-key >"$DIR/$name-sweep.txt" 2>&1
+  grep -E "^=== step|^max sustained" "$DIR/$name-sweep.txt"
   kill "${hubs[@]}" 2>/dev/null
   wait "${hubs[@]}" 2>/dev/null
 }

@@ -39,6 +39,10 @@ use crate::broker::{BrokerError, BrokerResult};
 use crate::protocol::RoomName;
 use crate::redis::ScriptCall;
 
+/// A connection that went while a reconcile wrote it: id, user, the rooms
+/// written.
+type Went = (String, String, HashSet<RoomName>);
+
 /// Connections per batch.
 const BATCH: usize = 500;
 /// A reconcile at least this often, whatever happened.
@@ -212,8 +216,14 @@ impl RedisBroker {
         let mut ids: Vec<String> = ids.iter().map(|id| (*id).clone()).collect();
         for _ in 0..ROUNDS {
             let (moved, went) = self.restore_once(&ids).await?;
-            for batch in went.chunks(BATCH) {
-                self.drop_connections(batch, &self.instance_id).await?;
+            if !went.is_empty() {
+                // Its own drop may have run before what this round wrote:
+                // what it wrote is dropped again, rooms included.
+                let (batch, known): (Vec<_>, Vec<_>) = went
+                    .into_iter()
+                    .map(|(id, user, rooms)| ((id, Some(user)), rooms))
+                    .unzip();
+                self.drop_batch(&batch, &self.instance_id, &known).await?;
             }
             if moved.is_empty() {
                 return Ok(());
@@ -225,8 +235,9 @@ impl RedisBroker {
     }
 
     /// One round of [`Self::restore_batch`]: returns the connections whose
-    /// rooms changed while it wrote, and those that went.
-    async fn restore_once(&self, ids: &[String]) -> BrokerResult<(Vec<String>, Vec<String>)> {
+    /// rooms changed while it wrote, and those that went (with their user
+    /// and the rooms it wrote).
+    async fn restore_once(&self, ids: &[String]) -> BrokerResult<(Vec<String>, Vec<Went>)> {
         struct Held {
             id: String,
             user: String,
@@ -310,7 +321,7 @@ impl RedisBroker {
         if let Ok(local) = self.local.lock() {
             for c in held {
                 if !local.connections.contains_key(&c.id) {
-                    went.push(c.id);
+                    went.push((c.id, c.user, c.rooms));
                 } else if local.stamp(&c.id) != c.stamp {
                     moved.push(c.id);
                 }
@@ -349,7 +360,7 @@ impl RedisBroker {
     ) -> BrokerResult<()> {
         match user {
             Some(user) => {
-                self.drop_batch(&[(id.to_owned(), Some(user.to_owned()))], owner)
+                self.drop_batch(&[(id.to_owned(), Some(user.to_owned()))], owner, &[])
                     .await
             }
             None => self.drop_connections(&[id], owner).await,
@@ -380,29 +391,39 @@ impl RedisBroker {
                 .await?
         };
         let batch: Vec<(String, Option<String>)> = fields.into_iter().zip(users).collect();
-        self.drop_batch(&batch, owner).await
+        self.drop_batch(&batch, owner, &[]).await
     }
 
     /// The steps of a drop, each for the whole batch: rooms, users, then
     /// the instance's records.
+    /// `known`: rooms each connection may be in beyond those its records
+    /// list (by position; may be shorter than `batch`).
     async fn drop_batch(
         &self,
         batch: &[(String, Option<String>)],
         owner: &str,
+        known: &[HashSet<RoomName>],
     ) -> BrokerResult<()> {
         if batch.is_empty() {
             return Ok(());
         }
         let ids: Vec<&str> = batch.iter().map(|(id, _)| id.as_str()).collect();
-        let rooms = self.rooms_under(owner, &ids).await?;
+        let mut rooms: Vec<HashSet<RoomName>> = self
+            .rooms_under(owner, &ids)
+            .await?
+            .into_iter()
+            .map(|names| names.iter().filter_map(|r| RoomName::parse(r).ok()).collect())
+            .collect();
+        for (rooms, known) in rooms.iter_mut().zip(known) {
+            rooms.extend(known.iter().cloned());
+        }
         let leaves: Vec<ScriptCall<'_>> = batch
             .iter()
             .zip(&rooms)
             .flat_map(|((id, _), rooms)| {
                 rooms
                     .iter()
-                    .filter_map(|r| RoomName::parse(r).ok())
-                    .map(move |room| self.presence_call(false, &room, "", id))
+                    .map(move |room| self.presence_call(false, room, "", id))
             })
             .collect();
         fail_on_errors(self.redis.run_scripts(&leaves).await?)?;
