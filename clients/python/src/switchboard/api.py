@@ -13,6 +13,9 @@ API key from ``auth.api_keys``; any instance of a cluster will do.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 from typing import Any, Optional
 from urllib.parse import quote
 
@@ -20,6 +23,9 @@ import httpx
 
 from .errors import ApiError
 from .events import Message, PresenceEntry, TaskRecord
+from .retry import Backoff, publish_key
+
+log = logging.getLogger("switchboard.api")
 
 
 def _path(part: str) -> str:
@@ -52,13 +58,18 @@ class _Calls:
 
     @staticmethod
     def publish_body(
-        room: Optional[str], user: Optional[str], broadcast: bool, data: Any
+        room: Optional[str],
+        user: Optional[str],
+        broadcast: bool,
+        data: Any,
+        idempotency_key: Optional[str] = None,
     ) -> dict[str, Any]:
         if sum((room is not None, user is not None, broadcast)) != 1:
             raise ValueError("give exactly one of room=, user= or broadcast=True")
         body: dict[str, Any] = {"data": data}
         if room is not None:
             body["room"] = room
+            body["idempotency_key"] = publish_key(idempotency_key)
         elif user is not None:
             body["user"] = user
         else:
@@ -73,6 +84,41 @@ class _Calls:
         if limit is not None:
             params["limit"] = str(limit)
         return params
+
+
+class _PublishRetry:
+    """The schedule of a room publish's attempts: again after a 503
+    (``unavailable``) with a backoff, while its time-out (the API's
+    ``timeout_s``, all attempts together) allows."""
+
+    def __init__(self, body: dict[str, Any], timeout_s: float, now: float) -> None:
+        self.key = str(body["idempotency_key"])
+        self.room = str(body["room"])
+        self.deadline = now + timeout_s
+        self.backoff = Backoff()
+        self.last: Optional[ApiError] = None
+
+    def wait(self, now: float) -> float:
+        """The time left for the next attempt (the HTTP time-out it gets)."""
+        return max(0.001, self.deadline - now)
+
+    def failed(self, e: Exception, now: float) -> float:
+        """After an attempt that raised ``e``: the delay before the next one,
+        or raises what the call raises."""
+        if isinstance(e, ApiError):
+            e.idempotency_key = self.key
+            if e.status != 503:
+                raise e
+            self.last = e
+        elif self.last is not None and isinstance(e, httpx.TimeoutException):
+            raise self.last from None  # time is up: what the hub last said
+        else:
+            raise e
+        delay = self.backoff.next()
+        if now + delay >= self.deadline:
+            raise self.last  # no time for another attempt
+        log.debug("publish to %s: 503; again in %.2f s, same key", self.room, delay)
+        return delay
 
 
 def _headers(api_key: str) -> dict[str, str]:
@@ -90,6 +136,7 @@ class AsyncApi:
         *,
         timeout_s: float = 10.0,
     ) -> None:
+        self._timeout_s = timeout_s
         self._http = httpx.AsyncClient(
             base_url=base_url.rstrip("/"), timeout=timeout_s, headers=_headers(api_key)
         )
@@ -108,10 +155,24 @@ class AsyncApi:
         _raise_for(resp)
         return resp.json()
 
-    async def publish(self, room: str, data: Any) -> str:
-        """Publishes ``data`` to a room (stored in its history); the message id."""
-        body = _Calls.publish_body(room, None, False, data)
-        return str((await self._call("POST", "/api/publish", json=body))["id"])
+    async def publish(self, room: str, data: Any, *, idempotency_key: Optional[str] = None) -> str:
+        """Publishes ``data`` to a room (stored in its history); the message id.
+
+        Sent with ``idempotency_key`` (yours, 1-256 bytes of UTF-8, else a new
+        one), and sent again with it after a 503 while ``timeout_s`` allows:
+        stored once. When the time is up, the last 503 ``ApiError`` is raised
+        (its ``idempotency_key`` set)."""
+        body = _Calls.publish_body(room, None, False, data, idempotency_key)
+        retry = _PublishRetry(body, self._timeout_s, time.monotonic())
+        while True:
+            try:
+                reply = await self._call(
+                    "POST", "/api/publish", json=body, timeout=retry.wait(time.monotonic())
+                )
+                return str(reply["id"])
+            except (ApiError, httpx.TimeoutException) as e:
+                delay = retry.failed(e, time.monotonic())
+            await asyncio.sleep(delay)
 
     async def send_to_user(self, user: str, data: Any) -> str:
         """A ``direct`` from ``server`` to every connection of ``user``; its id."""
@@ -176,6 +237,7 @@ class Api:
         *,
         timeout_s: float = 10.0,
     ) -> None:
+        self._timeout_s = timeout_s
         self._http = httpx.Client(
             base_url=base_url.rstrip("/"), timeout=timeout_s, headers=_headers(api_key)
         )
@@ -194,9 +256,18 @@ class Api:
         _raise_for(resp)
         return resp.json()
 
-    def publish(self, room: str, data: Any) -> str:
-        body = _Calls.publish_body(room, None, False, data)
-        return str(self._call("POST", "/api/publish", json=body)["id"])
+    def publish(self, room: str, data: Any, *, idempotency_key: Optional[str] = None) -> str:
+        body = _Calls.publish_body(room, None, False, data, idempotency_key)
+        retry = _PublishRetry(body, self._timeout_s, time.monotonic())
+        while True:
+            try:
+                reply = self._call(
+                    "POST", "/api/publish", json=body, timeout=retry.wait(time.monotonic())
+                )
+                return str(reply["id"])
+            except (ApiError, httpx.TimeoutException) as e:
+                delay = retry.failed(e, time.monotonic())
+            time.sleep(delay)
 
     def send_to_user(self, user: str, data: Any) -> str:
         body = _Calls.publish_body(None, user, False, data)

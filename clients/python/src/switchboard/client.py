@@ -24,6 +24,9 @@ What it does about failures, as the JavaScript client does:
 - every request carries a ``ref`` and waits for the reply with that ``ref``,
   within a time-out; a request that timed out (or was cancelled) before it
   was sent is never sent;
+- every ``publish`` carries an ``idempotency_key``, so that it can be sent
+  again: after an ``unavailable`` (with a backoff) and after a dropped
+  connection (once reconnected), within its time-out;
 - outgoing frames are paced under the hub's rate limit, through a bounded
   send buffer: past ``max_queue`` waiting requests, a request is refused at
   once with ``queue_full``.
@@ -76,6 +79,7 @@ from .events import (
     Welcome,
 )
 from .ids import compare_ids
+from .retry import Backoff, publish_key
 from .tokens import decode_unverified
 
 log = logging.getLogger("switchboard.client")
@@ -480,10 +484,58 @@ class Client:
             if e.code not in ("disconnected", "offline"):
                 raise
 
-    async def publish(self, room: str, data: Any, *, timeout_s: Optional[float] = None) -> str:
-        """Publishes ``data`` to a room you joined; the message id."""
-        ack = await self._request({"type": "publish", "room": room, "data": data}, timeout_s)
-        return str(ack.get("id", ""))
+    async def publish(
+        self,
+        room: str,
+        data: Any,
+        *,
+        idempotency_key: Optional[str] = None,
+        timeout_s: Optional[float] = None,
+    ) -> str:
+        """Publishes ``data`` to a room you joined; the message id.
+
+        Every publish carries an ``idempotency_key``: yours (1-256 bytes of
+        UTF-8; ``ValueError`` otherwise), else a new one. While the hub
+        answers ``unavailable``, the same frame is sent again after a backoff
+        (0.1 s doubling up to 2 s, jittered); after a dropped connection, again
+        once reconnected: the hub stores it once and acks a repeat with the
+        first id. When ``timeout_s`` runs out, the last ``unavailable`` (or
+        ``disconnected``) error is raised, ``timeout`` when the hub never
+        answered; either carries ``idempotency_key`` for a later retry."""
+        key = publish_key(idempotency_key)
+        frame = {"type": "publish", "room": room, "data": data, "idempotency_key": key}
+        self._check_open()
+        self._admit()
+        loop = asyncio.get_running_loop()
+        timeout = self._timeout(timeout_s)
+        deadline = loop.time() + timeout if timeout > 0 else None
+        backoff = Backoff()
+        last: Optional[SwitchboardError] = None
+        while True:
+            try:
+                wait = None if deadline is None else deadline - loop.time()
+                if wait is not None and wait <= 0:
+                    raise SwitchboardError("timeout", f"publish: no reply within {timeout} s")
+                if last is not None:
+                    self._check_open()
+                ack = await self._attempt(frame, wait, timeout)
+                return str(ack.get("id", ""))
+            except SwitchboardError as e:
+                e.idempotency_key = key
+                if e.code == "timeout" and last is not None:
+                    raise last from None  # time is up: what the hub last said
+                if e.code == "disconnected" and self._reconnect:
+                    last = e  # sent again once reconnected (it waits in the buffer)
+                    log.debug("publish to %s: disconnected; again after the reconnect", room)
+                    continue
+                if e.code != "unavailable":
+                    raise
+                last = e
+            delay = backoff.next()
+            if deadline is not None and loop.time() + delay >= deadline:
+                raise last  # no time for another attempt
+            log.debug("publish to %s: unavailable; again in %.2f s, same key", room, delay)
+            await asyncio.sleep(delay)
 
     async def direct(self, user: str, data: Any, *, timeout_s: Optional[float] = None) -> str:
         """Sends ``data`` to every connection of ``user``; the direct's id."""
@@ -556,12 +608,33 @@ class Client:
         on_reply: Optional[Callable[[dict[str, Any]], None]] = None,
     ) -> dict[str, Any]:
         self._check_open()
+        self._admit(offline)
+        timeout = self._timeout(timeout_s)
+        return await self._attempt(frame, timeout if timeout > 0 else None, timeout, on_reply)
+
+    def _admit(self, offline: Optional[OfflinePolicy] = None) -> None:
+        """Refuses a new request while offline (``offline="reject"``) or when
+        the send buffer is full."""
         if self._state != "connected" and (offline or self._offline) == "reject":
             raise SwitchboardError("offline", f"not connected ({self._state})")
         if len(self._outbox) >= self._max_queue:
             raise SwitchboardError(
                 "queue_full", f"{self._max_queue} requests already wait to be sent"
             )
+
+    def _timeout(self, timeout_s: Optional[float]) -> float:
+        """A request's time-out in seconds (``0``: none)."""
+        return self._request_timeout_s if timeout_s is None else timeout_s
+
+    async def _attempt(
+        self,
+        frame: dict[str, Any],
+        wait_s: Optional[float],
+        timeout: float,
+        on_reply: Optional[Callable[[dict[str, Any]], None]] = None,
+    ) -> dict[str, Any]:
+        """Sends ``frame`` with a new ``ref`` and waits ``wait_s`` (``None``:
+        no limit) for its reply; ``timeout`` is the call's, for the error."""
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
 
         def resolve(reply: dict[str, Any]) -> None:
@@ -577,9 +650,8 @@ class Client:
 
         req = _Outgoing(frame, self._take_ref(), resolve, reject, fut.done)
         self._enqueue(req)
-        timeout = self._request_timeout_s if timeout_s is None else timeout_s
         try:
-            return await asyncio.wait_for(fut, timeout if timeout > 0 else None)
+            return await asyncio.wait_for(fut, wait_s)
         except asyncio.TimeoutError:
             raise SwitchboardError(
                 "timeout", f"{frame['type']}: no reply within {timeout} s"

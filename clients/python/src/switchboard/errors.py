@@ -16,7 +16,10 @@ class SwitchboardError(Exception):
     the request was sent: it may or may not have been carried out, so it is
     not sent again), ``offline`` (not connected, with ``offline="reject"``),
     ``queue_full`` (the send buffer is full), ``closed`` (the client was
-    closed or gave up), ``cancelled`` (a join undone by ``leave``)."""
+    closed or gave up), ``cancelled`` (a join undone by ``leave``).
+
+    A ``publish`` retries ``unavailable`` and ``disconnected`` itself within
+    its time-out; the error it raises then carries ``idempotency_key``."""
 
     def __init__(self, code: str, message: str, frame: Optional[dict[str, Any]] = None) -> None:
         super().__init__(f"{code}: {message}")
@@ -24,6 +27,9 @@ class SwitchboardError(Exception):
         self.message = message
         self.frame = frame
         """The hub's ``error`` frame, when there was one."""
+        self.idempotency_key: Optional[str] = None
+        """On an error of ``publish``: the key it was sent with. A publish
+        sent again with it later (within 120 s) takes effect once."""
 
 
 class ApiError(Exception):
@@ -35,6 +41,9 @@ class ApiError(Exception):
         self.status = status
         self.code = code
         self.message = message
+        self.idempotency_key: Optional[str] = None
+        """On an error of a room ``publish``: the key it was sent with. A
+        publish sent again with it later (within 120 s) takes effect once."""
 
 
 class TaskFailedError(Exception):
