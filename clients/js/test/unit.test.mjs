@@ -504,12 +504,20 @@ test("goingAwayReconnectWindowMs: 0: a 1001 is retried with the usual backoff", 
 
 // ------------------------------------------------ publish: idempotency --
 
+/** `mockedClient`, closed after the test whatever its outcome (a failed assertion leaves no client behind). */
+async function mockedClientClosedAfter(t, options) {
+  const client = await mockedClient(t, options);
+  t.after(client.close);
+  return client;
+}
+
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
 const unavailable = (ref) => ({ type: "error", code: "unavailable", message: "redis unavailable", ref });
 
-test("publish: every frame carries an idempotency key, a fresh one per call or the caller's", async () => {
+test("publish: every frame carries an idempotency key, a fresh one per call or the caller's", async (t) => {
   const FakeSocket = fakeSocketClass();
   const sb = new Switchboard("ws://x/ws", { token: "t", WebSocket: FakeSocket });
+  t.after(() => sb.close());
   const sock = await connected(FakeSocket, sb);
   await sb.publish("r", 1);
   await sb.publish("r", 2);
@@ -523,12 +531,12 @@ test("publish: every frame carries an idempotency key, a fresh one per call or t
   // Other requests carry none.
   await sb.ping();
   assert.equal(sock.sent.at(-1).idempotency_key, undefined);
-  await sb.close();
 });
 
-test("publish: without crypto.randomUUID the key is 32 random hex digits from getRandomValues", async () => {
+test("publish: without crypto.randomUUID the key is 32 random hex digits from getRandomValues", async (t) => {
   const FakeSocket = fakeSocketClass();
   const sb = new Switchboard("ws://x/ws", { token: "t", WebSocket: FakeSocket });
+  t.after(() => sb.close());
   const sock = await connected(FakeSocket, sb);
   const descriptor = Object.getOwnPropertyDescriptor(globalThis, "crypto");
   const real = globalThis.crypto;
@@ -549,12 +557,12 @@ test("publish: without crypto.randomUUID the key is 32 random hex digits from ge
   assert.match(b, /^[0-9a-f]{32}$/);
   assert.notEqual(a, b);
   assert.equal(drawn, 2);
-  await sb.close();
 });
 
-test("publish: a bad idempotencyKey is refused in the client, before anything is sent", async () => {
+test("publish: a bad idempotencyKey is refused in the client, before anything is sent", async (t) => {
   const FakeSocket = fakeSocketClass();
   const sb = new Switchboard("ws://x/ws", { token: "t", WebSocket: FakeSocket });
+  t.after(() => sb.close());
   const sock = await connected(FakeSocket, sb);
   const bad = [
     ["", /1–256 bytes of UTF-8, not 0/],
@@ -578,12 +586,11 @@ test("publish: a bad idempotencyKey is refused in the client, before anything is
   await assert.rejects(sb.publish("r", 1, { idempotencyKey: "" }), TypeError);
   const next = await connected(FakeSocket, sb);
   assert.deepEqual(next.sent, []);
-  await sb.close();
 });
 
 test("publish answered unavailable: resent with the same key and a fresh ref after a backoff, acked once", async (t) => {
   t.mock.method(Math, "random", () => 0); // the shortest delays: half the cap
-  const { sb, sock, close } = await mockedClient(t, { fake: { autoAck: false }, client: { maxFramesPerSecond: 0 } });
+  const { sb, sock } = await mockedClientClosedAfter(t, { fake: { autoAck: false }, client: { maxFramesPerSecond: 0 } });
   const published = sb.publish("r", { text: "hi" });
   const first = sock.sent[0];
   assert.equal(first.type, "publish");
@@ -614,12 +621,11 @@ test("publish answered unavailable: resent with the same key and a fresh ref aft
   await assert.rejects(direct, (e) => e.code === "unavailable" && e.frame.code === "unavailable");
   t.mock.timers.tick(5000);
   assert.equal(sock.sent.length, 4, "the direct was sent once");
-  await close();
 });
 
 test("publish unavailable until its time-out: resent with backoff within it, then rejected with unavailable", async (t) => {
   t.mock.method(Math, "random", () => 0);
-  const { sb, sock, close } = await mockedClient(t, { fake: { autoAck: false }, client: { maxFramesPerSecond: 0 } });
+  const { sb, sock } = await mockedClientClosedAfter(t, { fake: { autoAck: false }, client: { maxFramesPerSecond: 0 } });
   const at = [];
   sock.send = function (text) {
     const f = JSON.parse(text);
@@ -653,12 +659,11 @@ test("publish unavailable until its time-out: resent with backoff within it, the
   assert.equal(new Set(sock.sent.map((f) => f.ref)).size, 5, "a fresh ref each time");
   t.mock.timers.tick(10_000);
   assert.equal(sock.sent.length, 5, "nothing after");
-  await close();
 });
 
 test("publish: the time-out firing during the backoff rejects with the last unavailable", async (t) => {
   t.mock.method(Math, "random", () => 0.999); // the longest delays: almost the cap
-  const { sb, sock, close } = await mockedClient(t, { fake: { autoAck: false }, client: { maxFramesPerSecond: 0 } });
+  const { sb, sock } = await mockedClientClosedAfter(t, { fake: { autoAck: false }, client: { maxFramesPerSecond: 0 } });
   const published = sb.publish("r", "x", { timeoutMs: 120 });
   sock.receive(unavailable(sock.sent[0].ref)); // the next attempt at ~100 ms
   t.mock.timers.tick(99);
@@ -666,12 +671,11 @@ test("publish: the time-out firing during the backoff rejects with the last unav
   await assert.rejects(published, (e) => e.code === "unavailable" && /after 2 attempts/.test(e.message));
   t.mock.timers.tick(1000);
   assert.equal(sock.sent.length, 2);
-  await close();
 });
 
 test("publish: a resend in flight at the time-out rejects with timeout (sent, outcome unknown)", async (t) => {
   t.mock.method(Math, "random", () => 0);
-  const { sb, sock, close } = await mockedClient(t, { fake: { autoAck: false }, client: { maxFramesPerSecond: 0 } });
+  const { sb, sock } = await mockedClientClosedAfter(t, { fake: { autoAck: false }, client: { maxFramesPerSecond: 0 } });
   const published = sb.publish("r", "x", { timeoutMs: 1000 });
   sock.receive(unavailable(sock.sent[0].ref));
   t.mock.timers.tick(50);
@@ -682,11 +686,10 @@ test("publish: a resend in flight at the time-out rejects with timeout (sent, ou
     assert.match(e.message, /no reply within 1000 ms \(it was sent, its outcome is unknown; attempt 2; resend it with idempotencyKey "[0-9a-f-]{36}"\)/);
     return true;
   });
-  await close();
 });
 
 test("publish: close() during the backoff rejects it with closed, and nothing more is sent", async (t) => {
-  const { sb, sock, close } = await mockedClient(t, { fake: { autoAck: false }, client: { maxFramesPerSecond: 0 } });
+  const { sb, sock, close } = await mockedClientClosedAfter(t, { fake: { autoAck: false }, client: { maxFramesPerSecond: 0 } });
   const published = sb.publish("r", "x");
   sock.receive(unavailable(sock.sent[0].ref));
   const rejected = assert.rejects(published, (e) => e.code === "closed");
@@ -696,9 +699,10 @@ test("publish: close() during the backoff rejects it with closed, and nothing mo
   assert.equal(sock.sent.length, 1);
 });
 
-test("a publish in flight when the connection drops is resent after the reconnect with the same key; other requests are not", async () => {
+test("a publish in flight when the connection drops is resent after the reconnect with the same key; other requests are not", async (t) => {
   const FakeSocket = fakeSocketClass({ autoAck: false });
   const sb = new Switchboard("ws://x/ws", { token: "t", WebSocket: FakeSocket, ...fast });
+  t.after(() => sb.close());
   let sock = await connected(FakeSocket, sb);
   const joined = sb.join("r");
   sock.receive({ type: "ack", ref: sock.sent[0].ref, room: "r" });
@@ -729,5 +733,4 @@ test("a publish in flight when the connection drops is resent after the reconnec
   }
   assert.equal(await published, `9-${resent.ref}`);
   assert.equal(await queued, `9-${sock.sent[2].ref}`);
-  await sb.close();
 });
