@@ -1270,7 +1270,10 @@ export class Switchboard extends EventTarget {
         this.outbox.push(req); // sent after the reconnect
       } else {
         clearTimeout(req.timer);
-        req.reject(new SwitchboardError("offline", `not connected (${this._state}) to resend it after: ${err.message}`, err.frame));
+        const key = JSON.stringify(req.frame.idempotency_key);
+        const why = `not connected (${this._state}, offline: "reject") to resend it after "${err.message}"`;
+        const outcome = `it may or may not have taken effect: resend it with idempotencyKey ${key}`;
+        req.reject(new SwitchboardError("offline", `${req.frame.type}: ${why}; ${outcome}`, err.frame));
       }
     }, delay);
   }

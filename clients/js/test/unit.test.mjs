@@ -734,3 +734,29 @@ test("a publish in flight when the connection drops is resent after the reconnec
   assert.equal(await published, `9-${resent.ref}`);
   assert.equal(await queued, `9-${sock.sent[2].ref}`);
 });
+
+test("publish: a backoff that ends while disconnected queues it (offline: queue) or rejects it (offline: reject)", async (t) => {
+  t.mock.method(Math, "random", () => 0);
+  const { sb, sock, FakeSocket } = await mockedClientClosedAfter(t, { fake: { autoAck: false }, client: { maxFramesPerSecond: 0 } });
+  const queued = sb.publish("r", "queue", { idempotencyKey: "q" });
+  const strict = sb.publish("r", "reject", { idempotencyKey: "s", offline: "reject" });
+  for (const f of sock.sent) sock.receive(unavailable(f.ref));
+  sock.serverClose(1006, "");
+  t.mock.timers.tick(50); // the backoffs end; the new socket has no welcome yet
+  assert.equal(sb.state, "connecting");
+  await assert.rejects(strict, (e) => {
+    assert.equal(e.code, "offline");
+    assert.match(e.message, /not connected .* to resend it after "redis unavailable".*idempotencyKey "s"/);
+    return true;
+  });
+  await settle();
+  assert.equal(FakeSocket.instances.length, 2);
+  FakeSocket.last.welcome();
+  const resent = FakeSocket.last.sent;
+  assert.deepEqual(
+    resent.map((f) => [f.type, f.data, f.idempotency_key]),
+    [["publish", "queue", "q"]],
+  );
+  FakeSocket.last.receive({ type: "ack", ref: resent[0].ref, id: "5-0" });
+  assert.equal(await queued, "5-0");
+});
