@@ -16,7 +16,12 @@
  *   the current one expires (sent as `refresh`);
  * - every request is a promise settled by the reply with the same `ref`;
  *   a request that times out while it still waits in the client (offline
- *   queue, pacing buffer) is taken back and never sent.
+ *   queue, pacing buffer) is taken back and never sent;
+ * - every `publish` carries an `idempotency_key` (the caller's, or a fresh
+ *   one), so it is safe to send again: after an `unavailable` answer it is
+ *   resent with backoff, and a publish in flight when the connection drops
+ *   is resent after the reconnect, within its time-out; the hub stores and
+ *   delivers it once.
  */
 /** An `Event` with a `detail`, like `CustomEvent` (which Node 20 lacks in some set-ups). */
 export class SwitchboardEvent extends Event {
@@ -27,7 +32,7 @@ export class SwitchboardEvent extends Event {
 }
 /**
  * A refused or failed request. `code` is the hub's error code (`bad_request`, `forbidden`,
- * `limit_exceeded`, `rate_limited`, `not_found`, `internal`) or one of the client's:
+ * `limit_exceeded`, `rate_limited`, `not_found`, `unavailable`, `internal`) or one of the client's:
  * `timeout`, `disconnected` (the connection went down before the reply), `closed`
  * (the client was closed, or gave up reconnecting), `queue_full` (too many requests wait
  * for the connection, or for the pacing while connected), `offline`
@@ -42,6 +47,14 @@ export class SwitchboardError extends Error {
     }
 }
 const MAX_TIMER_MS = 2147483647;
+/** A publish answered `unavailable` is resent after a backoff: 100 ms, doubling, capped at 2 s (half of it jitter). */
+const RESEND_INITIAL_MS = 100;
+const RESEND_MAX_MS = 2000;
+/**
+ * No attempt starts later than this after the first one went out: the hub keeps an idempotency
+ * key 120 s from the first publish that carried it, and a resend after that could be stored twice.
+ */
+const RESEND_WINDOW_MS = 100000;
 const NEVER_RETRY_1008 = new Set(["unauthorized", "kicked", "forbidden origin"]);
 /** Compares two message ids `{ms}-{seq}` as the pair (ms, seq), numerically. */
 export function compareIds(a, b) {
@@ -78,6 +91,31 @@ export function decodeJwt(token) {
     catch {
         return undefined;
     }
+}
+/** A fresh idempotency key: `crypto.randomUUID()`, else 32 random hex digits. */
+function newIdempotencyKey() {
+    const c = globalThis.crypto;
+    if (typeof c?.randomUUID === "function")
+        return c.randomUUID();
+    const bytes = new Uint8Array(16);
+    if (typeof c?.getRandomValues === "function")
+        c.getRandomValues(bytes);
+    else
+        for (let i = 0; i < bytes.length; i++)
+            bytes[i] = Math.floor(Math.random() * 256);
+    return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+/** What is wrong with an idempotency key (the hub wants 1–256 bytes of UTF-8), or undefined. */
+function idempotencyKeyProblem(key) {
+    if (typeof key !== "string")
+        return `idempotencyKey must be a string, not ${key === null ? "null" : typeof key}`;
+    // A lone surrogate has no UTF-8 form (the hub would refuse the frame's JSON).
+    if (/\p{Surrogate}/u.test(key))
+        return "idempotencyKey must be valid Unicode text (it holds a lone surrogate)";
+    const bytes = new TextEncoder().encode(key).length;
+    if (bytes < 1 || bytes > 256)
+        return `idempotencyKey must be 1–256 bytes of UTF-8, not ${bytes}`;
+    return undefined;
 }
 function toText(data) {
     if (typeof data === "string")
@@ -123,6 +161,8 @@ export class Switchboard extends EventTarget {
         this.nextRef = 1;
         this.pending = new Map();
         this.outbox = [];
+        /** Publishes waiting out the backoff before they are resent (after `unavailable`). */
+        this.backingOff = new Set();
         this.rooms = new Map();
         this.taskWatchers = new Map();
         this.failures = 0;
@@ -358,9 +398,28 @@ export class Switchboard extends EventTarget {
             throw err;
         });
     }
-    /** Publish `data` to a room you joined. Resolves with the message id. */
-    publish(room, data, options) {
-        return this.request({ type: "publish", room, data }, options).then((ack) => ack.id);
+    /**
+     * Publish `data` to a room you joined. Resolves with the message id.
+     *
+     * The frame carries `options.idempotencyKey`, or a fresh random key, so it is safe to send
+     * again: answered `unavailable`, it is resent (same key, backoff from 100 ms to 2 s) while its
+     * time-out allows; in flight when the connection drops, it is resent after the reconnect
+     * (with `offline: "queue"`). The hub stores and delivers it once, and acks every attempt with
+     * the first one's id. When the time is up during a backoff it rejects with `unavailable`.
+     */
+    publish(room, data, options = {}) {
+        let key;
+        if (options.idempotencyKey !== undefined) {
+            const problem = idempotencyKeyProblem(options.idempotencyKey);
+            if (problem)
+                return Promise.reject(new TypeError(`Switchboard: publish: ${problem}`));
+            key = options.idempotencyKey;
+        }
+        else {
+            key = newIdempotencyKey();
+        }
+        const frame = { type: "publish", room, data, idempotency_key: key };
+        return this.request(frame, options, undefined, true, true).then((ack) => ack.id);
     }
     /** Send `data` to every connection of a user. Resolves with the direct's id. */
     direct(to, data, options) {
@@ -508,11 +567,18 @@ export class Switchboard extends EventTarget {
         const inflight = [...this.pending.values()];
         this.pending.clear();
         const closed = `connection closed (${code}${reason ? " " + reason : ""})`;
+        const resend = [];
         for (const req of inflight) {
+            if (this.mayResend(req)) {
+                resend.push(req); // safe to send again: it waits for the reconnect, before what was queued since
+                continue;
+            }
             clearTimeout(req.timer);
             const when = unsent.has(req) ? "before it was sent" : "before the reply";
             req.reject(new SwitchboardError("disconnected", `${closed} ${when}`));
         }
+        if (resend.length > 0)
+            this.outbox = [...resend, ...this.outbox];
         this.afterClose(code, reason);
     }
     /** Retry (with backoff) or give up, after a close or a failed attempt. */
@@ -579,8 +645,11 @@ export class Switchboard extends EventTarget {
             r.joined = false;
             r.inflight = undefined;
         }
-        const inflight = [...this.pending.values()];
+        const inflight = [...this.pending.values(), ...this.backingOff];
         this.pending.clear();
+        for (const req of this.backingOff)
+            clearTimeout(req.resend?.timer);
+        this.backingOff.clear();
         for (const req of inflight) {
             clearTimeout(req.timer);
             req.reject(new SwitchboardError(code, message));
@@ -708,17 +777,27 @@ export class Switchboard extends EventTarget {
         if (!req)
             return; // timed out already
         this.pending.delete(ref);
-        clearTimeout(req.timer);
         if (f.type === "error") {
-            req.reject(new SwitchboardError(String(f.code ?? "internal"), String(f.message ?? ""), f));
+            const err = new SwitchboardError(String(f.code ?? "internal"), String(f.message ?? ""), f);
+            if (err.code === "unavailable" && req.resend) {
+                this.resendLater(req, err);
+                return;
+            }
+            clearTimeout(req.timer);
+            req.reject(err);
         }
         else {
+            clearTimeout(req.timer);
             req.resolve(f);
         }
     }
     // ------------------------------------------------------ request core --
-    /** `bounded`: refused with `queue_full` when the pacing buffer is full (false for the client's own frames). */
-    request(frame, options = {}, onReply, bounded = true) {
+    /**
+     * `bounded`: refused with `queue_full` when the pacing buffer is full (false for the client's own frames).
+     * `resendable`: the frame is safe to send again (a publish with its idempotency key): resent after
+     * `unavailable` and after a reconnect, within the time-out.
+     */
+    request(frame, options = {}, onReply, bounded = true, resendable = false) {
         return new Promise((resolve, reject) => {
             if (this._state === "closed") {
                 reject(new SwitchboardError("closed", "the client is closed"));
@@ -733,6 +812,15 @@ export class Switchboard extends EventTarget {
                 },
                 reject,
             };
+            if (resendable) {
+                const timeoutMs = options.timeoutMs ?? this.opts.requestTimeoutMs;
+                req.resend = {
+                    deadline: timeoutMs > 0 ? Date.now() + timeoutMs : Infinity,
+                    offline: options.offline ?? this.opts.offline,
+                    attempts: 0,
+                    unavailable: 0,
+                };
+            }
             if (this._state === "connected") {
                 if (bounded && this.bufferFull()) {
                     reject(this.bufferFullError());
@@ -758,30 +846,102 @@ export class Switchboard extends EventTarget {
         if (!(timeoutMs > 0))
             return;
         req.timer = setTimeout(() => {
+            if (this.backingOff.delete(req)) {
+                // Waiting to be resent after `unavailable`: that answer is the last word.
+                clearTimeout(req.resend.timer);
+                req.resend.timer = undefined;
+                req.reject(this.stillUnavailable(req));
+                return;
+            }
             // Take the frame back from wherever it still waits, so that it can never reach the hub.
-            let unsent = false;
             if (this.pending.get(req.ref) === req) {
                 this.pending.delete(req.ref);
-                unsent = this.unsend(req);
+                this.unsend(req);
             }
             else {
                 const i = this.outbox.indexOf(req);
                 if (i >= 0)
                     this.outbox.splice(i, 1);
-                unsent = i >= 0;
             }
-            const what = unsent ? "it was not sent" : "it was sent, its outcome is unknown";
+            let what = req.sent ? "it was sent, its outcome is unknown" : "it was not sent";
+            const resend = req.resend;
+            if (resend && resend.attempts > 1)
+                what += `; attempt ${resend.attempts}`;
+            if (resend && req.sent)
+                what += `; resend it with idempotencyKey ${JSON.stringify(req.frame.idempotency_key)}`;
             req.reject(new SwitchboardError("timeout", `${req.frame.type}: no reply within ${timeoutMs} ms (${what})`));
         }, timeoutMs);
     }
     transmit(req) {
+        const resend = req.resend;
+        if (resend && resend.attempts++ > 0)
+            req.ref = this.nextRef++; // a resend: a fresh ref
         this.pending.set(req.ref, req);
         try {
             this.sendText(JSON.stringify({ ...req.frame, ref: req.ref }), req);
         }
         catch {
-            // The socket is going away; its close rejects the request with `disconnected`.
+            // The socket is going away; its close rejects the request with `disconnected` (or resends it).
         }
+    }
+    /** The frame went to the WebSocket. */
+    markSent(req) {
+        req.sent = true;
+        if (req.resend && req.resend.firstSentAt === undefined)
+            req.resend.firstSentAt = Date.now();
+    }
+    /** The time after which no attempt of a resendable request may start. */
+    resendDeadline(resend) {
+        return Math.min(resend.deadline, (resend.firstSentAt ?? Date.now()) + RESEND_WINDOW_MS);
+    }
+    /** After a drop: whether a request in flight waits for the reconnect to be sent again. */
+    mayResend(req) {
+        const resend = req.resend;
+        return resend !== undefined && resend.offline === "queue" && Date.now() < this.resendDeadline(resend);
+    }
+    /**
+     * A resendable request answered `unavailable`: send it again (same frame, fresh ref) after a
+     * backoff, or reject it now when the next attempt could not start within its time-out.
+     */
+    resendLater(req, err) {
+        const resend = req.resend;
+        resend.lastError = err;
+        resend.unavailable++;
+        const cap = Math.min(RESEND_MAX_MS, RESEND_INITIAL_MS * 2 ** Math.min(resend.unavailable - 1, 20));
+        const delay = Math.floor(cap / 2 + (Math.random() * cap) / 2);
+        if (Date.now() + delay >= this.resendDeadline(resend)) {
+            clearTimeout(req.timer);
+            req.reject(this.stillUnavailable(req));
+            return;
+        }
+        this.backingOff.add(req);
+        resend.timer = setTimeout(() => {
+            resend.timer = undefined;
+            if (!this.backingOff.delete(req))
+                return;
+            if (this._state === "connected") {
+                this.transmit(req);
+            }
+            else if (resend.offline === "queue") {
+                this.outbox.push(req); // sent after the reconnect
+            }
+            else {
+                clearTimeout(req.timer);
+                const key = JSON.stringify(req.frame.idempotency_key);
+                const why = `not connected (${this._state}, offline: "reject") to resend it after "${err.message}"`;
+                const outcome = `it may or may not have taken effect: resend it with idempotencyKey ${key}`;
+                req.reject(new SwitchboardError("offline", `${req.frame.type}: ${why}; ${outcome}`, err.frame));
+            }
+        }, delay);
+    }
+    /** The rejection of a resendable request whose time ran out after `unavailable`. */
+    stillUnavailable(req) {
+        const resend = req.resend;
+        const last = resend.lastError;
+        const key = JSON.stringify(req.frame.idempotency_key);
+        const tries = resend.attempts === 1 ? "1 attempt" : `${resend.attempts} attempts`;
+        return new SwitchboardError("unavailable", `${req.frame.type}: ${last.message} (still unavailable after ${tries}, no time left to try again; ` +
+            `it may or may not have taken effect: resend it with idempotencyKey ${key})`, last.frame);
     }
     /** Removes a request's frame from the pacing buffer; false when it is not there (sent already). */
     unsend(req) {
@@ -802,12 +962,16 @@ export class Switchboard extends EventTarget {
         const rate = this.opts.maxFramesPerSecond;
         if (!(rate > 0)) {
             this.ws.send(text);
+            if (req)
+                this.markSent(req);
             return;
         }
         this.refillBucket();
         if (this.sendBuffer.length === 0 && this.bucket >= 1) {
             this.bucket -= 1;
             this.ws.send(text);
+            if (req)
+                this.markSent(req);
             return;
         }
         this.sendBuffer.push({ text, req });
@@ -832,7 +996,10 @@ export class Switchboard extends EventTarget {
             try {
                 while (this.sendBuffer.length > 0 && this.bucket >= 1) {
                     this.bucket -= 1;
-                    this.ws.send(this.sendBuffer.shift().text);
+                    const b = this.sendBuffer.shift();
+                    this.ws.send(b.text);
+                    if (b.req)
+                        this.markSent(b.req);
                 }
             }
             catch {

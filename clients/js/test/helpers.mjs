@@ -1,6 +1,7 @@
-// Test helpers: a real hub as a child process, tokens, the HTTP API, a TCP
-// proxy that can cut the client off, and small waiting utilities.
-import { spawn } from "node:child_process";
+// Test helpers: a real hub as a child process, a Redis to run it on, tokens,
+// the HTTP API, a TCP proxy that can cut the client off, and small waiting
+// utilities.
+import { execFile, spawn } from "node:child_process";
 import { createHmac } from "node:crypto";
 import { once } from "node:events";
 import { existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
@@ -32,9 +33,10 @@ kind = "echo"
 
 /**
  * Starts `switchboard serve` on 127.0.0.1 (port 0 unless given) and resolves
- * once it printed `listening on HOST:PORT`.
+ * once it printed `listening on HOST:PORT`. `env`: more environment variables
+ * (`SWITCHBOARD__BROKER__KIND`, `SWITCHBOARD__REDIS__URL`, …).
  */
-export async function startHub({ port = 0, extraConfig = "" } = {}) {
+export async function startHub({ port = 0, extraConfig = "", env: extraEnv = {} } = {}) {
   if (!existsSync(HUB_BIN)) {
     throw new Error(`no hub binary at ${HUB_BIN}: run \`cargo build\` at the repository root or set SWITCHBOARD_BIN`);
   }
@@ -48,6 +50,7 @@ export async function startHub({ port = 0, extraConfig = "" } = {}) {
     SWITCHBOARD__AUTH__JWT_SECRET: SECRET,
     SWITCHBOARD__AUTH__API_KEYS: API_KEY,
     RUST_LOG: process.env.RUST_LOG ?? "warn",
+    ...extraEnv,
   };
   const proc = spawn(HUB_BIN, ["serve", "--config", config], { env, stdio: ["ignore", "pipe", "pipe"] });
   let stderr = "";
@@ -202,4 +205,67 @@ export async function startProxy(targetPort) {
       await new Promise((resolve) => server.close(resolve));
     },
   };
+}
+
+/** Where a program is on the PATH, or undefined. */
+function which(name) {
+  for (const dir of (process.env.PATH ?? "").split(path.delimiter)) {
+    const p = path.join(dir, name);
+    if (dir && existsSync(p)) return p;
+  }
+  return undefined;
+}
+
+/** Runs `redis-cli -u url args…`; resolves with its output, trimmed (an error reply rejects). */
+export function redisCli(url, ...args) {
+  return new Promise((resolve, reject) => {
+    execFile("redis-cli", ["-u", url, ...args], { timeout: 10_000 }, (err, stdout, stderr) => {
+      const out = String(stdout).trim();
+      if (err || /^(ERR|WRONGTYPE|NOAUTH|Could not connect)/.test(out)) {
+        reject(new Error(`redis-cli ${args.join(" ")}: ${err?.message ?? ""} ${out} ${stderr}`.trim()));
+      } else {
+        resolve(out);
+      }
+    });
+  });
+}
+
+/**
+ * A Redis for a test that disturbs it (`CLIENT PAUSE`, …): a private
+ * `redis-server` on a free port when one is installed (`$REDIS_SERVER_BIN`
+ * or on the PATH), so that nothing else sharing a Redis is disturbed; else
+ * the one at `$REDIS_URL`. `null` (skip the test) when there is neither, or
+ * no `redis-cli` to drive it. `stop()` kills the private server by its PID.
+ */
+export async function startRedis() {
+  if (!which("redis-cli")) return null;
+  const bin = process.env.REDIS_SERVER_BIN ?? which("redis-server");
+  if (!bin) {
+    const url = process.env.REDIS_URL;
+    if (!url) return null;
+    await redisCli(url, "PING");
+    return { url, private: false, async stop() {} };
+  }
+  const probe = net.createServer().listen(0, "127.0.0.1");
+  await once(probe, "listening");
+  const port = probe.address().port;
+  await new Promise((resolve) => probe.close(resolve));
+  const dir = mkdtempSync(path.join(tmpdir(), "sb-js-redis-"));
+  const proc = spawn(bin, ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", dir], {
+    stdio: "ignore",
+  });
+  const exited = once(proc, "exit");
+  const url = `redis://127.0.0.1:${port}`;
+  const stop = async () => {
+    if (proc.exitCode === null && proc.signalCode === null) process.kill(proc.pid, "SIGKILL");
+    await exited;
+    rmSync(dir, { recursive: true, force: true });
+  };
+  try {
+    await waitFor(() => redisCli(url, "PING").then((r) => r === "PONG", () => false), { timeoutMs: 10_000, what: `redis-server on ${port}` });
+  } catch (e) {
+    await stop();
+    throw e;
+  }
+  return { url, private: true, stop };
 }

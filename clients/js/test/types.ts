@@ -5,6 +5,7 @@ import {
   Switchboard,
   SwitchboardError,
   type ConnectionState,
+  type PublishOptions,
   type RoomMessage,
   type SwitchboardOptions,
   type TaskRecord,
@@ -38,6 +39,8 @@ async function flow(): Promise<void> {
   await node.ready(5000);
   const { recovered } = await node.join("lobby", { since: "1-0" });
   const id: string = await node.publish("lobby", { text: "hi" });
+  const once: PublishOptions = { idempotencyKey: "order-42", timeoutMs: 10_000, offline: "queue" };
+  const sameId: string = await node.publish("lobby", { text: "hi" }, once);
   const directId: string = await node.direct("bob", 1, { timeoutMs: 100 });
   const users = await node.presence("lobby");
   users[0].connections.toFixed();
@@ -48,7 +51,7 @@ async function flow(): Promise<void> {
   await node.refreshToken();
   await node.leave("lobby");
   await node.close();
-  void [recovered, id, directId, rtt];
+  void [recovered, id, sameId, directId, rtt];
   try {
     await node.publish("x", 1);
   } catch (e) {
