@@ -16,7 +16,7 @@ set -u
 SUBS=${1:-1000}
 RATE=${2:-200}
 SECS=${3:-10}
-RATES=${RATES:-500,1000,1500,2000,3000,4000}
+RATES=${RATES:-1000,2000,4000,6000,8000,11000,15000}
 MAX_P99_MS=${MAX_P99_MS:-100}
 ROOT=$(cd "$(dirname "$0")/../../.." && pwd)
 B=$ROOT/target/release
@@ -46,9 +46,9 @@ CLUSTER_URL=redis://127.0.0.1:16403,redis://127.0.0.1:16404,redis://127.0.0.1:16
 run() { # name, then SWITCHBOARD__ assignments
   local name=$1
   shift
-  local hubs=()
+  local hubs=() prefix="m$RANDOM"
   for port in 18401 18402; do
-    env SWITCHBOARD__BROKER__KIND=redis SWITCHBOARD__REDIS__PREFIX="m$RANDOM" "$@" \
+    env SWITCHBOARD__BROKER__KIND=redis SWITCHBOARD__REDIS__PREFIX="$prefix" "$@" \
       SWITCHBOARD__SERVER__PORT=$port "$B/switchboard" serve --config "$ROOT/config/bench.toml" \
       >/dev/null 2>"$DIR/$name-$port.log" &
     hubs+=($!)
