@@ -322,3 +322,43 @@ async def test_a_plain_function_runs_in_a_thread(
     c = await connected(hub, "ivy", clients)
     handle = await c.task("report", [3, 1, 2])
     assert await handle.result(timeout_s=10) == [1, 2, 3]
+
+
+async def test_a_redis_cluster_node_is_refused_with_a_clear_error(tmp_path: Any) -> None:
+    """Pointed at a Redis Cluster, the worker says so at once instead of
+    running tasks whose updates no hub would hear."""
+    import shutil
+    import subprocess
+
+    from conftest import free_port
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    port = free_port()
+    server = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", str(tmp_path), "--cluster-enabled", "yes",
+         "--cluster-config-file", str(tmp_path / "nodes.conf")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        probe = aioredis.Redis.from_url(f"redis://127.0.0.1:{port}")
+        for _ in range(100):
+            try:
+                await probe.ping()
+                break
+            except (OSError, aioredis.ConnectionError):
+                await asyncio.sleep(0.05)
+        await probe.aclose()
+        worker = Worker(f"redis://127.0.0.1:{port}", prefix="sbtest-cluster")
+
+        @worker.handler("report")
+        def report(task: Task) -> Any:
+            return None
+
+        with pytest.raises(RuntimeError, match="Redis Cluster"):
+            await asyncio.wait_for(worker.serve(), 10)
+    finally:
+        server.terminate()
+        server.wait(10)

@@ -183,6 +183,12 @@ class Worker:
             raise RuntimeError("no handlers: register some with @worker.handler(name)")
         own_redis = self._redis is None
         r = self._redis or aioredis.Redis.from_url(self._redis_url)
+        try:
+            await _refuse_a_cluster(r)
+        except BaseException:
+            if own_redis:
+                await r.aclose()
+            raise
         stream = TaskStream(r, self._keys, self._result_ttl_ms, self._max_record_bytes)
         self._stopping = asyncio.Event()
         log.info(
@@ -375,3 +381,21 @@ class Worker:
             return True, json.dumps(result, separators=(",", ":")), True
         except (TypeError, ValueError) as e:
             return False, f"the result is not JSON: {e}", False
+
+
+async def _refuse_a_cluster(r: "aioredis.Redis") -> None:
+    """Raises ``RuntimeError`` when ``r`` is a Redis Cluster node: this worker
+    publishes task updates from its scripts with ``PUBLISH``, which a hub in
+    cluster mode (sharded pub/sub) does not hear, and its commands would
+    meet ``MOVED``. A Redis that does not answer is the worker loop's to
+    retry."""
+    try:
+        info = await r.info("cluster")
+    except (RedisError, OSError):
+        return
+    if str(info.get("cluster_enabled", "0")) == "1":
+        raise RuntimeError(
+            "this Redis is a Redis Cluster node: the Python worker supports one Redis "
+            "server (standalone, or the primary of a Sentinel setup), not Redis Cluster; "
+            "there, run the hub's own workers (tasks.workers)"
+        )
