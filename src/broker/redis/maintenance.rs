@@ -412,7 +412,12 @@ impl RedisBroker {
             .rooms_under(owner, &ids)
             .await?
             .into_iter()
-            .map(|names| names.iter().filter_map(|r| RoomName::parse(r).ok()).collect())
+            .map(|names| {
+                names
+                    .iter()
+                    .filter_map(|r| RoomName::parse(r).ok())
+                    .collect()
+            })
             .collect();
         for (rooms, known) in rooms.iter_mut().zip(known) {
             rooms.extend(known.iter().cloned());
