@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Iterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -324,41 +324,102 @@ async def test_a_plain_function_runs_in_a_thread(
     assert await handle.result(timeout_s=10) == [1, 2, 3]
 
 
-async def test_a_redis_cluster_node_is_refused_with_a_clear_error(tmp_path: Any) -> None:
-    """Pointed at a Redis Cluster, the worker says so at once instead of
-    running tasks whose updates no hub would hear."""
+@pytest.fixture
+def cluster(tmp_path: Any) -> Iterator[str]:
+    """A Redis Cluster of three primaries on free ports (``redis-server
+    --cluster-enabled yes`` joined by ``redis-cli --cluster create``); its
+    nodes as the hub's ``redis.url`` lists them. Stopped by PID after."""
     import shutil
     import subprocess
+    import time
 
     from conftest import free_port
 
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
-    port = free_port()
-    server = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", str(tmp_path), "--cluster-enabled", "yes",
-         "--cluster-config-file", str(tmp_path / "nodes.conf")],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        pytest.skip("redis-server and redis-cli are needed for a cluster")
+    ports = [free_port() for _ in range(3)]
+    servers = []
+    for port in ports:
+        servers.append(
+            subprocess.Popen(
+                ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                 "--appendonly", "no", "--dir", str(tmp_path), "--cluster-enabled", "yes",
+                 "--cluster-config-file", f"nodes-{port}.conf"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
     try:
-        probe = aioredis.Redis.from_url(f"redis://127.0.0.1:{port}")
-        for _ in range(100):
-            try:
-                await probe.ping()
+        for port in ports:
+            for _ in range(100):
+                ping = subprocess.run(["redis-cli", "-p", str(port), "ping"],
+                                      capture_output=True, text=True)
+                if ping.stdout.strip() == "PONG":
+                    break
+                time.sleep(0.05)
+        subprocess.run(
+            ["redis-cli", "--cluster", "create", *[f"127.0.0.1:{p}" for p in ports],
+             "--cluster-yes"],
+            check=True, capture_output=True,
+        )
+        for _ in range(200):
+            states = [
+                subprocess.run(["redis-cli", "-p", str(p), "cluster", "info"],
+                               capture_output=True, text=True).stdout
+                for p in ports
+            ]
+            if all("cluster_state:ok" in st for st in states):
                 break
-            except (OSError, aioredis.ConnectionError):
-                await asyncio.sleep(0.05)
-        await probe.aclose()
-        worker = Worker(f"redis://127.0.0.1:{port}", prefix="sbtest-cluster")
-
-        @worker.handler("report")
-        def report(task: Task) -> Any:
-            return None
-
-        with pytest.raises(RuntimeError, match="Redis Cluster"):
-            await asyncio.wait_for(worker.serve(), 10)
+            time.sleep(0.1)
+        else:
+            raise RuntimeError("the cluster did not reach cluster_state:ok")
+        yield ",".join(f"redis://127.0.0.1:{p}" for p in ports)
     finally:
-        server.terminate()
-        server.wait(10)
+        for server in servers:
+            server.terminate()
+        for server in servers:
+            server.wait(10)
+
+
+async def test_on_a_redis_cluster_tasks_run_and_their_updates_reach_the_user(
+    cluster: str, hubs: Any, workers: Any, clients: list[Client]
+) -> None:
+    """Hub in cluster mode (sharded pub/sub), the worker given the same seed
+    list: every update is heard (the worker sends them with SPUBLISH), a
+    retry included, and the record ends clean in the cluster."""
+    hub: Hub = hubs(
+        "redis",
+        toml=EXTERNAL.format(visibility=60, attempts=3),
+        env={"SWITCHBOARD__REDIS__MODE": "cluster", "SWITCHBOARD__REDIS__URL": cluster},
+    )
+    worker = Worker(cluster, prefix=hub.prefix, visibility_timeout_s=60)
+    tries: list[int] = []
+
+    @worker.handler("report")
+    async def report(task: Task) -> dict[str, Any]:
+        tries.append(task.attempt)
+        if task.attempt == 1:
+            raise RuntimeError("first try fails")
+        assert await task.progress(50, "half way")
+        return {"month": task.payload["month"], "attempt": task.attempt}
+
+    workers(worker)
+    c = await connected(hub, "alice", clients)
+    handle = await c.task("report", {"month": 11})
+    updates = [u async for u in handle]
+    assert [u.status for u in updates] == ["queued", "running", "running", "progress", "done"]
+    assert updates[-1].result == {"month": 11, "attempt": 2}
+    assert tries == [1, 2]
+
+    from redis.asyncio.cluster import RedisCluster
+
+    rc = RedisCluster.from_url(cluster.split(",")[0], decode_responses=True)
+    try:
+        keys = Keys(hub.prefix)
+        record = await rc.hgetall(keys.record(handle.id))
+        assert (record["status"], record["attempts"]) == ("done", "2")
+        assert "payload" not in record
+        assert not await rc.zscore(keys.pending("alice"), handle.id)
+        assert (await rc.xpending(keys.stream, GROUP))["pending"] == 0
+    finally:
+        await rc.aclose()

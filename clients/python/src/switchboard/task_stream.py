@@ -27,7 +27,8 @@ key                                      kind         content
                                                       ``user``, ``payload``, ``error``,
                                                       ``attempts``
 ``{prefix}:user:{U}``                    channel      ``task`` frames for the user's connections
-                                                      (``U``: the user id, ``%{}`` escaped)
+                                                      (``U``: the user id, ``%{}`` escaped);
+                                                      ``SPUBLISH`` on a Redis Cluster
 =======================================  ===========  ==========================================
 
 Steps:
@@ -50,6 +51,13 @@ Steps:
    outcome removes the record's ``payload``, then the entry is acked, the id
    leaves the user's pending set and, when failed, the task is copied to the
    dead letters.
+On one Redis server the scripts publish their frame themselves (``PUBLISH``,
+atomic with the change). On a Redis Cluster a user's channel is in the user's
+slot, not in ``{tasks}``'s, and the hub listens with ``SSUBSCRIBE``: the
+scripts are given an empty channel and publish nothing, and the worker sends
+the frame with ``SPUBLISH`` once the script has made the change, as the hub's
+own workers do.
+
 5. **retain**: the ended record is counted against the user's byte budget
    (the hub's ``tasks.max_record_bytes_per_user``); the oldest records past
    it are deleted.
@@ -60,10 +68,14 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
+
+AnyRedis = Union[aioredis.Redis, RedisCluster]
+"""One Redis server's client, or a Redis Cluster's."""
 
 GROUP = "workers"
 """The consumer group every worker of a prefix belongs to."""
@@ -150,13 +162,15 @@ if attempts >= tonumber(ARGV[2]) then
   local err = rec[3] or ARGV[7]
   redis.call('HSET', KEYS[1], 'status', 'failed', 'error', err, 'updated_at', ARGV[1])
   redis.call('HDEL', KEYS[1], 'payload')
-  redis.call('PUBLISH', ARGV[3], cjson.encode({type = 'task', task_id = ARGV[6],
-    status = 'failed', error = err}))
+  if ARGV[3] ~= '' then
+    redis.call('PUBLISH', ARGV[3], cjson.encode({type = 'task', task_id = ARGV[6],
+      status = 'failed', error = err}))
+  end
   return {-2, attempts, err}
 end
 attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('HSET', KEYS[1], 'status', 'running', 'updated_at', ARGV[1])
-redis.call('PUBLISH', ARGV[3], ARGV[4])
+if ARGV[3] ~= '' then redis.call('PUBLISH', ARGV[3], ARGV[4]) end
 return {attempts}
 """
 
@@ -170,7 +184,7 @@ _PROGRESS = (
     + """
 -- ARGV: attempt, now, channel, frame, progress
 redis.call('HSET', KEYS[1], 'progress', ARGV[5], 'updated_at', ARGV[2])
-redis.call('PUBLISH', ARGV[3], ARGV[4])
+if ARGV[3] ~= '' then redis.call('PUBLISH', ARGV[3], ARGV[4]) end
 return 1
 """
 )
@@ -181,7 +195,7 @@ _RETRY = (
 -- ARGV: attempt, now, channel, running frame, the last error
 local n = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('HSET', KEYS[1], 'error', ARGV[5], 'updated_at', ARGV[2])
-redis.call('PUBLISH', ARGV[3], ARGV[4])
+if ARGV[3] ~= '' then redis.call('PUBLISH', ARGV[3], ARGV[4]) end
 return n
 """
 )
@@ -198,7 +212,7 @@ else
   redis.call('HDEL', KEYS[1], 'payload')
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[7])
-redis.call('PUBLISH', ARGV[3], ARGV[4])
+if ARGV[3] ~= '' then redis.call('PUBLISH', ARGV[3], ARGV[4]) end
 return 1
 """
 )
@@ -249,12 +263,14 @@ class TaskStream:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: AnyRedis,
         keys: Keys,
         result_ttl_ms: int,
         max_record_bytes: int = 4 * 1024 * 1024,
     ) -> None:
         self.redis = redis
+        self.sharded = isinstance(redis, RedisCluster)
+        """A Redis Cluster: frames go out with ``SPUBLISH`` after the script."""
         self.keys = keys
         self.result_ttl_ms = result_ttl_ms
         self.max_record_bytes = max_record_bytes
@@ -263,6 +279,15 @@ class TaskStream:
         self._progress = redis.register_script(_PROGRESS)
         self._retry = redis.register_script(_RETRY)
         self._finish = redis.register_script(_FINISH)
+
+    def _channel(self, user: str) -> str:
+        """The channel a script publishes on: none on a cluster."""
+        return "" if self.sharded else self.keys.user_channel(user)
+
+    async def _sharded_publish(self, user: str, frame: str) -> None:
+        """On a cluster, the frame a script did not publish."""
+        if self.sharded:
+            await self.redis.spublish(self.keys.user_channel(user), frame)
 
     async def ensure_group(self) -> None:
         """The consumer group, created with the stream when missing."""
@@ -327,13 +352,14 @@ class TaskStream:
     async def start(
         self, entry: Entry, max_attempts: int, taken_over: bool, lost_error: str
     ) -> Started:
+        running = task_frame(entry.task_id, "running")
         reply = await self._start(
             keys=[self.keys.record(entry.task_id)],
             args=[
                 now_ms(),
                 max_attempts,
-                self.keys.user_channel(entry.user),
-                task_frame(entry.task_id, "running"),
+                self._channel(entry.user),
+                running,
                 "1" if taken_over else "0",
                 entry.task_id,
                 lost_error,
@@ -341,9 +367,14 @@ class TaskStream:
         )
         code = int(reply[0])
         if code > 0:
+            await self._sharded_publish(entry.user, running)
             return Started(attempt=code)
         if code == -2:
-            return Started(attempt=int(reply[1]), exhausted_error=_text(reply[2]))
+            error = _text(reply[2])
+            await self._sharded_publish(
+                entry.user, task_frame(entry.task_id, "failed", error=error)
+            )
+            return Started(attempt=int(reply[1]), exhausted_error=error)
         return Started()
 
     async def skip(self, entry: Entry) -> None:
@@ -372,31 +403,26 @@ class TaskStream:
     async def progress(
         self, entry: Entry, attempt: int, percent: int, message: Optional[str]
     ) -> bool:
+        frame = task_frame(entry.task_id, "progress", progress=percent, message=message)
         n = await self._progress(
             keys=[self.keys.record(entry.task_id)],
-            args=[
-                attempt,
-                now_ms(),
-                self.keys.user_channel(entry.user),
-                task_frame(entry.task_id, "progress", progress=percent, message=message),
-                percent,
-            ],
+            args=[attempt, now_ms(), self._channel(entry.user), frame, percent],
         )
-        return int(n) == 1
+        if int(n) != 1:
+            return False
+        await self._sharded_publish(entry.user, frame)
+        return True
 
     async def retry(self, entry: Entry, attempt: int, error: str) -> int:
         """The next attempt begins (counted, ``running`` again); its number,
         or 0 when the claim was lost."""
+        running = task_frame(entry.task_id, "running")
         n = await self._retry(
             keys=[self.keys.record(entry.task_id)],
-            args=[
-                attempt,
-                now_ms(),
-                self.keys.user_channel(entry.user),
-                task_frame(entry.task_id, "running"),
-                error,
-            ],
+            args=[attempt, now_ms(), self._channel(entry.user), running, error],
         )
+        if int(n) > 0:
+            await self._sharded_publish(entry.user, running)
         return int(n)
 
     async def finish(
@@ -420,7 +446,7 @@ class TaskStream:
             args=[
                 attempt,
                 now_ms(),
-                self.keys.user_channel(entry.user),
+                self._channel(entry.user),
                 frame,
                 status,
                 value,
@@ -429,6 +455,7 @@ class TaskStream:
         )
         if int(n) != 1:
             return False
+        await self._sharded_publish(entry.user, frame)
         await self.close_entry(entry, dead_error=None if status == "done" else value, attempts=attempt)
         return True
 

@@ -39,9 +39,14 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Optional, Union
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError, ResponseError
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
-from .task_stream import Entry, Keys, TaskStream
+from .task_stream import AnyRedis, Entry, Keys, TaskStream
+
+REDIS_ERRORS = (RedisError, RedisClusterException, OSError)
+"""What a Redis (or a Redis Cluster) that is away or failing over raises: the
+worker waits and tries again."""
 
 log = logging.getLogger("switchboard.worker")
 
@@ -112,7 +117,7 @@ class Worker:
         result_ttl_s: float = 86400,
         max_record_bytes_per_user: int = 4 * 1024 * 1024,
         name: Optional[str] = None,
-        redis: Optional[aioredis.Redis] = None,
+        redis: Optional[AnyRedis] = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -182,13 +187,7 @@ class Worker:
         if not self._handlers:
             raise RuntimeError("no handlers: register some with @worker.handler(name)")
         own_redis = self._redis is None
-        r = self._redis or aioredis.Redis.from_url(self._redis_url)
-        try:
-            await _refuse_a_cluster(r)
-        except BaseException:
-            if own_redis:
-                await r.aclose()
-            raise
+        r = self._redis or await connect(self._redis_url)
         stream = TaskStream(r, self._keys, self._result_ttl_ms, self._max_record_bytes)
         self._stopping = asyncio.Event()
         log.info(
@@ -204,7 +203,7 @@ class Worker:
                 await asyncio.gather(*self._hands, return_exceptions=True)
             try:
                 await stream.forget_consumer(self.name)
-            except (RedisError, OSError):
+            except REDIS_ERRORS:
                 pass
             if own_redis:
                 await r.aclose()
@@ -250,7 +249,7 @@ class Worker:
                     fresh = await stream.read_new(self.name, free, READ_BLOCK_MS)
                     entries = [(e, False) for e in fresh]
                 failures = 0
-            except (RedisError, OSError) as e:
+            except REDIS_ERRORS as e:
                 if isinstance(e, ResponseError) and "NOGROUP" in str(e):
                     group_ready = False  # the stream was deleted: make it again
                 failures += 1
@@ -292,7 +291,7 @@ class Worker:
         except asyncio.CancelledError:
             log.warning("task %s abandoned at stop; it will be taken over", entry.task_id)
             raise
-        except (RedisError, OSError) as e:
+        except REDIS_ERRORS as e:
             log.warning("task %s: a step failed on Redis (%s); it will be taken over", entry.task_id, e)
         except Exception:
             log.exception("task %s: unexpected error; it will be taken over", entry.task_id)
@@ -336,7 +335,7 @@ class Worker:
                 if not await stream.renew(self.name, entry, attempt):
                     log.warning("task %s: claim lost to another worker", entry.task_id)
                     return
-            except (RedisError, OSError) as e:
+            except REDIS_ERRORS as e:
                 log.warning("task %s: renewing the claim failed (%s)", entry.task_id, e)
 
     async def _backoff_renewed(self, stream: TaskStream, entry: Entry, attempt: int) -> bool:
@@ -383,19 +382,22 @@ class Worker:
             return False, f"the result is not JSON: {e}", False
 
 
-async def _refuse_a_cluster(r: "aioredis.Redis") -> None:
-    """Raises ``RuntimeError`` when ``r`` is a Redis Cluster node: this worker
-    publishes task updates from its scripts with ``PUBLISH``, which a hub in
-    cluster mode (sharded pub/sub) does not hear, and its commands would
-    meet ``MOVED``. A Redis that does not answer is the worker loop's to
-    retry."""
-    try:
-        info = await r.info("cluster")
-    except (RedisError, OSError):
-        return
-    if str(info.get("cluster_enabled", "0")) == "1":
-        raise RuntimeError(
-            "this Redis is a Redis Cluster node: the Python worker supports one Redis "
-            "server (standalone, or the primary of a Sentinel setup), not Redis Cluster; "
-            "there, run the hub's own workers (tasks.workers)"
-        )
+async def connect(url: str) -> AnyRedis:
+    """A client for ``url``: one Redis server, or the whole cluster when it
+    is a Redis Cluster node. ``url`` may list several (comma-separated, as
+    the hub's ``redis.url`` in cluster mode): the first that answers is
+    used. When none answers yet, a client of the first, which the worker
+    loop retries until it does."""
+    urls = [u.strip() for u in url.split(",") if u.strip()] or [url]
+    for u in urls:
+        probe = aioredis.Redis.from_url(u)
+        try:
+            info = await probe.info("cluster")
+        except REDIS_ERRORS:
+            await probe.aclose()
+            continue
+        if str(info.get("cluster_enabled", "0")) == "1":
+            await probe.aclose()
+            return RedisCluster.from_url(u)
+        return probe
+    return aioredis.Redis.from_url(urls[0])
