@@ -337,7 +337,27 @@ def cluster(tmp_path: Any) -> Iterator[str]:
 
     if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
         pytest.skip("redis-server and redis-cli are needed for a cluster")
-    ports = [free_port() for _ in range(3)]
+
+    def cluster_port() -> int:
+        # A node also listens on its port + 10000 (the cluster bus).
+        import socket
+
+        while True:
+            port = free_port()
+            if port + 10000 > 65535:
+                continue
+            with socket.socket() as bus:
+                try:
+                    bus.bind(("127.0.0.1", port + 10000))
+                except OSError:
+                    continue
+            return port
+
+    ports: list[int] = []
+    while len(ports) < 3:
+        port = cluster_port()
+        if port not in ports:
+            ports.append(port)
     servers = []
     for port in ports:
         servers.append(
@@ -357,11 +377,12 @@ def cluster(tmp_path: Any) -> Iterator[str]:
                 if ping.stdout.strip() == "PONG":
                     break
                 time.sleep(0.05)
-        subprocess.run(
+        created = subprocess.run(
             ["redis-cli", "--cluster", "create", *[f"127.0.0.1:{p}" for p in ports],
              "--cluster-yes"],
-            check=True, capture_output=True,
+            capture_output=True, text=True,
         )
+        assert created.returncode == 0, f"cluster create: {created.stdout}{created.stderr}"
         for _ in range(200):
             states = [
                 subprocess.run(["redis-cli", "-p", str(p), "cluster", "info"],
