@@ -115,7 +115,8 @@ async fn start_listener(
 }
 
 /// Acked message ids per room.
-type Acked = Arc<Mutex<HashMap<String, Vec<String>>>>;
+/// Per room, each acked publish: its id and its (publisher, n).
+type Acked = Arc<Mutex<HashMap<String, Vec<(String, (String, String))>>>>;
 
 /// A publisher: joins every room, publishes at random until `stop`,
 /// retrying `unavailable` with the same key.
@@ -160,7 +161,7 @@ async fn start_publisher(
                         .unwrap()
                         .entry(room.to_owned())
                         .or_default()
-                        .push(id);
+                        .push((id, (json!(p).to_string(), json!(n).to_string())));
                     break;
                 }
                 assert_eq!(reply["code"], "unavailable", "p{p}: {reply}");
@@ -531,31 +532,41 @@ async fn check_messages(
             .cmd(&key, &["XRANGE", &key, "-", "+"])
             .and_then(|v| redis::from_redis_value(v).ok())
             .expect("history");
-        let mut stored = BTreeSet::new();
+        // History: id -> the publish stored under it.
+        let mut stored: BTreeMap<String, Option<(String, String)>> = BTreeMap::new();
         let mut published = BTreeSet::new();
         for entry in &history.ids {
-            stored.insert(entry.id.clone());
+            // The stored body is the frame after its `{"id":"…",`.
             let body: Value = entry
                 .get::<String>("b")
-                .and_then(|b| serde_json::from_str(&b).ok())
-                .unwrap_or_default();
+                .and_then(|b| serde_json::from_str(&format!("{{{b}")).ok())
+                .unwrap_or_else(|| panic!("{room}'s history entry {} is not a frame", entry.id));
             let data = &body["data"];
-            if data.get("p").is_some() {
-                let publish = (data["p"].to_string(), data["n"].to_string());
+            let publish = data
+                .get("p")
+                .map(|p| (p.to_string(), data["n"].to_string()));
+            if let Some(publish) = &publish {
                 assert!(
                     published.insert(publish.clone()),
                     "{publish:?} stored twice in {room} (seed {seed})"
                 );
             }
+            stored.insert(entry.id.clone(), publish);
         }
-        let must = acked.get(room).cloned().unwrap_or_default();
-        assert!(!must.is_empty(), "nothing acked into {room}");
-        for id in &must {
-            assert!(
-                stored.contains(id),
-                "acked {id} is not in {room}'s history (seed {seed})"
-            );
+        let acks = acked.get(room).cloned().unwrap_or_default();
+        assert!(!acks.is_empty(), "nothing acked into {room}");
+        // Each ack names the history entry of that very publish: so no two
+        // publishes were acked with one id, and none acked is missing.
+        for (id, publish) in &acks {
+            match stored.get(id) {
+                Some(Some(held)) => assert_eq!(
+                    held, publish,
+                    "{publish:?} was acked with {id}, which is {held:?} in {room}'s history (seed {seed})"
+                ),
+                _ => panic!("acked {id} ({publish:?}) is not in {room}'s history (seed {seed})"),
+            }
         }
+        let must: Vec<String> = acks.into_iter().map(|(id, _)| id).collect();
         for l in listeners
             .iter()
             .filter(|l| l.member.rooms.iter().any(|r| r == room))

@@ -207,7 +207,7 @@ impl RedisSubscriber {
         ctx.spawn(
             work.into_actor(self)
                 .map(move |result, this, ctx| match result {
-                    Ok(subscribed) => this.confirm(subscribed),
+                    Ok(subscribed) => this.confirm(subscribed, ctx),
                     Err(e) if this.generation == generation => {
                         tracing::warn!(error = %e, "redis subscribe failed");
                         this.subscribe_failed(ctx);
@@ -233,15 +233,29 @@ impl RedisSubscriber {
         self.schedule_resubscribe(ctx);
     }
 
-    fn confirm(&mut self, channels: Vec<String>) {
+    /// A subscribe of `channels` completed. One no longer referenced was
+    /// released while its subscribe was in flight, and that release's
+    /// unsubscribe may have reached Redis first (flushes and resubscribes
+    /// run concurrently): it is unsubscribed again, now, behind it.
+    fn confirm(&mut self, channels: Vec<String>, ctx: &mut Context<Self>) {
+        let mut stale = false;
         for name in channels {
-            if let Some(channel) = self.channels.get_mut(&name) {
-                channel.confirmed = true;
-                channel.subscribed_at_ms.get_or_insert_with(now_ms);
-                for waiter in channel.waiters.drain(..) {
-                    let _ = waiter.send(());
+            match self.channels.get_mut(&name) {
+                Some(channel) => {
+                    channel.confirmed = true;
+                    channel.subscribed_at_ms.get_or_insert_with(now_ms);
+                    for waiter in channel.waiters.drain(..) {
+                        let _ = waiter.send(());
+                    }
+                }
+                None => {
+                    stale = true;
+                    self.to_unsubscribe.insert(name);
                 }
             }
+        }
+        if stale {
+            self.schedule_flush(ctx);
         }
     }
 
@@ -310,7 +324,7 @@ impl RedisSubscriber {
         self.backoff = BACKOFF_MIN;
         self.connected.store(true, Ordering::Release);
         let reconnect = generation > 1;
-        self.confirm(channels.clone());
+        self.confirm(channels.clone(), ctx);
         ctx.add_stream(events.map(move |event| (generation, event)));
         if reconnect {
             self.catch_up_rooms(channels, Duration::ZERO, ctx);
@@ -388,7 +402,7 @@ impl RedisSubscriber {
                     .redis_reconnects
                     .with_label_values(&["subscriber"])
                     .inc();
-                this.confirm(channels.clone());
+                this.confirm(channels.clone(), ctx);
                 this.catch_up_rooms(channels, SETTLE, ctx);
             }
             Err(e) => {
