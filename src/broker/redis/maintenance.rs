@@ -43,6 +43,10 @@ use crate::redis::ScriptCall;
 /// written.
 type Went = (String, String, HashSet<RoomName>);
 
+/// A connection a reconcile writes: id, and once a round wrote it, its user
+/// and the rooms written so far.
+type Written = (String, Option<String>, HashSet<RoomName>);
+
 /// Connections per batch.
 const BATCH: usize = 500;
 /// A reconcile at least this often, whatever happened.
@@ -213,7 +217,11 @@ impl RedisBroker {
     /// the next reconcile goes on.
     async fn restore_batch(&self, ids: &[&String]) -> BrokerResult<()> {
         const ROUNDS: usize = 4;
-        let mut ids: Vec<String> = ids.iter().map(|id| (*id).clone()).collect();
+        // Each connection with what an earlier round wrote for it.
+        let mut ids: Vec<Written> = ids
+            .iter()
+            .map(|id| ((*id).clone(), None, HashSet::new()))
+            .collect();
         for _ in 0..ROUNDS {
             let (moved, went) = self.restore_once(&ids).await?;
             if !went.is_empty() {
@@ -235,21 +243,33 @@ impl RedisBroker {
     }
 
     /// One round of [`Self::restore_batch`]: returns the connections whose
-    /// rooms changed while it wrote, and those that went (with their user
-    /// and the rooms it wrote).
-    async fn restore_once(&self, ids: &[String]) -> BrokerResult<(Vec<String>, Vec<Went>)> {
+    /// rooms changed while it wrote (with the rooms it wrote), and those
+    /// that went (with their user and the rooms it wrote). A room an
+    /// earlier round wrote and the connection no longer holds is left even
+    /// when its records no longer list it: a leave applied between that
+    /// round's record and its join removed the record, not the join.
+    async fn restore_once(&self, ids: &[Written]) -> BrokerResult<(Vec<Written>, Vec<Went>)> {
         struct Held {
             id: String,
             user: String,
             entry: String,
             rooms: HashSet<RoomName>,
+            /// Rooms an earlier round wrote.
+            written: HashSet<RoomName>,
             stamp: Option<u64>,
         }
+        let mut went: Vec<Went> = Vec::new();
         let held: Vec<Held> = match self.local.lock() {
             Ok(local) => ids
                 .iter()
-                .filter_map(|id| {
-                    let c = local.connections.get(id)?;
+                .filter_map(|(id, user, written)| {
+                    let Some(c) = local.connections.get(id) else {
+                        // Gone since an earlier round wrote it.
+                        if let Some(user) = user {
+                            went.push((id.clone(), user.clone(), written.clone()));
+                        }
+                        return None;
+                    };
                     Some(Held {
                         id: id.clone(),
                         user: c.user.clone(),
@@ -259,6 +279,7 @@ impl RedisBroker {
                             .get(id)
                             .map(|r| r.set.clone())
                             .unwrap_or_default(),
+                        written: written.clone(),
                         stamp: local.stamp(id),
                     })
                 })
@@ -266,7 +287,7 @@ impl RedisBroker {
             Err(_) => return Ok((Vec::new(), Vec::new())),
         };
         if held.is_empty() {
-            return Ok((Vec::new(), Vec::new()));
+            return Ok((Vec::new(), went));
         }
         // 1. Under the instance: the connections and their rooms.
         let key = self.keys.instance_conns(&self.instance_id);
@@ -301,7 +322,9 @@ impl RedisBroker {
             for room in &c.rooms {
                 changes.push(self.presence_call(true, room, &c.user, &c.id));
             }
-            for room in rooms_now.iter().filter_map(|r| RoomName::parse(r).ok()) {
+            let recorded = rooms_now.iter().filter_map(|r| RoomName::parse(r).ok());
+            let candidates: HashSet<RoomName> = recorded.chain(c.written.iter().cloned()).collect();
+            for room in candidates {
                 if !c.rooms.contains(&room) {
                     changes.push(self.presence_call(false, &room, &c.user, &c.id));
                     gone.push((c.id.clone(), room));
@@ -317,13 +340,14 @@ impl RedisBroker {
             }
             self.redis.pipelines(vec![pipe]).await?;
         }
-        let (mut moved, mut went) = (Vec::new(), Vec::new());
+        let mut moved = Vec::new();
         if let Ok(local) = self.local.lock() {
             for c in held {
+                let written: HashSet<RoomName> = c.rooms.union(&c.written).cloned().collect();
                 if !local.connections.contains_key(&c.id) {
-                    went.push((c.id, c.user, c.rooms));
+                    went.push((c.id, c.user, written));
                 } else if local.stamp(&c.id) != c.stamp {
-                    moved.push(c.id);
+                    moved.push((c.id, Some(c.user), written));
                 }
             }
         }
