@@ -109,6 +109,7 @@ struct PublishBody {
     broadcast: Option<bool>,
     data: Value,
     /// A room publish sent again with the same key is stored once.
+    #[serde(default, deserialize_with = "not_null")]
     idempotency_key: Option<String>,
 }
 
