@@ -32,7 +32,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use futures_util::future::BoxFuture;
@@ -133,7 +133,22 @@ pub struct RedisSubscriber {
     /// The last id delivered per room; ids of direct and broadcast frames
     /// published straight into Redis without one.
     ids: LocalIds,
+    /// Cluster: channels released lately, and when. A node's connection
+    /// that drops is repaired by the cluster client, which subscribes again
+    /// to what it still tracks, and an unsubscribe sent around the drop may
+    /// be lost: for a while after a drop these are unsubscribed again.
+    released: HashMap<String, Instant>,
+    /// Cluster: until when released channels are unsubscribed again.
+    unsubscribe_again_until: Option<Instant>,
 }
+
+/// How long a released channel is remembered (cluster).
+const RELEASED_KEEP: Duration = Duration::from_secs(30);
+/// At most this many released channels are remembered.
+const RELEASED_MAX: usize = 100_000;
+/// How long after a node's connection dropped released channels are
+/// unsubscribed again, once a second.
+const UNSUBSCRIBE_AGAIN_FOR: Duration = Duration::from_secs(10);
 
 impl RedisSubscriber {
     pub fn new(
@@ -166,6 +181,52 @@ impl RedisSubscriber {
             resubscribe_scheduled: false,
             resubscribe_backoff: BACKOFF_MIN,
             ids: LocalIds::default(),
+            released: HashMap::new(),
+            unsubscribe_again_until: None,
+        }
+    }
+
+    /// Cluster: remembers a released channel (see `released`).
+    fn remember_released(&mut self, channel: String) {
+        if !self.cluster() {
+            return;
+        }
+        if self.released.len() >= RELEASED_MAX {
+            self.prune_released();
+        }
+        if self.released.len() < RELEASED_MAX {
+            self.released.insert(channel, Instant::now());
+        }
+    }
+
+    fn prune_released(&mut self) {
+        self.released.retain(|_, at| at.elapsed() < RELEASED_KEEP);
+        crate::trim::shrink_map(&mut self.released);
+    }
+
+    /// Cluster, once a second: after a node's connection dropped, the
+    /// released channels are unsubscribed again (unsubscribing one that is
+    /// not subscribed changes nothing).
+    fn unsubscribe_again(&mut self, ctx: &mut Context<Self>) {
+        let Some(until) = self.unsubscribe_again_until else {
+            if !self.released.is_empty() {
+                self.prune_released();
+            }
+            return;
+        };
+        if Instant::now() > until {
+            self.unsubscribe_again_until = None;
+        }
+        self.prune_released();
+        let again: Vec<String> = self
+            .released
+            .keys()
+            .filter(|name| !self.channels.contains_key(*name))
+            .cloned()
+            .collect();
+        if !again.is_empty() {
+            self.to_unsubscribe.extend(again);
+            self.schedule_flush(ctx);
         }
     }
 
@@ -549,6 +610,11 @@ impl Actor for RedisSubscriber {
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(4096);
         ctx.run_interval(FLUSH_EVERY, |this, _| this.hubs.flush());
+        if self.cluster() {
+            ctx.run_interval(Duration::from_secs(1), |this, ctx| {
+                this.unsubscribe_again(ctx)
+            });
+        }
         self.connect(ctx);
     }
 }
@@ -567,11 +633,13 @@ impl StreamHandler<(u64, Event)> for RedisSubscriber {
                         channel,
                         "redis dropped a subscription (slot moved or failover)"
                     );
+                    self.unsubscribe_again_until = Some(Instant::now() + UNSUBSCRIBE_AGAIN_FOR);
                     self.mark_lost([channel], ctx);
                 }
             }
             Event::Disconnected if self.cluster() => {
                 tracing::warn!("a redis cluster node's pub/sub connection dropped");
+                self.unsubscribe_again_until = Some(Instant::now() + UNSUBSCRIBE_AGAIN_FOR);
                 let all: Vec<String> = self.channels.keys().cloned().collect();
                 self.mark_lost(all, ctx);
             }
@@ -655,6 +723,7 @@ impl Handler<Watch> for RedisSubscriber {
         }
         channel.waiters.push(msg.confirmed);
         if channel.refs == 1 {
+            self.released.remove(&msg.channel);
             self.to_unsubscribe.remove(&msg.channel);
             self.to_subscribe.insert(msg.channel);
             self.schedule_flush(ctx);
@@ -684,6 +753,7 @@ impl Handler<Unwatch> for RedisSubscriber {
             self.lost.remove(&msg.0);
             crate::trim::shrink_map(&mut self.channels);
             self.to_subscribe.remove(&msg.0);
+            self.remember_released(msg.0.clone());
             self.to_unsubscribe.insert(msg.0);
             self.schedule_flush(ctx);
         }
